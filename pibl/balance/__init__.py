@@ -1,0 +1,1 @@
+"""Choosing a backend: pure policies, and (later) health state."""

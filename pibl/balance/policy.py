@@ -1,0 +1,53 @@
+"""Balancing policies as pure objects: ``pick(available)`` returns an index.
+
+``SmoothWeighted`` is nginx's smooth weighted round robin (ngx_http_upstream_round_robin.c):
+each pick adds every candidate's weight to its running score, takes the highest score and
+subtracts the total weight from it. With weights 5,1,1 it yields a a b a c a a rather than
+a a a a a b c, so a heavy backend never receives a burst. With equal weights it is exactly
+strict rotation b1, b2, b3, b1, ... .
+
+``available`` lets the caller leave out backends that are down or draining; the policy
+only keeps its own rotation state and never looks at the clock or the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class SmoothWeighted:
+    """Smooth weighted round robin; strict round robin when all weights are equal."""
+
+    __slots__ = ("_current", "_weights")
+
+    def __init__(self, weights: Sequence[int]) -> None:
+        if not weights or any(w <= 0 for w in weights):
+            raise ValueError("weights must be positive and non-empty")
+        self._weights = list(weights)
+        self._current = [0] * len(weights)
+
+    def __repr__(self) -> str:
+        return f"<SmoothWeighted weights={self._weights} current={self._current}>"
+
+    def pick(self, available: Sequence[bool] | None = None) -> int | None:
+        """Index of the next backend among the available ones, or None if none is."""
+        weights = self._weights
+        current = self._current
+        best = -1
+        total = 0
+        for i, weight in enumerate(weights):
+            if available is not None and not available[i]:
+                continue
+            current[i] += weight
+            total += weight
+            if best < 0 or current[i] > current[best]:
+                best = i
+        if best < 0:
+            return None
+        current[best] -= total
+        return best
+
+    def set_weight(self, index: int, weight: int) -> None:
+        if weight <= 0:
+            raise ValueError("weight must be positive")
+        self._weights[index] = weight

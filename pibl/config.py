@@ -1,0 +1,188 @@
+"""Typed, frozen configuration: TOML file -> validated ``Config``.
+
+The schema is declared once with pydantic models (``extra="forbid"`` makes a typo an error
+instead of a silently ignored key). ``load_config`` reads the file, applies command-line
+overrides and turns every validation problem into a ``ConfigError`` whose message names the
+file, the key path (``backends[1].url``) and the problem, so ``pibl check-config`` and
+``pibl run`` can print it and exit 2.
+
+The resulting objects are immutable and passed down explicitly; nothing in PIBL reads
+configuration from a global.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pibl.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "pibl.toml"
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+    # Name used in the Via header (RFC 9110 section 7.6.3).
+    via: str = "pibl"
+    workers: int = Field(default=1, ge=1, le=256)
+
+
+class TimeoutsConfig(_Section):
+    """Seconds. Defaults follow nginx where it has an equivalent."""
+
+    client_header: PositiveFloat = 10.0  # nginx client_header_timeout is 60 s; slowloris wants less
+    client_body: PositiveFloat = 60.0  # nginx client_body_timeout: between two body reads
+    client_idle: PositiveFloat = 75.0  # nginx keepalive_timeout
+    upstream_connect: PositiveFloat = 5.0  # nginx proxy_connect_timeout is 60 s
+    upstream_response: PositiveFloat = 60.0  # nginx proxy_read_timeout: between two reads
+    upstream_idle: PositiveFloat = 60.0  # how long an idle pooled connection is kept
+    shutdown: PositiveFloat = 30.0  # graceful stop deadline for in-flight requests
+
+
+class LimitsConfig(_Section):
+    max_head_bytes: int = Field(default=32 * 1024, ge=1024)  # nginx: 4 x 8 KiB buffers
+    max_headers: int = Field(default=100, ge=8)  # Go, Node and h2o use about 100
+    max_target_bytes: int = Field(default=8 * 1024, ge=256)  # nginx: 8 KiB request line
+    max_body_bytes: int = Field(default=1024**3, ge=0)  # 0 means unlimited
+    max_pipelined: int = Field(default=16, ge=1)  # queued requests before reading pauses
+
+
+class UpstreamConfig(_Section):
+    pool_idle_max: int = Field(default=32, ge=0)  # idle keep-alive connections per backend
+    retry_reused: bool = True  # retry once when a reused idle connection was closed under us
+
+
+class BackendConfig(_Section):
+    url: str
+    name: str | None = None
+    weight: int = Field(default=1, ge=1, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError("has no host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"has an invalid port ({exc})") from None
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must not have a path, query or fragment")
+        return value
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def host(self) -> str:
+        host = urlsplit(self.url).hostname
+        assert host is not None
+        return host
+
+    @property
+    def port(self) -> int:
+        port = urlsplit(self.url).port
+        return port if port is not None else (443 if self.scheme == "https" else 80)
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.host}:{self.port}"
+
+
+class LogConfig(_Section):
+    file: str | None = "pibl.log"  # empty string or null disables the file
+    stdout: bool = True
+    format: Literal["combined", "json"] = "combined"
+    verbose: bool = False
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    log: LogConfig = LogConfig()
+    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        seen: set[str] = set()
+        for backend in self.backends:
+            if backend.label in seen:
+                raise ValueError(f"backend name {backend.label!r} is used twice")
+            seen.add(backend.label)
+        return self
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        path = _key_path(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{source}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(data: dict[str, Any], source: str) -> Config:
+    """Validate a mapping (as read from TOML, overrides applied) into a ``Config``."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` and apply ``overrides`` given as ``{"server.port": 8081}``."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {section}: must be a table")
+        table[key] = value
+    return validate(data, source)
+
+
+def resolve_path(path: str, base: Path | None = None) -> Path:
+    """Relative paths in the config are relative to the directory PIBL runs in."""
+    p = Path(path)
+    return p if p.is_absolute() else (base or Path.cwd()) / p

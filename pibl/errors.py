@@ -1,0 +1,39 @@
+"""One small hierarchy of errors.
+
+Protocol errors carry the status code PIBL answers with, so the connection code never has
+to guess: a parser or validator raises ``ProtocolError(400, "...")`` and the shell turns it
+into a short response and closes the connection.
+"""
+
+from __future__ import annotations
+
+
+class PiblError(Exception):
+    """Base class of every error PIBL raises on purpose."""
+
+
+class ConfigError(PiblError):
+    """A configuration file or flag is invalid; the message names the file, key and problem."""
+
+
+class ProtocolError(PiblError):
+    """A client sent something PIBL refuses; ``status`` is the answer (400, 413, 414, 431...)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class UpstreamError(PiblError):
+    """A backend failed; ``status`` is what the client gets (502 or 504).
+
+    ``connected`` tells whether the TCP connection was ever established (retry rules
+    depend on it) and ``sent`` whether any request byte may have reached the backend.
+    """
+
+    def __init__(self, status: int, reason: str, *, connected: bool = True) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+        self.connected = connected

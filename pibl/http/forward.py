@@ -1,0 +1,222 @@
+"""Header rewriting between client and backend (RFC 9110 section 7.6), as pure functions.
+
+Both directions follow the same order:
+
+1. drop hop-by-hop fields and every field named in ``Connection`` (they describe the
+   connection they arrived on, not the message);
+2. drop the fields PIBL owns on this hop (framing, ``X-Forwarded-*``, ``X-Request-ID``);
+3. keep everything else, repeated fields and their order included;
+4. append PIBL's own fields: ``Via`` after any received ones, ``X-Forwarded-For`` extended
+   like nginx's ``$proxy_add_x_forwarded_for``, framing, ``Connection``.
+
+Each function returns the complete head as one ``bytes`` so the shell writes it with one
+call.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from pibl.http.framing import http_date
+from pibl.http.message import BodyKind, RequestHead, ResponseHead
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Fields PIBL sets itself on the request it sends to a backend.
+_REQUEST_OWNED = frozenset(
+    {b"content-length", b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
+)
+_RESPONSE_OWNED = frozenset({b"content-length", b"x-request-id"})
+
+_SANE_REASON = re.compile(rb"^[\t \x21-\x7e]{1,64}$")
+_SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@+=/-]{1,128}$")
+
+REASONS: dict[int, bytes] = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    204: b"No Content",
+    206: b"Partial Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    304: b"Not Modified",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    411: b"Length Required",
+    412: b"Precondition Failed",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def request_id(headers_value: bytes | None) -> bytes:
+    """Keep a sane client-supplied id, otherwise make a new one."""
+    if headers_value is not None and _SANE_REQUEST_ID.match(headers_value):
+        return headers_value
+    return uuid.uuid4().hex.encode()
+
+
+def _connection_named(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(named)
+
+
+def upstream_request(
+    head: RequestHead,
+    *,
+    client_ip: str,
+    scheme: bytes,
+    rid: bytes,
+    via: bytes,
+    default_host: bytes,
+    body: BodyKind,
+    content_length: int = 0,
+) -> bytes:
+    """The request head PIBL sends to a backend (always HTTP/1.1, keep-alive)."""
+    named = _connection_named(head.headers)
+    host = head.host or default_host
+    out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
+    append = out.append
+    xff: bytes | None = None
+    host_written = False
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in _REQUEST_OWNED or lname in named:
+            continue
+        if lname == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+            continue
+        if lname == b"host":
+            if host_written:
+                continue
+            host_written = True
+            value = host
+        append(b"%s: %s\r\n" % (name, value))
+    if not host_written:
+        append(b"Host: %s\r\n" % host)
+    client = client_ip.encode()
+    append(b"X-Forwarded-For: %s\r\n" % (xff + b", " + client if xff else client))
+    append(b"X-Forwarded-Proto: %s\r\n" % scheme)
+    append(b"X-Forwarded-Host: %s\r\n" % host)
+    append(b"X-Request-ID: %s\r\n" % rid)
+    append(b"Via: %s %s\r\n" % (head.version, via))
+    if head.upgrade is not None:
+        append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
+    if body is BodyKind.LENGTH:
+        append(b"Content-Length: %d\r\n" % content_length)
+    elif body is BodyKind.CHUNKED:
+        append(b"Transfer-Encoding: chunked\r\n")
+    append(b"\r\n")
+    return b"".join(out)
+
+
+def client_response(
+    resp: ResponseHead,
+    *,
+    framing: BodyKind,
+    keep_alive: bool,
+    client_version: bytes,
+    rid: bytes,
+    via: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """The response head PIBL sends to the client for a backend's response ``resp``."""
+    named = _connection_named(resp.headers)
+    status = resp.status
+    reason = resp.reason if _SANE_REASON.match(resp.reason) else b""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
+    append = out.append
+    has_date = False
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in _RESPONSE_OWNED or lname in named:
+            # Content-Length passes through unless PIBL re-frames the body.
+            if lname == b"content-length" and (
+                framing is BodyKind.LENGTH
+                or (framing is BodyKind.NONE and resp.body is BodyKind.NONE)
+            ):
+                append(b"%s: %s\r\n" % (name, value))
+            continue
+        if lname == b"date":
+            has_date = True
+        append(b"%s: %s\r\n" % (name, value))
+    if not has_date:
+        append(b"Date: %s\r\n" % http_date())
+    if extra:
+        for name, value in extra:
+            append(b"%s: %s\r\n" % (name, value))
+    append(b"Via: %s %s\r\n" % (resp.version, via))
+    append(b"X-Request-ID: %s\r\n" % rid)
+    if status == 101:
+        append(b"Connection: upgrade\r\n")
+        for name, value in resp.headers:
+            if name.lower() == b"upgrade":
+                append(b"Upgrade: %s\r\n" % value)
+    elif framing is BodyKind.CHUNKED:
+        append(b"Transfer-Encoding: chunked\r\n")
+    if status != 101:
+        if not keep_alive:
+            append(b"Connection: close\r\n")
+        elif client_version == b"1.0":
+            append(b"Connection: keep-alive\r\n")
+    append(b"\r\n")
+    return b"".join(out)
+
+
+def simple_response(
+    status: int,
+    message: str,
+    *,
+    keep_alive: bool = False,
+    rid: bytes | None = None,
+    head_only: bool = False,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """A short plain-text response PIBL makes itself (errors, 100-continue aside)."""
+    body = f"{status} {REASONS.get(status, b'Error').decode()}: {message}\n".encode()
+    out = [
+        b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
+        b"Date: %s\r\n" % http_date(),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Cache-Control: no-store\r\n",
+    ]
+    if rid is not None:
+        out.append(b"X-Request-ID: %s\r\n" % rid)
+    for name, value in extra or ():
+        out.append(b"%s: %s\r\n" % (name, value))
+    out.append(b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+    if not head_only:
+        out.append(body)
+    return b"".join(out)

@@ -1,0 +1,412 @@
+"""The llhttp parser (through httptools) adapted to PIBL: bytes in, events out.
+
+``RequestParser.feed(data)`` returns a list of events and raises ``ProtocolError`` with the
+status to answer for anything PIBL refuses. llhttp in strict mode already rejects most
+smuggling vectors (Content-Length with Transfer-Encoding, differing duplicate
+Content-Length, a Transfer-Encoding whose last coding is not ``chunked``, obs-fold, bad
+header names and control characters); on top of it this module checks what llhttp leaves
+to the application: the Host rules of RFC 9112 section 3.2, the HTTP version, the request
+target form, ``Expect``, and the size limits that bound memory:
+
+* ``max_target_bytes`` -> 414 (nginx uses 8 KiB for the request line);
+* ``max_headers`` and ``max_head_bytes`` -> 431. httptools buffers an unfinished header line
+  internally, so a single endless line is also cut by counting the raw bytes fed while the
+  head is incomplete (twice the head limit, to leave room for a pipelined neighbour's bytes
+  in the same read).
+
+``ResponseParser`` does the same for a backend's response; every problem there is a
+``ProtocolError(502)`` because the client must never see a malformed response.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import httptools
+
+from pibl.errors import ProtocolError
+from pibl.http.message import BodyKind, HeaderList, RequestHead, ResponseHead
+
+
+@dataclass(slots=True, frozen=True)
+class Head:
+    head: RequestHead | ResponseHead
+
+
+@dataclass(slots=True, frozen=True)
+class Body:
+    data: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class End:
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class Upgrade:
+    """The message asked to switch protocols; ``data`` are the bytes that followed its head."""
+
+    data: bytes
+
+
+Event = Head | Body | End | Upgrade
+END = End()
+
+# RFC 3986 host (reg-name, IPv4, or IP-literal) with an optional port.
+_HOST_RE = re.compile(rb"^(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?$")
+_ABSOLUTE_RE = re.compile(rb"^(https?)://([^/?#]+)([^#]*)$", re.IGNORECASE)
+
+
+class _Collector:
+    """Shared callback state of both parsers."""
+
+    __slots__ = ("error", "events", "head_bytes", "headers")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.headers: HeaderList = []
+        self.head_bytes = 0
+        self.error: ProtocolError | None = None
+
+
+class RequestParser:
+    """Incremental request parser for one client connection (handles pipelining)."""
+
+    __slots__ = (
+        "_c",
+        "_in_head",
+        "_max_head",
+        "_max_headers",
+        "_max_target",
+        "_parser",
+        "_raw_in_head",
+        "_upgraded",
+        "_url",
+    )
+
+    def __init__(
+        self, *, max_target_bytes: int = 8192, max_headers: int = 100, max_head_bytes: int = 32768
+    ) -> None:
+        self._c = _Collector()
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._in_head = False
+        self._raw_in_head = 0
+        self._max_target = max_target_bytes
+        self._max_headers = max_headers
+        self._max_head = max_head_bytes
+        self._upgraded = False
+
+    # -- public API ---------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``; return the events it completes. Raises ``ProtocolError``."""
+        if self._upgraded:
+            return [Body(data)] if data else []
+        c = self._c
+        events = c.events = []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._upgraded = True
+            events.append(Upgrade(data[offset:]))
+            return events
+        except httptools.HttpParserCallbackError:
+            raise (c.error or ProtocolError(400, "bad request")) from None
+        except httptools.HttpParserInvalidMethodError:
+            raise ProtocolError(400, "invalid method") from None
+        except httptools.HttpParserInvalidURLError:
+            raise ProtocolError(400, "invalid request target") from None
+        except httptools.HttpParserError as exc:
+            raise ProtocolError(400, _llhttp_reason(exc)) from None
+        if self._in_head:
+            self._raw_in_head += len(data)
+            if self._raw_in_head > 2 * self._max_head:
+                raise ProtocolError(431, "request header fields too large")
+        return events
+
+    @property
+    def in_message(self) -> bool:
+        """True between the first byte of a request and its end."""
+        return self._in_head
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._raw_in_head = 0
+        self._url = b""
+        c = self._c
+        c.headers = []
+        c.head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._max_target:
+            self._fail(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        c = self._c
+        c.headers.append((name, value))
+        c.head_bytes += len(name) + len(value) + 4
+        if len(c.headers) > self._max_headers:
+            self._fail(431, "too many header fields")
+        if c.head_bytes + len(self._url) > self._max_head:
+            self._fail(431, "request header fields too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        version = parser.get_http_version().encode()
+        method: bytes = parser.get_method()
+        head = build_request_head(
+            method, self._url, version, self._c.headers, parser.should_keep_alive()
+        )
+        self._c.events.append(Head(head))
+
+    def on_body(self, data: bytes) -> None:
+        self._c.events.append(Body(data))
+
+    def on_message_complete(self) -> None:
+        self._c.events.append(END)
+
+    def _fail(self, status: int, reason: str) -> None:
+        self._c.error = ProtocolError(status, reason)
+        raise self._c.error
+
+
+def _llhttp_reason(exc: Exception) -> str:
+    text = str(exc.args[0]) if exc.args else "malformed request"
+    return text if text.isprintable() and len(text) < 100 else "malformed request"
+
+
+def build_request_head(
+    method: bytes, target: bytes, version: bytes, headers: HeaderList, keep_alive: bool
+) -> RequestHead:
+    """Validate what llhttp leaves to the application and classify the body."""
+    if version not in (b"1.1", b"1.0"):
+        if version.startswith(b"1.") or version == b"0.9":
+            raise ProtocolError(400, "unsupported HTTP version")
+        raise ProtocolError(505, "HTTP version not supported")
+    if method == b"CONNECT":
+        raise ProtocolError(405, "CONNECT is not supported by a reverse proxy")
+    hosts: list[bytes] = []
+    te: list[bytes] = []
+    content_length: bytes | None = None
+    expect: bytes | None = None
+    connection: list[bytes] = []
+    upgrade: bytes | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"host":
+            hosts.append(value)
+        elif lname == b"transfer-encoding":
+            te.extend(t.strip().lower() for t in value.split(b","))
+        elif lname == b"content-length":
+            if content_length is not None and content_length != value:
+                raise ProtocolError(400, "conflicting Content-Length")
+            content_length = value
+        elif lname == b"expect":
+            expect = value.strip().lower()
+        elif lname == b"connection":
+            connection.extend(t.strip().lower() for t in value.split(b","))
+        elif lname == b"upgrade":
+            upgrade = value
+    if len(hosts) > 1:
+        raise ProtocolError(400, "duplicate Host header")
+    host = hosts[0].strip() if hosts else b""
+    if version == b"1.1" and not hosts:
+        raise ProtocolError(400, "missing Host header")
+    if host and not _HOST_RE.match(host):
+        raise ProtocolError(400, "invalid Host header")
+    # Request target: origin-form, absolute-form (whose authority replaces Host), asterisk.
+    if target.startswith(b"/"):
+        pass
+    elif target == b"*":
+        if method != b"OPTIONS":
+            raise ProtocolError(400, "asterisk-form is only valid for OPTIONS")
+    else:
+        m = _ABSOLUTE_RE.match(target)
+        if m is None:
+            raise ProtocolError(400, "invalid request target")
+        host = m.group(2)
+        if not _HOST_RE.match(host) or b"@" in host:
+            raise ProtocolError(400, "invalid authority in request target")
+        target = m.group(3) or b"/"
+        if not target.startswith(b"/"):
+            target = b"/" + target
+    body = BodyKind.NONE
+    length = 0
+    if te:
+        if version == b"1.0":
+            raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if te != [b"chunked"]:
+            raise ProtocolError(400, "unsupported Transfer-Encoding")
+        if content_length is not None:
+            raise ProtocolError(400, "Content-Length with Transfer-Encoding")
+        body = BodyKind.CHUNKED
+    elif content_length is not None:
+        if not content_length.isdigit() or len(content_length) > 18:
+            raise ProtocolError(400, "invalid Content-Length")
+        length = int(content_length)
+        body = BodyKind.LENGTH if length else BodyKind.NONE
+    expect_continue = False
+    if expect is not None:
+        if expect != b"100-continue":
+            raise ProtocolError(417, "unsupported expectation")
+        expect_continue = version == b"1.1"
+    if upgrade is not None and b"upgrade" not in connection:
+        upgrade = None
+    return RequestHead(
+        method=method,
+        target=target,
+        version=version,
+        headers=headers,
+        host=host,
+        body=body,
+        content_length=length,
+        keep_alive=keep_alive,
+        expect_continue=expect_continue,
+        upgrade=upgrade,
+    )
+
+
+class ResponseParser:
+    """Parser for one backend response at a time (PIBL does not pipeline upstream).
+
+    ``head_request`` must be set for a response to HEAD: llhttp cannot be told that such a
+    response has no body, so the adapter ends the message itself after the head.
+    """
+
+    __slots__ = ("_c", "_done", "_head_request", "_max_head", "_parser", "_reason", "_upgraded")
+
+    def __init__(self, *, head_request: bool = False, max_head_bytes: int = 64 * 1024) -> None:
+        self._c = _Collector()
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._head_request = head_request
+        self._done = False
+        self._upgraded = False
+        self._max_head = max_head_bytes
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self._upgraded:
+            return [Body(data)] if data else []
+        if self._done:
+            raise ProtocolError(502, "backend sent data after the response")
+        c = self._c
+        events = c.events = []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._upgraded = True
+            events.append(Upgrade(data[offset:]))
+        except httptools.HttpParserCallbackError:
+            if c.error is None:
+                raise ProtocolError(502, "invalid response from backend") from None
+            if c.error.status != 0:  # status 0 marks the deliberate stop after a HEAD response
+                raise c.error from None
+        except httptools.HttpParserError as exc:
+            raise ProtocolError(
+                502, f"invalid response from backend: {_llhttp_reason(exc)}"
+            ) from None
+        return events
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._c.headers = []
+        self._c.head_bytes = 0
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        c = self._c
+        c.headers.append((name, value))
+        c.head_bytes += len(name) + len(value) + 4
+        if c.head_bytes > self._max_head:
+            c.error = ProtocolError(502, "response head too large")
+            raise c.error
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status: int = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # interim response: dropped, the final one follows
+        head = build_response_head(
+            status,
+            self._reason,
+            parser.get_http_version().encode(),
+            self._c.headers,
+            parser.should_keep_alive(),
+            self._head_request,
+        )
+        self._c.events.append(Head(head))
+        if self._head_request and status != 101:
+            self._c.events.append(END)
+            self._done = True
+            self._c.error = ProtocolError(0, "stop")
+            raise self._c.error
+
+    def on_body(self, data: bytes) -> None:
+        self._c.events.append(Body(data))
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:
+            return
+        self._done = True
+        self._c.events.append(END)
+
+
+def build_response_head(
+    status: int,
+    reason: bytes,
+    version: bytes,
+    headers: HeaderList,
+    keep_alive: bool,
+    head_request: bool,
+) -> ResponseHead:
+    te: list[bytes] = []
+    content_length: bytes | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            te.extend(t.strip().lower() for t in value.split(b","))
+        elif lname == b"content-length":
+            if content_length is not None and content_length != value:
+                raise ProtocolError(502, "backend sent conflicting Content-Length")
+            content_length = value
+    if head_request or status in (204, 304) or status < 200:
+        body = BodyKind.NONE
+        length = 0
+        if content_length is not None and content_length.isdigit():
+            length = int(content_length)
+    elif te:
+        # RFC 9112 section 6.3: a final coding other than chunked is delimited by close.
+        body = BodyKind.CHUNKED if te[-1] == b"chunked" else BodyKind.CLOSE
+        length = 0
+        keep_alive = keep_alive and body is BodyKind.CHUNKED
+    elif content_length is not None:
+        if not content_length.isdigit():
+            raise ProtocolError(502, "backend sent an invalid Content-Length")
+        length = int(content_length)
+        body = BodyKind.LENGTH if length else BodyKind.NONE
+    else:
+        body = BodyKind.CLOSE
+        length = 0
+        keep_alive = False
+    return ResponseHead(
+        status=status,
+        reason=reason,
+        version=version,
+        headers=headers,
+        body=body,
+        content_length=length,
+        keep_alive=keep_alive,
+    )

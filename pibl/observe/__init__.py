@@ -1,0 +1,1 @@
+"""Observability: the access and event log."""

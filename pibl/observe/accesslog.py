@@ -1,0 +1,206 @@
+"""The access log and event log, written to stdout and a file without blocking the loop.
+
+Every exchange produces exactly one ``AccessRecord``; the event loop only formats the
+line and puts it on a queue. A background thread writes batches to standard output and to
+the log file. Writing never raises into the proxy: a full disk or a removed directory
+counts dropped lines and retries opening the file later; ``reopen()`` (SIGUSR1) makes the
+thread close and reopen the file, for log rotation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TextIO
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    client: str
+    request_line: str
+    host: str
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    backend: str = ""
+    upstream: float = -1.0
+    total: float = 0.0
+    cache: str = "-"
+    request_id: bytes = b"-"
+    user_agent: str = "-"
+    detail: str = ""
+    response_started: bool = False
+    started: float = field(default_factory=time.monotonic)
+    when: float = field(default_factory=time.time)
+
+
+def _clf_time(when: float) -> str:
+    t = time.gmtime(when)
+    day = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}"
+    return f"{day}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def format_combined(r: AccessRecord) -> str:
+    upstream = f"{r.upstream:.3f}" if r.upstream >= 0 else "-"
+    line = (
+        f'{r.client} - - [{_clf_time(r.when)}] "{_quote(r.request_line)}" {r.status} {r.bytes_out}'
+        f' in={r.bytes_in} host="{_quote(r.host)}" backend={r.backend or "-"} up={upstream}'
+        f" total={r.total:.3f} cache={r.cache} rid={r.request_id.decode('latin-1')}"
+        f' ua="{_quote(r.user_agent)}"'
+    )
+    if r.detail:
+        line += f' detail="{_quote(r.detail)}"'
+    return line
+
+
+def format_json(r: AccessRecord) -> str:
+    return json.dumps(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.when)),
+            "client": r.client,
+            "request": r.request_line,
+            "host": r.host,
+            "status": r.status,
+            "bytes_in": r.bytes_in,
+            "bytes_out": r.bytes_out,
+            "backend": r.backend or None,
+            "upstream_time": round(r.upstream, 6) if r.upstream >= 0 else None,
+            "total_time": round(r.total, 6),
+            "cache": r.cache,
+            "request_id": r.request_id.decode("latin-1"),
+            "user_agent": r.user_agent,
+            "detail": r.detail or None,
+        },
+        separators=(",", ":"),
+    )
+
+
+class AccessLog:
+    """Formats on the loop, writes on a thread."""
+
+    def __init__(
+        self,
+        *,
+        path: str | None,
+        stdout: bool = True,
+        fmt: str = "combined",
+        stream: TextIO | None = None,
+    ) -> None:
+        self.path = path
+        self._stream = stream if stream is not None else (sys.stdout if stdout else None)
+        self._format = format_json if fmt == "json" else format_combined
+        self._json = fmt == "json"
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._reopen = threading.Event()
+        self._file: TextIO | None = None
+        self._next_open = 0.0
+        self.dropped = 0
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="pibl-log", daemon=True)
+        self._thread.start()
+
+    # -- loop side ----------------------------------------------------------------------
+
+    def access(self, record: AccessRecord) -> None:
+        self._queue.put(self._format(record))
+
+    def event(self, level: str, message: str) -> None:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if self._json:
+            line = json.dumps({"time": when, "level": level, "message": message})
+        else:
+            line = f"{when} [{level}] {message}"
+        self._queue.put(line)
+
+    def info(self, message: str) -> None:
+        self.event("info", message)
+
+    def warning(self, message: str) -> None:
+        self.event("warning", message)
+
+    def error(self, message: str) -> None:
+        self.event("error", message)
+
+    def exception(self, message: str) -> None:
+        self.event("error", f"{message}\n{traceback.format_exc().rstrip()}")
+
+    def reopen(self) -> None:
+        self._reopen.set()
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- writer thread ------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.path is None or self._file is not None or time.monotonic() < self._next_open:
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+        except OSError:
+            self._next_open = time.monotonic() + 1.0
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    def _run(self) -> None:
+        q = self._queue
+        running = True
+        while running:
+            batch: list[str] = []
+            item = q.get()
+            while True:
+                if item is None:
+                    running = False
+                    break
+                batch.append(item)
+                if len(batch) >= 512:
+                    break
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+            if self._reopen.is_set():
+                self._reopen.clear()
+                self._close_file()
+                self._next_open = 0.0
+            if not batch:
+                continue
+            text = "\n".join(batch) + "\n"
+            if self._stream is not None:
+                try:
+                    self._stream.write(text)
+                    self._stream.flush()
+                except (OSError, ValueError):
+                    pass
+            self._open()
+            if self._file is not None:
+                try:
+                    self._file.write(text)
+                    self._file.flush()
+                    self.written += len(batch)
+                except OSError:
+                    self.dropped += len(batch)
+                    self._close_file()
+                    self._next_open = time.monotonic() + 1.0
+            elif self.path is not None:
+                self.dropped += len(batch)
+        self._close_file()

@@ -1,0 +1,1 @@
+"""The asyncio shell: listeners, client connections, exchanges, upstream pools."""

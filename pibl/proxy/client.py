@@ -1,0 +1,342 @@
+"""One client connection: parsing, keep-alive, pipelining order, timeouts, backpressure.
+
+The protocol object only moves bytes and keeps order; what happens to a request is decided
+in ``pibl.proxy.exchange``. State is grouped as:
+
+* connection: transport, peer, parser, timers, write flow control;
+* requests: a FIFO of ``Incoming`` requests. Pipelined requests are parsed as they arrive
+  and queued; one task serves the queue head to tail, so responses leave in request order.
+  Reading pauses when too many requests wait or when a request body outpaces the backend.
+
+Timers: ``client_header`` runs from the first byte of a request to the end of its head (a
+slowloris gets 408), ``client_idle`` between requests on a kept-alive connection (closed
+silently, like nginx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import TYPE_CHECKING
+
+from pibl.errors import ProtocolError
+from pibl.http.message import RequestHead
+from pibl.http.parse import Body, End, Head, RequestParser, Upgrade
+
+if TYPE_CHECKING:
+    from pibl.proxy.exchange import Proxy
+
+BODY_HIGH = 256 * 1024  # buffered request body bytes before reading pauses
+
+
+class BodyStream:
+    """Request body chunks from the parser to the exchange, with flow control."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "received")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._done = False
+        self._error: ProtocolError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.received = 0
+
+    @property
+    def done(self) -> bool:
+        return self._done and not self._chunks
+
+    def push(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self.received += len(data)
+        if self._buffered > BODY_HIGH:
+            self._conn.pause_reading("body")
+        self._wake()
+
+    def finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, error: ProtocolError) -> None:
+        self._error = error
+        self._wake()
+
+    async def read(self, timeout: float) -> bytes:
+        """Next body bytes (all that are buffered), b"" at the end of the body."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            if self._conn.closed:
+                raise ProtocolError(400, "client closed the connection during the body")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                raise ProtocolError(408, "timed out reading the request body") from None
+            finally:
+                self._waiter = None
+        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks.clear()
+        self._buffered = 0
+        self._conn.resume_reading("body")
+        return data
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class Incoming:
+    """A parsed request waiting for, or in, its exchange."""
+
+    __slots__ = ("body", "error", "head", "upgrade_data")
+
+    def __init__(self, head: RequestHead | None, body: BodyStream | None) -> None:
+        self.head = head
+        self.body = body
+        self.upgrade_data: bytes | None = None
+        self.error: ProtocolError | None = None  # a request PIBL rejects, answered in order
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, proxy: Proxy, scheme: bytes) -> None:
+        # connection
+        self.proxy = proxy
+        self.scheme = scheme
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.closed = False
+        self.tunnel: asyncio.Transport | None = None
+        limits = proxy.config.limits
+        self._parser = RequestParser(
+            max_target_bytes=limits.max_target_bytes,
+            max_headers=limits.max_headers,
+            max_head_bytes=limits.max_head_bytes,
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_kind = ""
+        self._paused: set[str] = set()
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # requests
+        self._queue: deque[Incoming] = deque()
+        self._reading: Incoming | None = None  # request whose body is still arriving
+        self._task: asyncio.Task[None] | None = None
+        self._stop_reading = False  # after an error or upgrade nothing more is parsed
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.client_ip} queued={len(self._queue)} closed={self.closed}>"
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        self.proxy.connection_opened(self)
+        self._arm("header")
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self._stop_reading:
+            return
+        try:
+            events = self._parser.feed(data)
+        except ProtocolError as exc:
+            self._reject(exc)
+            return
+        queue = self._queue
+        for ev in events:
+            if isinstance(ev, Body):
+                assert self._reading is not None and self._reading.body is not None
+                self._reading.body.push(ev.data)
+            elif isinstance(ev, Head):
+                head = ev.head
+                assert isinstance(head, RequestHead)
+                incoming = Incoming(head, BodyStream(self))
+                queue.append(incoming)
+                self._reading = incoming
+            elif isinstance(ev, End):
+                if self._reading is not None and self._reading.body is not None:
+                    self._reading.body.finish()
+                self._reading = None
+            elif isinstance(ev, Upgrade):
+                if queue:
+                    queue[-1].upgrade_data = ev.data
+                self._stop_reading = True
+                self.pause_reading("upgrade")
+        if self._parser.in_message:
+            if self._timer_kind != "header":
+                self._arm("header")
+        elif self._timer_kind == "idle" or (self._timer_kind == "header" and queue):
+            self._disarm()
+        if len(queue) > self.proxy.config.limits.max_pipelined:
+            self.pause_reading("pipeline")
+        if queue and self._task is None:
+            self._task = self.loop.create_task(self._serve())
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still wait for its responses (``nc -q``, HTTP/1.0 tools).
+        if self._reading is not None and self._reading.body is not None:
+            self._reading.body.fail(ProtocolError(400, "client closed during the body"))
+        if not self._queue:
+            return None
+        self._stop_reading = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._disarm()
+        if self.tunnel is not None:
+            self.tunnel.close()
+        if self._reading is not None and self._reading.body is not None:
+            self._reading.body.fail(ProtocolError(400, "client closed the connection"))
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        self.proxy.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- used by the exchange -----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.closed:
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+        if self.closed:
+            raise ConnectionResetError("client closed the connection")
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._parser.in_message
+
+    def start_tunnel(self, peer: asyncio.Transport, pending: bytes) -> None:
+        """Switch to raw byte relay (WebSocket and other upgrades)."""
+        self._disarm()
+        self.tunnel = peer
+        if pending:
+            peer.write(pending)
+        self._paused.clear()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _reject(self, exc: ProtocolError) -> None:
+        """A request PIBL refuses: answer in order, then close; never forwarded."""
+        self._stop_reading = True
+        self.pause_reading("error")
+        if self._reading is not None and self._reading.body is not None:
+            self._reading.body.fail(exc)  # the exchange in progress answers it
+            self._reading = None
+            return
+        rejected = Incoming(None, None)
+        rejected.error = exc
+        self._queue.append(rejected)
+        if self._task is None:
+            self._task = self.loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        queue = self._queue
+        try:
+            while queue and not self.closed:
+                incoming = queue[0]
+                if incoming.error is not None:
+                    await self.proxy.reject(self, incoming.error)
+                    self.close()
+                    return
+                keep_alive = await self.proxy.handle(self, incoming)
+                queue.popleft()
+                if not keep_alive or self.proxy.stopping:
+                    self.close()
+                    return
+                if len(queue) <= self.proxy.config.limits.max_pipelined:
+                    self.resume_reading("pipeline")
+        except Exception:
+            self.proxy.log_exception("error while serving a client connection")
+            self.abort()
+        finally:
+            self._task = None
+        if not self.closed and not queue:
+            if self._parser.in_message:
+                self._arm("header")
+            else:
+                self._arm("idle")
+
+    def _arm(self, kind: str) -> None:
+        self._disarm()
+        timeouts = self.proxy.config.timeouts
+        delay = timeouts.client_header if kind == "header" else timeouts.client_idle
+        self._timer_kind = kind
+        self._timer = self.loop.call_later(delay, self._on_timeout)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_kind = ""
+
+    def _on_timeout(self) -> None:
+        kind = self._timer_kind
+        self._timer = None
+        self._timer_kind = ""
+        if self.closed:
+            return
+        if kind == "header" and self._parser.in_message and not self._queue:
+            # Slowloris or a stalled client: answer 408 like nginx does, then close.
+            self._reject(ProtocolError(408, "timed out reading the request head"))
+        elif not self._queue:
+            self.close()
+
+    def close_if_idle(self) -> bool:
+        """Used by graceful shutdown: close a connection that has no request in flight."""
+        if self.idle:
+            with contextlib.suppress(Exception):
+                self.close()
+            return True
+        return False

@@ -1,0 +1,391 @@
+"""One request's journey, top to bottom: pick a backend -> forward -> stream back -> log.
+
+``Proxy`` holds what one worker shares between connections (the frozen config, the
+balancing policy, one pool per backend, the access log) and ``Proxy.handle`` is the whole
+path of a request. It returns whether the client connection may be kept alive.
+
+Failure rules (what an nginx user expects):
+
+* no backend available -> 503 with ``Retry-After``;
+* connect refused, reset or malformed response before the response started -> 502;
+* connect or response timeout -> 504;
+* once response bytes went to the client nothing can be un-sent: the client connection is
+  aborted so it can tell the body was cut (no final chunk, short Content-Length);
+* a reused idle connection that the backend closed under us is retried once on a fresh one
+  when the request has no body (the race every keep-alive pool has; nginx does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from pibl.balance.policy import SmoothWeighted
+from pibl.config import Config
+from pibl.errors import ProtocolError, UpstreamError
+from pibl.http.forward import client_response, request_id, simple_response, upstream_request
+from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk
+from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
+from pibl.http.parse import Body, End, Head, Upgrade
+from pibl.observe.accesslog import AccessLog, AccessRecord
+from pibl.proxy.upstream import Pool, UpstreamConnection
+
+if TYPE_CHECKING:
+    from pibl.proxy.client import ClientConnection, Incoming
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Proxy:
+    """Per-worker state shared by all client connections."""
+
+    def __init__(self, config: Config, log: AccessLog) -> None:
+        self.config = config
+        self.log = log
+        self.via = config.server.via.encode()
+        self.backends = config.backends
+        self.policy = SmoothWeighted([b.weight for b in config.backends])
+        self.pools = [
+            Pool(
+                b,
+                connect_timeout=config.timeouts.upstream_connect,
+                idle_timeout=config.timeouts.upstream_idle,
+                idle_max=config.upstream.pool_idle_max,
+            )
+            for b in config.backends
+        ]
+        self.connections: set[ClientConnection] = set()
+        self.in_flight = 0
+        self.stopping = False
+
+    # -- connection bookkeeping ---------------------------------------------------------
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+
+    def log_exception(self, message: str) -> None:
+        self.log.exception(message)
+
+    # -- the request path ---------------------------------------------------------------
+
+    async def reject(self, conn: ClientConnection, error: ProtocolError) -> None:
+        """Answer a request PIBL refused while parsing; it never reaches a backend."""
+        conn.write(simple_response(error.status, error.reason))
+        self.log.access(
+            AccessRecord(
+                client=conn.client_ip,
+                request_line="-",
+                host="-",
+                status=error.status,
+                detail=error.reason,
+            )
+        )
+
+    async def handle(self, conn: ClientConnection, incoming: Incoming) -> bool:
+        head = incoming.head
+        assert head is not None and incoming.body is not None
+        self.in_flight += 1
+        record = AccessRecord(
+            client=conn.client_ip,
+            request_line=head.request_line,
+            host=head.host.decode("latin-1"),
+            user_agent=(get_header(head.headers, b"user-agent") or b"-").decode("latin-1"),
+        )
+        record.request_id = rid = request_id(get_header(head.headers, b"x-request-id"))
+        record.bytes_in = 0
+        try:
+            keep_alive = await self._forward(conn, incoming, head, rid, record)
+        except ProtocolError as exc:  # the client's body was bad, too large or too slow
+            record.status = exc.status
+            record.detail = exc.reason
+            if not record.response_started:
+                conn.write(simple_response(exc.status, exc.reason, rid=rid))
+            else:
+                conn.abort()
+            keep_alive = False
+        except UpstreamError as exc:
+            record.detail = exc.reason
+            if not record.response_started:
+                record.status = exc.status
+                self.log.error(f"{record.backend or '-'}: {exc.reason} ({head.request_line})")
+                conn.write(
+                    simple_response(
+                        exc.status,
+                        "the backend failed" if exc.status == 502 else "the backend timed out",
+                        rid=rid,
+                        head_only=head.method == b"HEAD",
+                    )
+                )
+            else:
+                conn.abort()
+            keep_alive = False
+        except (ConnectionError, asyncio.CancelledError):
+            record.detail = "client closed the connection"
+            conn.abort()
+            keep_alive = False
+        finally:
+            self.in_flight -= 1
+            record.bytes_in = incoming.body.received
+            record.total = time.monotonic() - record.started
+            self.log.access(record)
+        return keep_alive
+
+    async def _forward(
+        self,
+        conn: ClientConnection,
+        incoming: Incoming,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+    ) -> bool:
+        config = self.config
+        limit = config.limits.max_body_bytes
+        if limit and head.body is BodyKind.LENGTH and head.content_length > limit:
+            raise ProtocolError(413, "request body too large")
+        index = self.policy.pick()
+        if index is None:
+            record.status = 503
+            conn.write(
+                simple_response(
+                    503, "no backend available", rid=rid, extra=[(b"Retry-After", b"1")]
+                )
+            )
+            return False
+        pool = self.pools[index]
+        record.backend = pool.backend.label
+        request_bytes = upstream_request(
+            head,
+            client_ip=conn.client_ip,
+            scheme=conn.scheme,
+            rid=rid,
+            via=self.via,
+            default_host=f"{pool.backend.host}:{pool.backend.port}".encode(),
+            body=head.body,
+            content_length=head.content_length,
+        )
+        head_request = head.method == b"HEAD"
+        has_body = head.body is not BodyKind.NONE
+        upstream, reused = await pool.acquire()
+        upstream_started = time.monotonic()
+        ok = False
+        pump: asyncio.Task[None] | None = None
+        try:
+            upstream.start(request_bytes, head_request=head_request)
+            if has_body:
+                if head.expect_continue:
+                    conn.write(CONTINUE)
+                pump = asyncio.get_running_loop().create_task(
+                    self._pump_body(incoming, head, upstream)
+                )
+            try:
+                events = await self._read(upstream, pump)
+            except UpstreamError:
+                if not (
+                    reused
+                    and not has_body
+                    and not upstream.got_bytes
+                    and config.upstream.retry_reused
+                ):
+                    raise
+                # The idle connection was closed by the backend as we reused it: retry once.
+                upstream.abort()
+                pool.release(upstream)
+                upstream, _ = await pool.acquire(fresh=True)
+                upstream.start(request_bytes, head_request=head_request)
+                events = await self._read(upstream, pump)
+            first = events[0]
+            if not isinstance(first, Head):
+                raise UpstreamError(502, "invalid response from backend")
+            resp = first.head
+            assert isinstance(resp, ResponseHead)
+            record.upstream = time.monotonic() - upstream_started
+            record.status = resp.status
+            if resp.status == 101 and head.upgrade is not None:
+                ok = await self._tunnel(conn, incoming, upstream, resp, events, rid)
+                return False
+            keep_alive, ok = await self._respond(
+                conn, head, resp, events, upstream, pump, rid, record
+            )
+            if pump is not None and not pump.done():
+                # The backend answered before reading the whole body: stop sending it, and
+                # close the client connection since the rest of its body was never read.
+                pump.cancel()
+                ok = False
+                keep_alive = False
+            elif pump is not None:
+                pump.result()
+            return keep_alive
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+                with contextlib.suppress(BaseException):
+                    await pump
+            upstream.finish(reusable=ok)
+            pool.release(upstream)
+
+    async def _read(
+        self, upstream: UpstreamConnection, pump: asyncio.Task[None] | None
+    ) -> list[Head | Body | End | Upgrade]:
+        """Next response events, bounded by the upstream response timeout."""
+        try:
+            async with asyncio.timeout(self.config.timeouts.upstream_response):
+                if pump is None:
+                    return await upstream.read()
+                reader = asyncio.ensure_future(upstream.read())
+                await asyncio.wait((reader, pump), return_when=asyncio.FIRST_COMPLETED)
+                if not reader.done():
+                    if pump.exception() is not None:  # the client's body failed first
+                        reader.cancel()
+                        pump.result()
+                    return await reader
+                return reader.result()
+        except TimeoutError:
+            raise UpstreamError(504, "backend timed out") from None
+
+    async def _pump_body(
+        self, incoming: Incoming, head: RequestHead, upstream: UpstreamConnection
+    ) -> None:
+        """Stream the request body to the backend, framed as the client framed it."""
+        assert incoming.body is not None
+        timeouts = self.config.timeouts
+        limit = self.config.limits.max_body_bytes
+        chunked = head.body is BodyKind.CHUNKED
+        sent = 0
+        while True:
+            data = await incoming.body.read(timeouts.client_body)
+            if not data:
+                break
+            sent += len(data)
+            if limit and sent > limit:
+                raise ProtocolError(413, "request body too large")
+            upstream.write(encode_chunk(data) if chunked else data)
+            await upstream.drain()
+        if chunked:
+            upstream.write(LAST_CHUNK)
+
+    async def _respond(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        resp: ResponseHead,
+        events: list[Head | Body | End | Upgrade],
+        upstream: UpstreamConnection,
+        pump: asyncio.Task[None] | None,
+        rid: bytes,
+        record: AccessRecord,
+    ) -> tuple[bool, bool]:
+        """Stream the response to the client; returns (client keep-alive, upstream clean)."""
+        framing = client_framing(resp.body, head.version)
+        if head.method == b"HEAD":
+            framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
+        keep_alive = (
+            head.keep_alive
+            and framing is not BodyKind.CLOSE
+            and head.upgrade is None
+            and not self.stopping
+        )
+        out = client_response(
+            resp,
+            framing=framing,
+            keep_alive=keep_alive,
+            client_version=head.version,
+            rid=rid,
+            via=self.via,
+        )
+        record.response_started = True
+        send_body = head.method != b"HEAD"
+        chunked = framing is BodyKind.CHUNKED and send_body
+        timeout = self.config.timeouts.upstream_response
+        sent = 0
+        pending = events[1:]
+        while True:
+            ended = False
+            parts = [out] if out else []
+            out = b""
+            for ev in pending:
+                if isinstance(ev, Body):
+                    if send_body:
+                        parts.append(encode_chunk(ev.data) if chunked else ev.data)
+                        sent += len(ev.data)
+                elif isinstance(ev, End):
+                    ended = True
+                    if chunked:
+                        parts.append(LAST_CHUNK)
+            if parts:
+                conn.write(parts[0] if len(parts) == 1 else b"".join(parts))
+                if conn.write_paused:
+                    await conn.drain()
+            if ended:
+                break
+            try:
+                async with asyncio.timeout(timeout):
+                    pending = await upstream.read()
+            except TimeoutError:
+                raise UpstreamError(504, "backend timed out during the body") from None
+        record.bytes_out = sent
+        if conn.closed:
+            raise ConnectionResetError("client closed the connection")
+        return keep_alive, resp.keep_alive
+
+    async def _tunnel(
+        self,
+        conn: ClientConnection,
+        incoming: Incoming,
+        upstream: UpstreamConnection,
+        resp: ResponseHead,
+        events: list[Head | Body | End | Upgrade],
+        rid: bytes,
+    ) -> bool:
+        """Relay an upgraded connection (WebSocket) both ways until either side closes."""
+        assert conn.transport is not None and upstream.transport is not None
+        conn.write(
+            client_response(
+                resp,
+                framing=BodyKind.NONE,
+                keep_alive=True,
+                client_version=b"1.1",
+                rid=rid,
+                via=self.via,
+            )
+        )
+        for ev in events[1:]:
+            if isinstance(ev, Upgrade) and ev.data:
+                conn.write(ev.data)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        upstream.start_tunnel(conn.transport)
+        conn.start_tunnel(upstream.transport, incoming.upgrade_data or b"")
+        waiter = _TunnelWatcher(conn, upstream, done)
+        await waiter.wait()
+        return False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def sweep_pools(self) -> None:
+        for pool in self.pools:
+            pool.sweep()
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close_all()
+
+
+class _TunnelWatcher:
+    """Waits until either side of a tunnel is closed, polling cheaply once a second."""
+
+    def __init__(
+        self, conn: ClientConnection, upstream: UpstreamConnection, done: asyncio.Future[None]
+    ) -> None:
+        self.conn = conn
+        self.upstream = upstream
+        self.done = done
+
+    async def wait(self) -> None:
+        while not (self.conn.closed or self.upstream.closed):
+            await asyncio.sleep(0.5)
+        self.conn.close()
+        self.upstream.close()

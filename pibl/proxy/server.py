@@ -1,0 +1,122 @@
+"""Listening sockets and the life of one worker: start, serve, stop gracefully.
+
+Stop order (SIGTERM/SIGINT): stop accepting; close connections that have no request in
+flight; let in-flight exchanges finish until the ``shutdown`` deadline; abort the rest;
+close the upstream pools; flush the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from pibl.config import Config
+from pibl.observe.accesslog import AccessLog
+from pibl.proxy.client import ClientConnection
+from pibl.proxy.exchange import Proxy
+from pibl.proxy.upstream import probe
+
+
+def make_socket(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT, so several workers can share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def announce_backends(config: Config, log: AccessLog) -> None:
+    """One line per backend at startup, reachable or not."""
+    results = await asyncio.gather(*(probe(b, 1.0) for b in config.backends))
+    for backend, problem in zip(config.backends, results, strict=True):
+        if problem is None:
+            log.info(f"backend {backend.label} ({backend.url}) weight={backend.weight}: reachable")
+        else:
+            log.warning(
+                f"backend {backend.label} ({backend.url}) weight={backend.weight}: "
+                f"NOT reachable ({problem})"
+            )
+
+
+class Worker:
+    """One event loop serving the configured listeners."""
+
+    def __init__(self, config: Config, log: AccessLog) -> None:
+        self.config = config
+        self.log = log
+        self.proxy = Proxy(config, log)
+        self.servers: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        proxy = self.proxy
+        cfg = self.config.server
+        if sock is None:
+            sock = make_socket(cfg.host, cfg.port)
+        server = await loop.create_server(lambda: ClientConnection(proxy, b"http"), sock=sock)
+        self.servers.append(server)
+        addr = sock.getsockname()
+        self.log.info(f"listening on http://{addr[0]}:{addr[1]}")
+        self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        sockets = self.servers[0].sockets
+        return int(sockets[0].getsockname()[1])
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        proxy = self.proxy
+        proxy.stopping = True
+        for server in self.servers:
+            server.close()
+        deadline = time.monotonic() + self.config.timeouts.shutdown
+        while time.monotonic() < deadline:
+            for conn in list(proxy.connections):
+                conn.close_if_idle()
+            if not proxy.connections:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(proxy.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        proxy.close()
+
+    async def _sweep(self) -> None:
+        interval = max(1.0, self.config.timeouts.upstream_idle / 2)
+        while not self._stop.is_set():
+            await asyncio.sleep(interval)
+            self.proxy.sweep_pools()
+
+
+async def run_worker(
+    config: Config, log: AccessLog, *, on_ready: Callable[[Worker], None] | None = None
+) -> None:
+    loop = asyncio.get_running_loop()
+    await announce_backends(config, log)
+    worker = Worker(config, log)
+    await worker.start()
+    loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
+    loop.add_signal_handler(signal.SIGINT, worker.request_stop)
+    loop.add_signal_handler(signal.SIGUSR1, log.reopen)
+    if on_ready is not None:
+        on_ready(worker)
+    await worker.wait_stopped()
+    log.info("stopped")

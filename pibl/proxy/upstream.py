@@ -1,0 +1,341 @@
+"""Connections to backends and the keep-alive pool of each backend.
+
+``UpstreamConnection`` is an ``asyncio.Protocol`` that turns a backend's bytes into parser
+events (``pibl.http.parse``) queued for the exchange that owns the connection. Flow
+control is explicit in both directions:
+
+* reading: once more than ``READ_HIGH`` bytes of body wait for a slow client the transport
+  stops reading from the backend, and resumes when the exchange has taken them;
+* writing: ``drain()`` waits while the kernel buffer towards the backend is full, so a fast
+  client uploading to a slow backend is slowed down instead of filling memory.
+
+``Pool`` keeps idle connections per backend (most recently used first, so idle ones age out
+and close), never hands out one whose previous exchange did not end cleanly, and drops
+those idle longer than the configured timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl as ssl_module
+import time
+from collections import deque
+
+from pibl.config import BackendConfig
+from pibl.errors import ProtocolError, UpstreamError
+from pibl.http.message import BodyKind
+from pibl.http.parse import END, Body, End, Event, Head, ResponseParser, Upgrade
+
+READ_HIGH = 256 * 1024
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_buffered",
+        "_drain_waiter",
+        "_error",
+        "_events",
+        "_loop",
+        "_parser",
+        "_read_paused",
+        "_waiter",
+        "_write_paused",
+        "backend",
+        "close_delimited",
+        "closed",
+        "got_bytes",
+        "idle_since",
+        "reusable",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, backend: BackendConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reusable = False
+        self.idle_since = 0.0
+        self.got_bytes = False
+        self.close_delimited = False
+        self.tunnel: asyncio.Transport | None = None
+        self._loop = loop
+        self._parser: ResponseParser | None = None
+        self._events: deque[Event] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("busy" if self._parser else "idle")
+        return f"<UpstreamConnection {self.backend.label} {state}>"
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        parser = self._parser
+        if parser is None:  # unsolicited bytes on an idle connection: unusable
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            events = parser.feed(data)
+        except ProtocolError as exc:
+            self._fail(UpstreamError(502, exc.reason))
+            self.close()
+            return
+        for ev in events:
+            if isinstance(ev, Body):
+                self._buffered += len(ev.data)
+            elif isinstance(ev, Head) and ev.head.body is BodyKind.CLOSE:
+                self.close_delimited = True
+            self._events.append(ev)
+        if self._buffered > READ_HIGH and not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost reports it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.reusable = False
+        if self.tunnel is not None:
+            self.tunnel.close()
+        elif self._parser is not None:
+            if self.close_delimited and self._error is None:
+                self._events.append(END)
+            elif not self._events or not isinstance(self._events[-1], End):
+                self._fail(UpstreamError(502, "backend closed the connection"))
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- used by the exchange -----------------------------------------------------------
+
+    def start(self, request_head: bytes, *, head_request: bool) -> None:
+        """Begin an exchange: send the request head, expect one response."""
+        self._parser = ResponseParser(head_request=head_request)
+        self._events.clear()
+        self._buffered = 0
+        self._error = None
+        self.got_bytes = False
+        self.close_delimited = False
+        self.reusable = False
+        assert self.transport is not None
+        self.transport.write(request_head)
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise UpstreamError(502, "backend closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise UpstreamError(502, "backend closed the connection")
+        if self._write_paused:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+            if self.closed:
+                raise UpstreamError(502, "backend closed the connection")
+
+    async def read(self) -> list[Event]:
+        """Wait for at least one event and return all that are queued."""
+        while not self._events:
+            if self._error is not None:
+                raise self._error
+            if self.closed:
+                raise UpstreamError(502, "backend closed the connection")
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        events = list(self._events)
+        self._events.clear()
+        self._buffered = 0
+        if self._read_paused and not self.closed and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return events
+
+    def finish(self, *, reusable: bool) -> None:
+        """The exchange is over; ``reusable`` only if the response ended cleanly."""
+        self._parser = None
+        self.reusable = reusable and not self.closed and not self._events
+        if not self.reusable:
+            self.close()
+
+    def start_tunnel(self, peer: asyncio.Transport) -> None:
+        self.tunnel = peer
+        self._parser = None
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Pool:
+    """Idle keep-alive connections to one backend."""
+
+    __slots__ = (
+        "_connect_timeout",
+        "_idle",
+        "_idle_max",
+        "_idle_timeout",
+        "_loop",
+        "_ssl",
+        "active",
+        "backend",
+    )
+
+    def __init__(
+        self,
+        backend: BackendConfig,
+        *,
+        connect_timeout: float,
+        idle_timeout: float,
+        idle_max: int,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        self.backend = backend
+        self._loop = asyncio.get_running_loop()
+        self._idle: deque[UpstreamConnection] = deque()
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._idle_max = idle_max
+        self._ssl = ssl
+        self.active = 0
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.backend.label} idle={len(self._idle)} active={self.active}>"
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
+        """A connection ready for a request, and whether it was reused from the pool."""
+        if not fresh:
+            now = time.monotonic()
+            idle = self._idle
+            while idle:
+                conn = idle.pop()
+                if conn.closed or now - conn.idle_since > self._idle_timeout:
+                    conn.close()
+                    continue
+                self.active += 1
+                return conn, True
+        conn = await self.connect()
+        self.active += 1
+        return conn, False
+
+    async def connect(self) -> UpstreamConnection:
+        backend = self.backend
+        loop = self._loop
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: UpstreamConnection(backend, loop),
+                    backend.host,
+                    backend.port,
+                    ssl=self._ssl,
+                    server_hostname=backend.host if self._ssl else None,
+                )
+        except TimeoutError:
+            raise UpstreamError(504, "timed out connecting to backend", connected=False) from None
+        except ssl_module.SSLError as exc:
+            raise UpstreamError(
+                502, f"TLS error with backend: {exc.reason}", connected=False
+            ) from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise UpstreamError(
+                502, f"cannot connect to backend: {reason}", connected=False
+            ) from None
+        return protocol
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.active -= 1
+        if conn.reusable and not conn.closed and len(self._idle) < self._idle_max:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def sweep(self) -> int:
+        """Close idle connections past their timeout; returns how many were closed."""
+        now = time.monotonic()
+        keep: deque[UpstreamConnection] = deque()
+        closed = 0
+        for conn in self._idle:
+            if conn.closed or now - conn.idle_since > self._idle_timeout:
+                conn.close()
+                closed += 1
+            else:
+                keep.append(conn)
+        self._idle = keep
+        return closed
+
+    def close_all(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+async def probe(backend: BackendConfig, timeout: float) -> str | None:
+    """Try a TCP connection; None if reachable, else the reason."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(backend.host, backend.port)
+    except TimeoutError:
+        return "timed out"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+__all__ = ["END", "Body", "End", "Head", "Pool", "Upgrade", "UpstreamConnection", "probe"]

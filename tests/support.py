@@ -1,0 +1,302 @@
+"""Test helpers: real backend servers on loopback and PIBL running in a thread or process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.server
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from pibl.config import validate
+from pibl.observe.accesslog import AccessLog
+from pibl.proxy.server import Worker
+
+BLOCK = bytes(range(256)) * 256  # 64 KiB deterministic pattern
+
+
+def pattern(size: int) -> Iterator[bytes]:
+    left = size
+    while left > 0:
+        n = min(left, len(BLOCK))
+        yield BLOCK[:n]
+        left -= n
+
+
+def pattern_sha256(size: int) -> str:
+    h = hashlib.sha256()
+    for block in pattern(size):
+        h.update(block)
+    return h.hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    version: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+@dataclass
+class Backend:
+    name: str
+    server: http.server.ThreadingHTTPServer
+    seen: list[Seen] = field(default_factory=list)
+    stall: threading.Event = field(default_factory=threading.Event)
+    connections: int = 0
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.stall.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    backend: Backend
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.backend.connections += 1
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = io.BytesIO()
+            while True:
+                line = self.rfile.readline()
+                size = int(line.split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return out.getvalue()
+                out.write(self.rfile.read(size))
+                self.rfile.read(2)
+        length = int(self.headers.get("Content-Length", "0") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _hash_body(self) -> tuple[int, str]:
+        h = hashlib.sha256()
+        n = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = self._read_body()
+            return len(data), hashlib.sha256(data).hexdigest()
+        left = int(self.headers.get("Content-Length", "0") or 0)
+        while left:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+            left -= len(chunk)
+        return n, h.hexdigest()
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("X-Backend", self.backend.name)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _handle(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        record = Seen(self.command, self.path, self.request_version, list(self.headers.items()))
+        self.backend.seen.append(record)
+        if parts.path == "/upload":
+            n, digest = self._hash_body()
+            self._send(200, f"{n} {digest}".encode())
+            return
+        record.body = self._read_body()
+        if parts.path == "/download":
+            size = int(query.get("size", "0"))
+            self.send_response(200)
+            self.send_header("X-Backend", self.backend.name)
+            if query.get("chunked"):
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for block in pattern(size):
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(block), block))
+                self.wfile.write(b"0\r\n\r\n")
+            else:
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                for block in pattern(size):
+                    self.wfile.write(block)
+            return
+        if parts.path == "/stall":
+            self.backend.stall.wait(30)
+            return
+        if parts.path == "/slow":
+            time.sleep(float(query.get("s", "1")))
+        if parts.path == "/close":  # no Content-Length, body delimited by close
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"until-close")
+            self.close_connection = True
+            return
+        if parts.path == "/status":
+            code = int(query.get("code", "200"))
+            self._send(code, b"" if code in (204, 304) else b"status body")
+            return
+        if parts.path == "/headers":
+            self._send(
+                200,
+                b"x",
+                headers={"Set-Cookie": "a=1", "X-Multi": "one", "Connection": "X-Private"},
+            )
+            return
+        body = f"{self.backend.name} {self.command} {self.path}".encode()
+        if record.body:
+            body += b" body=" + record.body
+        self._send(200, body, headers={"Content-Type": "text/plain"})
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
+
+
+def start_backend(name: str, port: int = 0) -> Backend:
+    handler = type(f"Handler_{name}", (_Handler,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    backend = Backend(name, server)
+    handler.backend = backend  # type: ignore[attr-defined]
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
+    return backend
+
+
+class ProxyThread:
+    """PIBL's worker on its own event loop in a thread, listening on a free port."""
+
+    def __init__(self, settings: dict[str, Any], log_path: str | None = None) -> None:
+        settings = dict(settings)
+        server = dict(settings.get("server", {}))
+        server.setdefault("host", "127.0.0.1")
+        server.setdefault("port", free_port())
+        settings["server"] = server
+        self.config = validate(settings, "test")
+        self.stream = io.StringIO()
+        self.log = AccessLog(path=log_path, stream=self.stream)
+        self.loop = asyncio.new_event_loop()
+        self.worker: Worker | None = None
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+
+            async def main() -> None:
+                self.worker = Worker(self.config, self.log)
+                await self.worker.start()
+                ready.set()
+                await self.worker.wait_stopped()
+
+            self.loop.run_until_complete(main())
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("proxy did not start")
+
+    @property
+    def port(self) -> int:
+        return self.config.server.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_lines(self) -> list[str]:
+        time.sleep(0.1)
+        return [line for line in self.stream.getvalue().splitlines() if '"' in line]
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.loop.call_soon_threadsafe(self.worker.request_stop)
+        self.thread.join(10)
+        self.log.close()
+
+
+def raw_request(port: int, data: bytes, *, timeout: float = 5.0, read_all: bool = True) -> bytes:
+    """Send raw bytes, read until the server closes (or timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if not read_all:
+                    break
+        return b"".join(chunks)
+
+
+def write_config(path: Path, port: int, backends: list[str], extra: str = "") -> Path:
+    lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", ""]
+    lines.append(extra)
+    for url in backends:
+        lines += ["[[backends]]", f'url = "{url}"', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def start_pibl_process(config: Path, cwd: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pibl", "run", "--config", str(config), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} not listening")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
