@@ -84,6 +84,7 @@ class RequestParser:
         "_raw_in_head",
         "_upgraded",
         "_url",
+        "_error",
     )
 
     def __init__(
@@ -98,11 +99,19 @@ class RequestParser:
         self._max_headers = max_headers
         self._max_head = max_head_bytes
         self._upgraded = False
+        self._error: ProtocolError | None = None
 
     # -- public API ---------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[Event]:
-        """Parse ``data``; return the events it completes. Raises ``ProtocolError``."""
+        """Parse ``data``; return the events it completes.
+
+        Raises ``ProtocolError`` when the input is refused. Events completed before the
+        bad bytes (a valid request pipelined ahead of a malformed one) are not lost: they
+        are returned first and the error is raised by the next call to ``feed``.
+        """
+        if self._error is not None:
+            raise self._error
         if self._upgraded:
             return [Body(data)] if data else []
         c = self._c
@@ -115,18 +124,25 @@ class RequestParser:
             events.append(Upgrade(data[offset:]))
             return events
         except httptools.HttpParserCallbackError:
-            raise (c.error or ProtocolError(400, "bad request")) from None
+            self._error = c.error or ProtocolError(400, "bad request")
         except httptools.HttpParserInvalidMethodError:
-            raise ProtocolError(400, "invalid method") from None
+            self._error = ProtocolError(400, "invalid method")
         except httptools.HttpParserInvalidURLError:
-            raise ProtocolError(400, "invalid request target") from None
+            self._error = ProtocolError(400, "invalid request target")
         except httptools.HttpParserError as exc:
-            raise ProtocolError(400, _llhttp_reason(exc)) from None
-        if self._in_head:
+            self._error = ProtocolError(400, _llhttp_reason(exc))
+        if self._error is None and self._in_head:
             self._raw_in_head += len(data)
             if self._raw_in_head > 2 * self._max_head:
-                raise ProtocolError(431, "request header fields too large")
+                self._error = ProtocolError(431, "request header fields too large")
+        if self._error is not None and not events:
+            raise self._error
         return events
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """A refusal waiting to be raised by the next ``feed``."""
+        return self._error
 
     @property
     def in_message(self) -> bool:

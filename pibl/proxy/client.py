@@ -60,6 +60,11 @@ class BodyStream:
         self._done = True
         self._wake()
 
+    def check(self) -> None:
+        """Raise the body's error now if the parser already refused it."""
+        if self._error is not None:
+            raise self._error
+
     def fail(self, error: ProtocolError) -> None:
         self._error = error
         self._wake()
@@ -175,6 +180,13 @@ class ClientConnection(asyncio.Protocol):
                     queue[-1].upgrade_data = ev.data
                 self._stop_reading = True
                 self.pause_reading("upgrade")
+        if self._parser.error is not None:
+            self._reject(self._parser.error)
+            return
+        self._after_events()
+
+    def _after_events(self) -> None:
+        queue = self._queue
         if self._parser.in_message:
             if self._timer_kind != "header":
                 self._arm("header")
@@ -272,13 +284,13 @@ class ClientConnection(asyncio.Protocol):
         self._stop_reading = True
         self.pause_reading("error")
         if self._reading is not None and self._reading.body is not None:
-            self._reading.body.fail(exc)  # the exchange in progress answers it
+            self._reading.body.fail(exc)  # the exchange of that request answers it
             self._reading = None
-            return
-        rejected = Incoming(None, None)
-        rejected.error = exc
-        self._queue.append(rejected)
-        if self._task is None:
+        else:
+            rejected = Incoming(None, None)
+            rejected.error = exc
+            self._queue.append(rejected)
+        if self._task is None and self._queue:
             self._task = self.loop.create_task(self._serve())
 
     async def _serve(self) -> None:

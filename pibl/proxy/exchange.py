@@ -147,6 +147,10 @@ class Proxy:
         limit = config.limits.max_body_bytes
         if limit and head.body is BodyKind.LENGTH and head.content_length > limit:
             raise ProtocolError(413, "request body too large")
+        # A body already known to be malformed (it arrived with the head) is refused before
+        # anything reaches a backend. Later bad chunks abort the upstream request instead.
+        assert incoming.body is not None
+        incoming.body.check()
         index = self.policy.pick()
         if index is None:
             record.status = 503

@@ -1,0 +1,361 @@
+"""The core proxy over real loopback sockets, with three real backend servers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.support import Backend, ProxyThread, free_port, pattern_sha256, raw_request
+
+
+def test_round_robin_six_requests(backends: list[Backend], proxy: ProxyThread) -> None:
+    with httpx.Client(base_url=proxy.url) as client:
+        names = [client.get(f"/rr/{i}").headers["x-backend"] for i in range(6)]
+    assert names == ["b1", "b2", "b3", "b1", "b2", "b3"]
+    assert [len(b.seen) for b in backends] == [2, 2, 2]
+
+
+def test_weighted_rotation(backends: list[Backend], make_proxy: Callable[..., ProxyThread]) -> None:
+    entries = [
+        {"url": backends[0].url, "weight": 5},
+        {"url": backends[1].url},
+        {"url": backends[2].url},
+    ]
+    proxy = make_proxy(entries)
+    with httpx.Client(base_url=proxy.url) as client:
+        names = [client.get("/w").headers["x-backend"] for _ in range(7)]
+    assert names == ["b1", "b1", "b2", "b1", "b3", "b1", "b1"]
+
+
+def test_forwarding_headers(backends: list[Backend], proxy: ProxyThread) -> None:
+    with httpx.Client(base_url=proxy.url) as client:
+        r = client.get(
+            "/h",
+            headers=[
+                ("X-Forwarded-For", "10.1.1.1"),
+                ("Connection", "keep-alive, X-Secret"),
+                ("X-Secret", "hop"),
+                ("Keep-Alive", "timeout=5"),
+                ("X-Rep", "one"),
+                ("X-Rep", "two"),
+                ("X-Request-ID", "client-id-42"),
+            ],
+        )
+    assert r.status_code == 200
+    assert r.headers["via"] == "1.1 pibl"
+    assert r.headers["x-request-id"] == "client-id-42"
+    seen = backends[0].seen[-1]
+    names = [k.lower() for k, _ in seen.headers]
+    assert "x-secret" not in names and "keep-alive" not in names and "connection" not in names
+    headers = dict((k.lower(), v) for k, v in seen.headers)
+    assert headers["x-forwarded-for"] == "10.1.1.1, 127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-host"] == f"127.0.0.1:{proxy.port}"
+    assert headers["host"] == f"127.0.0.1:{proxy.port}"
+    assert headers["x-request-id"] == "client-id-42"
+    assert headers["via"] == "1.1 pibl"
+    assert [v for k, v in seen.headers if k.lower() == "x-rep"] == ["one", "two"]
+
+
+def test_response_hop_by_hop_and_repeats(backends: list[Backend], proxy: ProxyThread) -> None:
+    raw = raw_request(proxy.port, b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = raw.split(b"\r\n\r\n")[0].decode()
+    assert (
+        "X-Private" not in head.split("Connection: close")[0] or "Connection: X-Private" not in head
+    )
+    assert "Set-Cookie: a=1" in head
+    assert head.count("Connection:") == 1
+
+
+def test_keep_alive_and_pipelining_in_order(backends: list[Backend], proxy: ProxyThread) -> None:
+    requests = (
+        b"".join(b"GET /p/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(10))
+        + b"GET /p/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    raw = raw_request(proxy.port, requests)
+    bodies = [part for part in raw.split(b"HTTP/1.1 200 OK") if part]
+    assert len(bodies) == 11
+    order = [b.split(b"GET /p/")[1].split()[0] for b in bodies]
+    assert order == [str(i).encode() for i in range(10)] + [b"last"]
+
+
+def test_http10_client(backends: list[Backend], proxy: ProxyThread) -> None:
+    raw = raw_request(proxy.port, b"GET /old HTTP/1.0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert b"Connection: close" in raw
+    assert raw.endswith(b"GET /old")
+    # keep-alive requested by a 1.0 client is honoured
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        time.sleep(0.3)
+        first = s.recv(65536)
+        assert b"Connection: keep-alive" in first
+        s.sendall(b"GET /b HTTP/1.0\r\n\r\n")
+        time.sleep(0.3)
+        assert b"GET /b" in s.recv(65536)
+
+
+def test_http10_client_gets_chunked_body_close_delimited(
+    backends: list[Backend], proxy: ProxyThread
+) -> None:
+    raw = raw_request(proxy.port, b"GET /download?size=1000&chunked=1 HTTP/1.0\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head
+    assert len(body) == 1000
+
+
+def test_head_request(backends: list[Backend], proxy: ProxyThread) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(
+            b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    first, second = data.split(b"HTTP/1.1 200 OK")[1:]
+    assert b"Content-Length: 10" in first  # kept from the backend's HEAD answer
+    assert first.endswith(b"\r\n\r\n")  # and no body
+    assert second.endswith(b"GET /y")
+
+
+def test_request_bodies_length_and_chunked(backends: list[Backend], proxy: ProxyThread) -> None:
+    with httpx.Client(base_url=proxy.url) as client:
+        r = client.post("/post", content=b"abc")
+        assert r.text.endswith("body=abc")
+
+        def gen():
+            yield b"hello "
+            yield b"world"
+
+        r = client.post("/chunk", content=gen())
+        assert r.text.endswith("body=hello world")
+    assert any(("Transfer-Encoding", "chunked") in s.headers for b in backends for s in b.seen)
+
+
+def test_expect_100_continue(backends: list[Backend], proxy: ProxyThread) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(
+            b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        interim = s.recv(65536)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"12345")
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"body=12345")
+    assert all("expect" not in k.lower() for k, _ in backends[0].seen[-1].headers)
+
+
+def test_expect_too_large_gets_413_without_continue(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, limits={"max_body_bytes": 100})
+    raw = raw_request(
+        proxy.port,
+        b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\nExpect: 100-continue\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 413")
+    assert b"100 Continue" not in raw
+    assert not any(b.seen for b in backends)
+
+
+def test_chunked_body_over_limit_413(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, limits={"max_body_bytes": 100})
+    body = b"".join(b"32\r\n" + b"x" * 50 + b"\r\n" for _ in range(4)) + b"0\r\n\r\n"
+    raw = raw_request(
+        proxy.port, b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    )
+    assert raw.startswith(b"HTTP/1.1 413")
+
+
+MALFORMED = {
+    "cl-and-te": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "differing-cl": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        400,
+    ),
+    "te-gzip": (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", 400),
+    "te-not-final-chunked": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        400,
+    ),
+    "te-http10": (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "obs-fold": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\n\r\n", 400),
+    "bad-header-name": (b"GET / HTTP/1.1\r\nHost: x\r\nX A: b\r\n\r\n", 400),
+    "space-before-colon": (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    "control-char": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: b\x01c\r\n\r\n", 400),
+    "nul-char": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: b\x00c\r\n\r\n", 400),
+    "missing-host": (b"GET / HTTP/1.1\r\nUser-Agent: t\r\n\r\n", 400),
+    "duplicate-host": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "bad-host": (b"GET / HTTP/1.1\r\nHost: a b/c\r\n\r\n", 400),
+    "bare-lf": (b"GET / HTTP/1.1\nHost: x\n\n", 400),
+    "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
+    "long-target": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "too-many-headers": (
+        b"GET / HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: v\r\n" % i for i in range(150))
+        + b"\r\n",
+        431,
+    ),
+    "huge-header": (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 40000 + b"\r\n\r\n", 431),
+    "http2-preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    "bad-chunk-size": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_rejected_never_forwarded(
+    case: str, backends: list[Backend], proxy: ProxyThread
+) -> None:
+    data, status = MALFORMED[case]
+    raw = raw_request(proxy.port, data)
+    assert raw.startswith(b"HTTP/1.1 %d " % status), raw[:200]
+    assert b"Connection: close" in raw
+    time.sleep(0.05)
+    assert [len(b.seen) for b in backends] == [0, 0, 0], case
+    assert sum(b.connections for b in backends) == 0
+
+
+def test_malformed_after_valid_pipelined_request(
+    backends: list[Backend], proxy: ProxyThread
+) -> None:
+    raw = raw_request(
+        proxy.port,
+        b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET /bad HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1 400" in raw
+    assert [s.path for b in backends for s in b.seen] == ["/ok"]
+
+
+def test_slowloris_gets_408(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, timeouts={"client_header": 0.5})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        s.sendall(b"X-A: 1\r\n")
+        data = s.recv(65536)
+        elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408")
+    assert 0.3 < elapsed < 2.0
+    assert not any(b.seen for b in backends)
+
+
+def test_idle_keepalive_closed(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, timeouts={"client_idle": 0.4})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while not data.endswith(b"GET /"):
+            data += s.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert s.recv(65536) == b""  # closed by PIBL
+        assert 0.2 < time.monotonic() - started < 2.0
+
+
+def test_dead_backend_502(backends: list[Backend], make_proxy: Callable[..., ProxyThread]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = make_proxy([dead])
+    r = httpx.get(proxy.url + "/x")
+    assert r.status_code == 502
+    assert "backend" in r.text
+
+
+def test_backend_killed_mid_flight_502(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    # A backend that accepts and resets without answering.
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+
+    def reset_all() -> None:
+        for _ in range(2):
+            conn, _ = lsock.accept()
+            conn.recv(65536)
+            conn.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            conn.close()
+
+    threading.Thread(target=reset_all, daemon=True).start()
+    proxy = make_proxy([f"http://127.0.0.1:{lsock.getsockname()[1]}"])
+    r = httpx.get(proxy.url + "/x")
+    lsock.close()
+    assert r.status_code == 502
+
+
+def test_stalled_backend_504(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, timeouts={"upstream_response": 0.5})
+    started = time.monotonic()
+    r = httpx.get(proxy.url + "/stall", timeout=10)
+    elapsed = time.monotonic() - started
+    assert r.status_code == 504
+    assert 0.4 < elapsed < 2.0
+    # the proxy keeps serving the others normally
+    assert httpx.get(proxy.url + "/ok").status_code == 200
+
+
+def test_malformed_response_502(make_proxy: Callable[..., ProxyThread]) -> None:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+
+    def bad() -> None:
+        conn, _ = lsock.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde")
+        time.sleep(0.5)
+        conn.close()
+
+    threading.Thread(target=bad, daemon=True).start()
+    proxy = make_proxy([f"http://127.0.0.1:{lsock.getsockname()[1]}"])
+    raw = raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    lsock.close()
+    assert raw.startswith(b"HTTP/1.1 502")
+    assert b"abcde" not in raw
+
+
+def test_close_delimited_response_rechunked(backends: list[Backend], proxy: ProxyThread) -> None:
+    with httpx.Client(base_url=proxy.url) as client:
+        for _ in range(3):
+            r = client.get("/close")
+            assert r.text == "until-close"
+            assert r.headers.get("transfer-encoding") == "chunked"
+
+
+def test_chunked_download_relayed(backends: list[Backend], proxy: ProxyThread) -> None:
+    import hashlib
+
+    with httpx.Client(base_url=proxy.url) as client:
+        r = client.get("/download?size=3000000&chunked=1")
+    assert hashlib.sha256(r.content).hexdigest() == pattern_sha256(3_000_000)
+
+
+def test_upstream_connections_reused(backends: list[Backend], proxy: ProxyThread) -> None:
+    with httpx.Client(base_url=proxy.url) as client:
+        for _ in range(30):
+            assert client.get("/k").status_code == 200
+    assert sum(b.connections for b in backends) == 3
