@@ -76,6 +76,7 @@ class RequestParser:
 
     __slots__ = (
         "_c",
+        "_error",
         "_in_head",
         "_max_head",
         "_max_headers",
@@ -84,7 +85,6 @@ class RequestParser:
         "_raw_in_head",
         "_upgraded",
         "_url",
-        "_error",
     )
 
     def __init__(

@@ -119,6 +119,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = ""
         self.closed = False
         self.tunnel: asyncio.Transport | None = None
+        self.tunnel_done: asyncio.Future[None] | None = None
         limits = proxy.config.limits
         self._parser = RequestParser(
             max_target_bytes=limits.max_target_bytes,
@@ -211,6 +212,8 @@ class ClientConnection(asyncio.Protocol):
         self._disarm()
         if self.tunnel is not None:
             self.tunnel.close()
+            if self.tunnel_done is not None and not self.tunnel_done.done():
+                self.tunnel_done.set_result(None)
         if self._reading is not None and self._reading.body is not None:
             self._reading.body.fail(ProtocolError(400, "client closed the connection"))
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -219,9 +222,13 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.tunnel is not None:  # the client reads slowly: stop reading the backend
+            self.tunnel.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.tunnel is not None and not self.tunnel.is_closing():
+            self.tunnel.resume_reading()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -267,10 +274,13 @@ class ClientConnection(asyncio.Protocol):
     def idle(self) -> bool:
         return not self._queue and not self._parser.in_message
 
-    def start_tunnel(self, peer: asyncio.Transport, pending: bytes) -> None:
+    def start_tunnel(
+        self, peer: asyncio.Transport, pending: bytes, done: asyncio.Future[None]
+    ) -> None:
         """Switch to raw byte relay (WebSocket and other upgrades)."""
         self._disarm()
         self.tunnel = peer
+        self.tunnel_done = done
         if pending:
             peer.write(pending)
         self._paused.clear()

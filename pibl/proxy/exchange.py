@@ -361,10 +361,14 @@ class Proxy:
             if isinstance(ev, Upgrade) and ev.data:
                 conn.write(ev.data)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        upstream.start_tunnel(conn.transport)
-        conn.start_tunnel(upstream.transport, incoming.upgrade_data or b"")
-        waiter = _TunnelWatcher(conn, upstream, done)
-        await waiter.wait()
+        upstream.start_tunnel(conn.transport, done)
+        conn.start_tunnel(upstream.transport, incoming.upgrade_data or b"", done)
+        if conn.closed or upstream.closed:
+            done.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await done
+        conn.close()
+        upstream.close()
         return False
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -376,20 +380,3 @@ class Proxy:
     def close(self) -> None:
         for pool in self.pools:
             pool.close_all()
-
-
-class _TunnelWatcher:
-    """Waits until either side of a tunnel is closed, polling cheaply once a second."""
-
-    def __init__(
-        self, conn: ClientConnection, upstream: UpstreamConnection, done: asyncio.Future[None]
-    ) -> None:
-        self.conn = conn
-        self.upstream = upstream
-        self.done = done
-
-    async def wait(self) -> None:
-        while not (self.conn.closed or self.upstream.closed):
-            await asyncio.sleep(0.5)
-        self.conn.close()
-        self.upstream.close()

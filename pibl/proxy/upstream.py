@@ -49,6 +49,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reusable",
         "transport",
         "tunnel",
+        "tunnel_done",
     )
 
     def __init__(self, backend: BackendConfig, loop: asyncio.AbstractEventLoop) -> None:
@@ -60,6 +61,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.close_delimited = False
         self.tunnel: asyncio.Transport | None = None
+        self.tunnel_done: asyncio.Future[None] | None = None
         self._loop = loop
         self._parser: ResponseParser | None = None
         self._events: deque[Event] = deque()
@@ -114,6 +116,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         if self.tunnel is not None:
             self.tunnel.close()
+            if self.tunnel_done is not None and not self.tunnel_done.done():
+                self.tunnel_done.set_result(None)
         elif self._parser is not None:
             if self.close_delimited and self._error is None:
                 self._events.append(END)
@@ -125,9 +129,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.tunnel is not None:  # the backend reads slowly: stop reading the client
+            self.tunnel.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.tunnel is not None and not self.tunnel.is_closing():
+            self.tunnel.resume_reading()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -186,8 +194,9 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.reusable:
             self.close()
 
-    def start_tunnel(self, peer: asyncio.Transport) -> None:
+    def start_tunnel(self, peer: asyncio.Transport, done: asyncio.Future[None]) -> None:
         self.tunnel = peer
+        self.tunnel_done = done
         self._parser = None
         if self._read_paused and self.transport is not None:
             self._read_paused = False

@@ -1,0 +1,134 @@
+"""``pibl demo``: the whole system on one machine.
+
+Starts three replicas of the demo web application (``python -m webapp``, ports 8001-8003,
+sharing one SQLite guestbook in the current directory), waits until each answers
+``/health``, then runs PIBL in this process with the bundled ``demo.toml``. Ctrl-C or
+SIGTERM stops PIBL gracefully and then the replicas, by PID. The replicas also ask the
+kernel to terminate them if this process dies (``PR_SET_PDEATHSIG``), so even a
+``kill -9`` of the demo leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+from pibl.config import load_config, resolve_path
+from pibl.observe.accesslog import AccessLog
+from pibl.proxy.server import run_worker
+
+REPLICA_PORTS = (8001, 8002, 8003)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("pibl").joinpath("demo.toml")))
+
+
+def start_replicas(
+    db: Path, ports: tuple[int, ...] = REPLICA_PORTS
+) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i, port in enumerate(ports, start=1):
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "webapp",
+                    "--name",
+                    f"replica-{i}",
+                    "--port",
+                    str(port),
+                    "--db",
+                    str(db),
+                ],
+                preexec_fn=_die_with_parent,
+            )
+        )
+    return procs
+
+
+def wait_healthy(
+    ports: tuple[int, ...], procs: list[subprocess.Popen[bytes]], timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    pending = set(ports)
+    while pending and time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"replica with PID {proc.pid} exited with {proc.returncode}")
+        for port in list(pending):
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        pending.discard(port)
+        time.sleep(0.1)
+    if pending:
+        raise RuntimeError(f"replicas on ports {sorted(pending)} did not become healthy")
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_demo(*, port: int = 8080) -> int:
+    config = load_config(demo_config_path(), {"server.port": port})
+    log_path = str(resolve_path(config.log.file)) if config.log.file else None
+    log = AccessLog(path=log_path, stdout=True, fmt=config.log.format)
+    db = Path.cwd() / "guestbook.sqlite3"
+    procs = start_replicas(db)
+    # Until PIBL's loop installs its own handlers, a signal stops the start-up cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        wait_healthy(REPLICA_PORTS, procs)
+        print(
+            f"\n  PIBL demo is up: open http://127.0.0.1:{port}/ in a browser"
+            f" (replicas on ports {', '.join(map(str, REPLICA_PORTS))}).\n"
+            "  Reload the page to watch round robin; Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        asyncio.run(run_worker(config, log))
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, OSError) as exc:
+        print(f"pibl demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_processes(procs)
+        log.close()
+    return 0
+
+
+__all__ = ["run_demo", "start_replicas", "stop_processes"]
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(run_demo(port=int(os.environ.get("PIBL_PORT", "8080"))))
