@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what PIBL needs into ./.venv (and, with --test, the Debian packages the
+# test suite drives: Chromium for the browser tests, iproute2 for the namespace topology).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install.sh: missing Debian packages (${missing[*]}); run as root or install them" >&2
+        return 0
+    fi
+    echo "install.sh: apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq >/dev/null 2>&1
+        apt-get install -y -qq "${missing[@]}" >/dev/null
+    }
+}
+
+if ((want_test)) && command -v apt-get >/dev/null; then
+    apt_install chromium chromium-driver iproute2 curl
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+extras="app"
+((want_test)) && extras="app,dev"
+.venv/bin/python -m pip install -q -e ".[${extras}]" 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
+.venv/bin/python -c "import pibl, httptools, pydantic" >/dev/null
