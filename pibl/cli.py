@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--port", type=int, help="listening port (overrides [server] port)")
     run.add_argument("--workers", type=int, help="worker processes (overrides [server] workers)")
+    run.add_argument(
+        "--cache-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="lifetime of cached responses without explicit freshness (overrides [cache] ttl)",
+    )
 
     check = sub.add_parser("check-config", help="validate a config and print effective settings")
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG_FILE)
@@ -46,6 +52,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["server.port"] = args.port
     if getattr(args, "workers", None) is not None:
         out["server.workers"] = args.workers
+    if getattr(args, "cache_ttl", None) is not None:
+        out["cache.ttl"] = args.cache_ttl
     return out
 
 

@@ -105,6 +105,44 @@ class BackendConfig(_Section):
         return self.name or f"{self.host}:{self.port}"
 
 
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string with a unit: "512M", "1 GiB", "64k"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError('must be a number of bytes or a size such as "512M"')
+    text = value.strip().upper().removesuffix("B").removesuffix("I").strip()
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    factor = 1
+    if text and text[-1] in units:
+        factor = units[text[-1]]
+        text = text[:-1].strip()
+    if not text.isdigit():
+        raise ValueError(f"invalid size {value!r} (use bytes or a unit: K, M, G)")
+    return int(text) * factor
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    dir: str = "cache"  # relative to the directory PIBL runs in
+    ttl: float = Field(default=60.0, ge=0)  # default lifetime; 0 = strict RFC 9111
+    store: Literal["disk"] = "disk"
+    max_size: int = 1024**3
+    max_entry_size: int = 256 * 1024**2  # larger responses are passed through, not stored
+    memory_max: int = 32 * 1024**2  # memory tier for small hot entries
+    memory_entry_max: int = 64 * 1024
+    fsync: bool = True  # fsync entries before making them visible
+    max_stale_on_error: float = Field(default=3600.0, ge=0)  # serve stale when backends fail
+    lock_timeout: float = Field(default=5.0, gt=0)  # how long concurrent misses wait (coalescing)
+
+    @field_validator("max_size", "max_entry_size", "memory_max", "memory_entry_max", mode="before")
+    @classmethod
+    def _sizes(cls, value: object) -> int:
+        return parse_size(value)
+
+
 class LogConfig(_Section):
     file: str | None = "pibl.log"  # empty string or null disables the file
     stdout: bool = True
@@ -118,6 +156,7 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     log: LogConfig = LogConfig()
+    cache: CacheConfig = CacheConfig()
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

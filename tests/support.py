@@ -63,6 +63,7 @@ class Backend:
     seen: list[Seen] = field(default_factory=list)
     stall: threading.Event = field(default_factory=threading.Event)
     connections: int = 0
+    hits: int = 0
 
     @property
     def port(self) -> int:
@@ -172,6 +173,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             code = int(query.get("code", "200"))
             self._send(code, b"" if code in (204, 304) else b"status body")
             return
+        if parts.path.startswith("/cache"):
+            self._cache_endpoint(query)
+            return
         if parts.path == "/headers":
             self._send(
                 200,
@@ -183,6 +187,41 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if record.body:
             body += b" body=" + record.body
         self._send(200, body, headers={"Content-Type": "text/plain"})
+
+    def _cache_endpoint(self, query: dict[str, str]) -> None:
+        """A resource whose caching headers come from the query string.
+
+        cc=Cache-Control, etag=, lm=Last-Modified, vary=, expires=, delay=seconds,
+        status=, cookie=1 (adds Set-Cookie), size=N (body of N bytes).
+        The body names the backend and counts how often this backend served it.
+        """
+        if "delay" in query:
+            time.sleep(float(query["delay"]))
+        self.backend.hits += 1
+        headers = {"Content-Type": "text/plain"}
+        for param, name in (
+            ("cc", "Cache-Control"),
+            ("etag", "ETag"),
+            ("lm", "Last-Modified"),
+            ("vary", "Vary"),
+            ("expires", "Expires"),
+            ("loc", "Content-Location"),
+        ):
+            if param in query:
+                headers[name] = query[param]
+        if query.get("cookie"):
+            headers["Set-Cookie"] = "session=1"
+        etag = query.get("etag")
+        inm = self.headers.get("If-None-Match")
+        if etag and inm and etag in [t.strip() for t in inm.split(",")]:
+            self._send(304, b"", headers=headers)
+            return
+        status = int(query.get("status", "200"))
+        if "size" in query:
+            body = bytes(BLOCK[i % len(BLOCK)] for i in range(int(query["size"])))
+        else:
+            body = f"{self.backend.name} hit {self.backend.hits} {self.headers.get('Accept-Language', '')}".encode()
+        self._send(status, body, headers=headers)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
 
@@ -208,6 +247,7 @@ class ProxyThread:
         server.setdefault("host", "127.0.0.1")
         server.setdefault("port", free_port())
         settings["server"] = server
+        settings.setdefault("cache", {"enabled": False})
         self.config = validate(settings, "test")
         self.stream = io.StringIO()
         self.log = AccessLog(path=log_path, stream=self.stream)

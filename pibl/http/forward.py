@@ -102,9 +102,15 @@ def upstream_request(
     default_host: bytes,
     body: BodyKind,
     content_length: int = 0,
+    drop: frozenset[bytes] = frozenset(),
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
-    """The request head PIBL sends to a backend (always HTTP/1.1, keep-alive)."""
-    named = _connection_named(head.headers)
+    """The request head PIBL sends to a backend (always HTTP/1.1, keep-alive).
+
+    ``drop`` removes more fields (the cache drops the client's conditionals when it
+    revalidates with its own) and ``extra`` appends fields (those validators).
+    """
+    named = _connection_named(head.headers) | drop
     host = head.host or default_host
     out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
     append = out.append
@@ -131,6 +137,8 @@ def upstream_request(
     append(b"X-Forwarded-Host: %s\r\n" % host)
     append(b"X-Request-ID: %s\r\n" % rid)
     append(b"Via: %s %s\r\n" % (head.version, via))
+    for name, value in extra or ():
+        append(b"%s: %s\r\n" % (name, value))
     if head.upgrade is not None:
         append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
     if body is BodyKind.LENGTH:
@@ -192,6 +200,18 @@ def client_response(
             append(b"Connection: keep-alive\r\n")
     append(b"\r\n")
     return b"".join(out)
+
+
+def stored_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """End-to-end fields of a response, as a cache keeps them (framing and Age dropped)."""
+    named = _connection_named(headers)
+    return [
+        (k, v)
+        for k, v in headers
+        if (lk := k.lower()) not in HOP_BY_HOP
+        and lk not in named
+        and lk not in (b"content-length", b"age", b"x-request-id")
+    ]
 
 
 def simple_response(

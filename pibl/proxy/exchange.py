@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pibl.balance.policy import SmoothWeighted
+from pibl.cache.store import BodyWriter
 from pibl.config import Config
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.forward import client_response, request_id, simple_response, upstream_request
@@ -33,9 +34,34 @@ from pibl.observe.accesslog import AccessLog, AccessRecord
 from pibl.proxy.upstream import Pool, UpstreamConnection
 
 if TYPE_CHECKING:
+    from pibl.proxy.cached import CacheLayer
     from pibl.proxy.client import ClientConnection, Incoming
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_ERROR_TEXT = {
+    502: "the backend failed",
+    503: "no backend available",
+    504: "the backend timed out",
+}
+
+
+class ResponseHook:
+    """What the cache layer plugs into an exchange (``None`` when the cache is off).
+
+    ``on_head`` sees the backend's response head first and returns whether PIBL takes the
+    response for itself (a 304 refreshing a stored entry, a 5xx replaced by a stale copy)
+    instead of streaming it; ``extra`` are headers added to the client's response, ``tee``
+    receives the body as it streams, ``finish`` is told whether the body ended cleanly.
+    """
+
+    extra: list[tuple[bytes, bytes]] | None = None
+    tee: BodyWriter | None = None
+
+    def on_head(self, resp: ResponseHead) -> bool:
+        return False
+
+    def finish(self, complete: bool) -> None:
+        pass
 
 
 class Proxy:
@@ -59,6 +85,7 @@ class Proxy:
         self.connections: set[ClientConnection] = set()
         self.in_flight = 0
         self.stopping = False
+        self.cache: CacheLayer | None = None
 
     # -- connection bookkeeping ---------------------------------------------------------
 
@@ -99,7 +126,10 @@ class Proxy:
         record.request_id = rid = request_id(get_header(head.headers, b"x-request-id"))
         record.bytes_in = 0
         try:
-            keep_alive = await self._forward(conn, incoming, head, rid, record)
+            if self.cache is not None:
+                keep_alive = await self.cache.handle(conn, incoming, head, rid, record)
+            else:
+                keep_alive = await self.forward(conn, incoming, head, rid, record)
         except ProtocolError as exc:  # the client's body was bad, too large or too slow
             record.status = exc.status
             record.detail = exc.reason
@@ -116,9 +146,10 @@ class Proxy:
                 conn.write(
                     simple_response(
                         exc.status,
-                        "the backend failed" if exc.status == 502 else "the backend timed out",
+                        _ERROR_TEXT.get(exc.status, exc.reason),
                         rid=rid,
                         head_only=head.method == b"HEAD",
+                        extra=[(b"Retry-After", b"1")] if exc.status == 503 else None,
                     )
                 )
             else:
@@ -135,14 +166,19 @@ class Proxy:
             self.log.access(record)
         return keep_alive
 
-    async def _forward(
+    async def forward(
         self,
         conn: ClientConnection,
         incoming: Incoming,
         head: RequestHead,
         rid: bytes,
         record: AccessRecord,
+        *,
+        hook: ResponseHook | None = None,
+        drop: frozenset[bytes] = frozenset(),
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> bool:
+        """Send the request to a backend and stream the answer; returns client keep-alive."""
         config = self.config
         limit = config.limits.max_body_bytes
         if limit and head.body is BodyKind.LENGTH and head.content_length > limit:
@@ -153,13 +189,7 @@ class Proxy:
         incoming.body.check()
         index = self.policy.pick()
         if index is None:
-            record.status = 503
-            conn.write(
-                simple_response(
-                    503, "no backend available", rid=rid, extra=[(b"Retry-After", b"1")]
-                )
-            )
-            return False
+            raise UpstreamError(503, "no backend available", connected=False)
         pool = self.pools[index]
         record.backend = pool.backend.label
         request_bytes = upstream_request(
@@ -171,6 +201,8 @@ class Proxy:
             default_host=f"{pool.backend.host}:{pool.backend.port}".encode(),
             body=head.body,
             content_length=head.content_length,
+            drop=drop,
+            extra=extra,
         )
         head_request = head.method == b"HEAD"
         has_body = head.body is not BodyKind.NONE
@@ -212,9 +244,19 @@ class Proxy:
             if resp.status == 101 and head.upgrade is not None:
                 ok = await self._tunnel(conn, incoming, upstream, resp, events, rid)
                 return False
-            keep_alive, ok = await self._respond(
-                conn, head, resp, events, upstream, pump, rid, record
-            )
+            if hook is not None and hook.on_head(resp):
+                ok = await self._discard(upstream, events)
+                return head.keep_alive and not self.stopping and (pump is None or pump.done())
+            try:
+                keep_alive, ok = await self._respond(
+                    conn, head, resp, events, upstream, rid, record, hook
+                )
+            except BaseException:
+                if hook is not None:
+                    hook.finish(False)
+                raise
+            if hook is not None:
+                hook.finish(True)  # _respond returns only once the body ended
             if pump is not None and not pump.done():
                 # The backend answered before reading the whole body: stop sending it, and
                 # close the client connection since the rest of its body was never read.
@@ -272,6 +314,26 @@ class Proxy:
         if chunked:
             upstream.write(LAST_CHUNK)
 
+    async def _discard(
+        self, upstream: UpstreamConnection, events: list[Head | Body | End | Upgrade]
+    ) -> bool:
+        """Read and drop a response PIBL took for itself; True if it ended cleanly."""
+        budget = 1024 * 1024
+        pending = events[1:]
+        while True:
+            for ev in pending:
+                if isinstance(ev, End):
+                    return True
+                if isinstance(ev, Body):
+                    budget -= len(ev.data)
+            if budget < 0:
+                return False
+            try:
+                async with asyncio.timeout(self.config.timeouts.upstream_response):
+                    pending = await upstream.read()
+            except (TimeoutError, UpstreamError):
+                return False
+
     async def _respond(
         self,
         conn: ClientConnection,
@@ -279,9 +341,9 @@ class Proxy:
         resp: ResponseHead,
         events: list[Head | Body | End | Upgrade],
         upstream: UpstreamConnection,
-        pump: asyncio.Task[None] | None,
         rid: bytes,
         record: AccessRecord,
+        hook: ResponseHook | None,
     ) -> tuple[bool, bool]:
         """Stream the response to the client; returns (client keep-alive, upstream clean)."""
         framing = client_framing(resp.body, head.version)
@@ -300,8 +362,10 @@ class Proxy:
             client_version=head.version,
             rid=rid,
             via=self.via,
+            extra=hook.extra if hook is not None else None,
         )
         record.response_started = True
+        tee = hook.tee if hook is not None else None
         send_body = head.method != b"HEAD"
         chunked = framing is BodyKind.CHUNKED and send_body
         timeout = self.config.timeouts.upstream_response
@@ -316,6 +380,8 @@ class Proxy:
                     if send_body:
                         parts.append(encode_chunk(ev.data) if chunked else ev.data)
                         sent += len(ev.data)
+                    if tee is not None:
+                        tee.write(ev.data)
                 elif isinstance(ev, End):
                     ended = True
                     if chunked:

@@ -13,8 +13,10 @@ import socket
 import time
 from collections.abc import Callable
 
-from pibl.config import Config
+from pibl.cache.store import DiskStore
+from pibl.config import Config, resolve_path
 from pibl.observe.accesslog import AccessLog
+from pibl.proxy.cached import CacheLayer
 from pibl.proxy.client import ClientConnection
 from pibl.proxy.exchange import Proxy
 from pibl.proxy.upstream import probe
@@ -46,6 +48,21 @@ async def announce_backends(config: Config, log: AccessLog) -> None:
             )
 
 
+def make_cache(proxy: Proxy, config: Config, log: AccessLog) -> CacheLayer:
+    cfg = config.cache
+    directory = resolve_path(cfg.dir)
+    store = DiskStore(
+        directory,
+        max_size=cfg.max_size,
+        fsync=cfg.fsync,
+        memory_max=cfg.memory_max,
+        memory_entry_max=cfg.memory_entry_max,
+    )
+    store.start_indexing()
+    log.info(f"cache: {directory} (ttl {cfg.ttl:g} s, max {cfg.max_size} bytes)")
+    return CacheLayer(proxy, cfg, store)
+
+
 class Worker:
     """One event loop serving the configured listeners."""
 
@@ -53,6 +70,8 @@ class Worker:
         self.config = config
         self.log = log
         self.proxy = Proxy(config, log)
+        if config.cache.enabled:
+            self.proxy.cache = make_cache(self.proxy, config, log)
         self.servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
@@ -97,6 +116,8 @@ class Worker:
             conn.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if proxy.cache is not None:
+            proxy.cache.close()
         proxy.close()
 
     async def _sweep(self) -> None:

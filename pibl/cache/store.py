@@ -1,0 +1,589 @@
+"""The on-disk cache store: atomic entries that survive crashes, an LRU bound, a memory tier.
+
+Layout under the cache directory (files ``0600``, directories ``0700``)::
+
+    tmp/                         bodies and metadata being written
+    ab/<sha256>.meta             metadata of one entry, or a Vary pointer
+    ab/<sha256>.<nonce>.body     the body an entry's metadata points to
+
+Why two files per entry: a 304 from the origin refreshes an entry's headers and times; with
+the metadata apart, that is a small atomic rewrite instead of copying the body.
+
+Durability rules:
+
+* a body is written to ``tmp/``, fsynced (policy ``fsync``), then renamed into place; only
+  then is the metadata that names it written the same way. A reader therefore never sees
+  metadata whose body is missing, and a crash leaves at worst files in ``tmp/`` (removed at
+  start) or a body no metadata names (removed by the background scan);
+* metadata carries a magic line, its own CRC-32, the full key (a hash collision or a foreign
+  file is detected, not served), and the body's length and CRC-32. A body whose size is wrong
+  is never served; its CRC is checked when it is read into memory, and for large bodies once
+  per process before the first ``sendfile``;
+* startup never waits for a scan: lookups go straight to the file named by the key; a
+  background thread walks the directory to learn sizes for the LRU bound and to collect
+  garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pibl.cache.key import digest, secondary_key, variant_digest
+from pibl.http.message import HeaderList
+
+MAGIC = b"PIBL-CACHE/1\n"
+MAX_VARIANTS = 32
+
+
+@dataclass(slots=True)
+class Entry:
+    """A stored response, as read from its metadata."""
+
+    key: bytes
+    secondary: bytes
+    status: int
+    reason: bytes
+    headers: HeaderList
+    request_time: float
+    response_time: float
+    initial_age: float
+    lifetime: float
+    body_length: int
+    body_crc: int
+    body_path: Path
+    meta_path: Path
+    body: bytes | None = None  # set when served from the memory tier
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "entry",
+            "key": self.key.decode("latin-1"),
+            "secondary": self.secondary.decode("latin-1"),
+            "status": self.status,
+            "reason": self.reason.decode("latin-1"),
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers],
+            "request_time": self.request_time,
+            "response_time": self.response_time,
+            "initial_age": self.initial_age,
+            "lifetime": self.lifetime,
+            "body_file": self.body_path.name,
+            "body_length": self.body_length,
+            "body_crc": self.body_crc,
+        }
+
+
+@dataclass(slots=True)
+class Stats:
+    entries: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    stored: int = 0
+    evictions: int = 0
+    discarded: int = 0  # torn, foreign or corrupt files found and removed
+    indexed: bool = False
+
+
+def _encode_meta(obj: dict[str, Any]) -> bytes:
+    payload = json.dumps(obj, separators=(",", ":")).encode()
+    return MAGIC + payload + b"\n" + b"%08x\n" % zlib.crc32(payload)
+
+
+def _decode_meta(data: bytes) -> dict[str, Any] | None:
+    if not data.startswith(MAGIC) or not data.endswith(b"\n"):
+        return None
+    body = data[len(MAGIC) : -1]
+    payload, _, crc = body.rpartition(b"\n")
+    try:
+        if int(crc, 16) != zlib.crc32(payload):
+            return None
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class BodyWriter:
+    """Collects a response body into a temporary file while it streams to the client."""
+
+    __slots__ = ("_fd", "_tmp", "crc", "entry", "failed", "length", "limit", "store")
+
+    def __init__(self, store: DiskStore, entry: Entry, limit: int) -> None:
+        self.store = store
+        self.entry = entry
+        self._tmp = store.tmp_dir / f"{secrets.token_hex(8)}.body"
+        self._fd: int | None = os.open(
+            self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        self.length = 0
+        self.crc = 0
+        self.failed = False
+        self.limit = limit
+
+    def write(self, data: bytes) -> None:
+        if self.failed or self._fd is None:
+            return
+        self.length += len(data)
+        if self.length > self.limit:
+            self.abort()
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            self.abort()
+            return
+        self.crc = zlib.crc32(data, self.crc)
+
+    def abort(self) -> None:
+        self.failed = True
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            self._tmp.unlink()
+
+    def commit(self) -> Entry | None:
+        """Make the entry visible (blocking: run it in a thread). None if it failed."""
+        if self.failed or self._fd is None:
+            self.abort()
+            return None
+        store = self.store
+        try:
+            if store.fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            entry = self.entry
+            entry.body_length = self.length
+            entry.body_crc = self.crc
+            entry.body_path = entry.meta_path.with_name(
+                f"{entry.meta_path.stem}.{secrets.token_hex(4)}.body"
+            )
+            entry.body_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.replace(self._tmp, entry.body_path)
+            store.write_entry_meta(entry)
+        except OSError:
+            self.abort()
+            return None
+        return entry
+
+
+class DiskStore:
+    """Entries on disk plus a bounded memory tier of small hot bodies."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_size: int,
+        fsync: bool = True,
+        memory_max: int = 32 * 1024 * 1024,
+        memory_entry_max: int = 64 * 1024,
+    ) -> None:
+        self.dir = directory
+        self.tmp_dir = directory / "tmp"
+        self.max_size = max_size
+        self.fsync = fsync
+        self.memory_max = memory_max
+        self.memory_entry_max = memory_entry_max
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # meta path -> bytes, LRU order
+        self._memory: OrderedDict[str, tuple[Entry, bytes]] = OrderedDict()
+        self._memory_bytes = 0
+        self._verified: set[str] = set()
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():  # a crash mid-write leaves these
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    # -- index --------------------------------------------------------------------------
+
+    def start_indexing(self) -> threading.Thread:
+        thread = threading.Thread(target=self.scan, name="pibl-cache-index", daemon=True)
+        thread.start()
+        return thread
+
+    def scan(self) -> None:
+        """Walk the directory: sizes for the LRU bound, garbage removed."""
+        referenced: set[str] = set()
+        bodies: list[Path] = []
+        sizes: list[tuple[float, str, int]] = []
+        for sub in self.dir.iterdir():
+            if not sub.is_dir() or sub.name == "tmp":
+                continue
+            for path in sub.iterdir():
+                if path.suffix == ".body":
+                    bodies.append(path)
+                    continue
+                if path.suffix != ".meta":
+                    continue
+                try:
+                    data = path.read_bytes()
+                    st = path.stat()
+                except OSError:
+                    continue
+                meta = _decode_meta(data)
+                if meta is None:
+                    self._discard(path)
+                    continue
+                if meta.get("type") == "entry":
+                    referenced.add(str(meta.get("body_file")))
+                    size = len(data) + int(meta.get("body_length", 0))
+                    sizes.append((st.st_atime, str(path), size))
+        for body in bodies:
+            if body.name not in referenced:
+                try:
+                    if time.time() - body.stat().st_mtime > 60:  # not a commit in progress
+                        body.unlink()
+                except OSError:
+                    pass
+        sizes.sort()
+        with self._lock:
+            known = self._sizes
+            self._sizes = OrderedDict((p, s) for _, p, s in sizes if p not in known)
+            self._sizes.update(known)
+            self.stats.entries = len(self._sizes)
+            self.stats.bytes = sum(self._sizes.values())
+            self.stats.indexed = True
+        self.evict()
+
+    def _account(self, meta_path: Path, size: int) -> None:
+        with self._lock:
+            key = str(meta_path)
+            old = self._sizes.pop(key, None)
+            if old is not None:
+                self.stats.bytes -= old
+                self.stats.entries -= 1
+            if size >= 0:
+                self._sizes[key] = size
+                self.stats.bytes += size
+                self.stats.entries += 1
+
+    def _touch(self, meta_path: Path) -> None:
+        with self._lock:
+            key = str(meta_path)
+            if key in self._sizes:
+                self._sizes.move_to_end(key)
+
+    def evict(self) -> int:
+        """Remove least recently used entries until the store fits in ``max_size``."""
+        removed = 0
+        while True:
+            with self._lock:
+                if self.stats.bytes <= self.max_size or not self._sizes:
+                    break
+                victim, _ = next(iter(self._sizes.items()))
+            self._remove_meta(Path(victim))
+            self.stats.evictions += 1
+            removed += 1
+        return removed
+
+    # -- paths --------------------------------------------------------------------------
+
+    def meta_path(self, hexdigest: str) -> Path:
+        return self.dir / hexdigest[:2] / f"{hexdigest}.meta"
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _read_meta(self, path: Path) -> dict[str, Any] | None:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        meta = _decode_meta(data)
+        if meta is None:
+            self._discard(path)
+        return meta
+
+    def lookup(self, primary: bytes, request_headers: HeaderList) -> tuple[Entry | None, str]:
+        """The stored response for this request, and "hit", "uri-miss" or "vary-miss"."""
+        path = self.meta_path(digest(primary))
+        cached = self._memory.get(str(path))
+        if cached is not None:
+            self._memory.move_to_end(str(path))
+            return cached[0], "hit"
+        meta = self._read_meta(path)
+        if meta is None or meta.get("key") != primary.decode("latin-1"):
+            return None, "uri-miss"
+        if meta.get("type") == "vary":
+            names = [str(n) for n in meta.get("vary", [])]
+            secondary = secondary_key(names, request_headers)
+            vpath = self.meta_path(variant_digest(primary, secondary))
+            cached = self._memory.get(str(vpath))
+            if cached is not None:
+                return cached[0], "hit"
+            vmeta = self._read_meta(vpath)
+            if vmeta is None or vmeta.get("secondary") != secondary.decode("latin-1"):
+                return None, "vary-miss"
+            if vmeta.get("key") != primary.decode("latin-1"):
+                return None, "vary-miss"
+            entry = self._entry(vmeta, vpath)
+        else:
+            entry = self._entry(meta, path)
+        if entry is None:
+            return None, "uri-miss"
+        self._touch(entry.meta_path)
+        return entry, "hit"
+
+    def _entry(self, meta: dict[str, Any], path: Path) -> Entry | None:
+        try:
+            entry = Entry(
+                key=str(meta["key"]).encode("latin-1"),
+                secondary=str(meta.get("secondary", "")).encode("latin-1"),
+                status=int(meta["status"]),
+                reason=str(meta.get("reason", "")).encode("latin-1"),
+                headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["headers"]],
+                request_time=float(meta["request_time"]),
+                response_time=float(meta["response_time"]),
+                initial_age=float(meta["initial_age"]),
+                lifetime=float(meta["lifetime"]),
+                body_length=int(meta["body_length"]),
+                body_crc=int(meta["body_crc"]),
+                body_path=path.with_name(str(meta["body_file"])),
+                meta_path=path,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self._discard(path)
+            return None
+        try:
+            size = entry.body_path.stat().st_size
+        except OSError:
+            size = -1
+        if size != entry.body_length or "/" in str(meta["body_file"]):
+            self._discard(path)
+            return None
+        return entry
+
+    def read_body(self, entry: Entry) -> bytes | None:
+        """The whole body, CRC-checked (for small entries); None if corrupt."""
+        if entry.body is not None:
+            return entry.body
+        try:
+            data = entry.body_path.read_bytes()
+        except OSError:
+            return None
+        if len(data) != entry.body_length or zlib.crc32(data) != entry.body_crc:
+            self._discard(entry.meta_path)
+            return None
+        if len(data) <= self.memory_entry_max:
+            self._remember(entry, data)
+        return data
+
+    def verify_body(self, entry: Entry) -> bool:
+        """CRC check of a large body, once per process (blocking: run it in a thread)."""
+        name = str(entry.body_path)
+        if name in self._verified:
+            return True
+        crc = 0
+        length = 0
+        try:
+            with open(entry.body_path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    crc = zlib.crc32(chunk, crc)
+                    length += len(chunk)
+        except OSError:
+            return False
+        if crc != entry.body_crc or length != entry.body_length:
+            self._discard(entry.meta_path)
+            return False
+        self._verified.add(name)
+        return True
+
+    def _remember(self, entry: Entry, body: bytes) -> None:
+        key = str(entry.meta_path)
+        old = self._memory.pop(key, None)
+        if old is not None:
+            self._memory_bytes -= len(old[1])
+        entry.body = body
+        self._memory[key] = (entry, body)
+        self._memory_bytes += len(body)
+        while self._memory_bytes > self.memory_max and self._memory:
+            _, (_, dropped) = self._memory.popitem(last=False)
+            self._memory_bytes -= len(dropped)
+
+    def _forget(self, meta_path: Path) -> None:
+        old = self._memory.pop(str(meta_path), None)
+        if old is not None:
+            self._memory_bytes -= len(old[1])
+
+    # -- writing ------------------------------------------------------------------------
+
+    def begin(
+        self,
+        primary: bytes,
+        vary: list[str],
+        request_headers: HeaderList,
+        *,
+        status: int,
+        reason: bytes,
+        headers: HeaderList,
+        request_time: float,
+        response_time: float,
+        initial_age: float,
+        lifetime: float,
+        limit: int,
+    ) -> BodyWriter | None:
+        secondary = secondary_key(vary, request_headers) if vary else b""
+        hexdigest = variant_digest(primary, secondary) if vary else digest(primary)
+        meta_path = self.meta_path(hexdigest)
+        entry = Entry(
+            key=primary,
+            secondary=secondary,
+            status=status,
+            reason=reason,
+            headers=headers,
+            request_time=request_time,
+            response_time=response_time,
+            initial_age=initial_age,
+            lifetime=lifetime,
+            body_length=0,
+            body_crc=0,
+            body_path=meta_path,
+            meta_path=meta_path,
+        )
+        try:
+            writer = BodyWriter(self, entry, limit)
+        except OSError:
+            return None
+        if vary:
+            writer.entry.headers = headers
+            self._pending_vary(primary, vary, hexdigest)
+        return writer
+
+    def _pending_vary(self, primary: bytes, vary: list[str], variant: str) -> None:
+        """Point the primary key at its variants (kept to a bounded list)."""
+        path = self.meta_path(digest(primary))
+        meta = self._read_meta(path)
+        variants: list[str] = []
+        if meta is not None and meta.get("type") == "vary" and meta.get("vary") == vary:
+            variants = [str(v) for v in meta.get("variants", [])]
+        elif meta is not None and meta.get("type") == "entry":
+            self._remove_meta(path)
+        if variant in variants:
+            return
+        variants.append(variant)
+        for old in variants[:-MAX_VARIANTS]:
+            self._remove_meta(self.meta_path(old))
+        variants = variants[-MAX_VARIANTS:]
+        self._write_atomic(
+            path,
+            _encode_meta(
+                {
+                    "type": "vary",
+                    "key": primary.decode("latin-1"),
+                    "vary": vary,
+                    "variants": variants,
+                }
+            ),
+        )
+
+    def write_entry_meta(self, entry: Entry, *, replace_body: bool = True) -> None:
+        path = entry.meta_path
+        old = self._read_meta(path) if replace_body else None
+        self._write_atomic(path, _encode_meta(entry.to_json()))
+        self._forget(path)
+        if old is not None and old.get("type") == "entry":
+            old_body = path.with_name(str(old.get("body_file")))
+            if old_body != entry.body_path:
+                with contextlib.suppress(OSError):
+                    old_body.unlink()
+        self._account(path, entry.body_length + 512)
+        self.stats.stored += 1
+        self.evict()
+
+    def update(self, entry: Entry) -> None:
+        """Rewrite an entry's metadata after a 304 refreshed it (body unchanged)."""
+        self._write_atomic(entry.meta_path, _encode_meta(entry.to_json()))
+        self._forget(entry.meta_path)
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"{secrets.token_hex(8)}.meta"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    # -- removing -----------------------------------------------------------------------
+
+    def _remove_meta(self, path: Path) -> None:
+        meta = None
+        with contextlib.suppress(OSError):
+            meta = _decode_meta(path.read_bytes())
+        with contextlib.suppress(OSError):
+            path.unlink()
+        self._forget(path)
+        self._account(path, -1)
+        if meta is None:
+            return
+        if meta.get("type") == "entry":
+            with contextlib.suppress(OSError):
+                path.with_name(str(meta.get("body_file"))).unlink()
+        elif meta.get("type") == "vary":
+            for variant in meta.get("variants", []):
+                self._remove_meta(self.meta_path(str(variant)))
+
+    def _discard(self, path: Path) -> None:
+        """A torn, foreign or corrupt entry: never served, removed."""
+        self.stats.discarded += 1
+        self._remove_meta(path)
+
+    def invalidate(self, primary: bytes) -> bool:
+        path = self.meta_path(digest(primary))
+        existed = path.exists()
+        self._remove_meta(path)
+        return existed
+
+    def purge_all(self) -> int:
+        count = 0
+        for sub in list(self.dir.iterdir()):
+            if sub.is_dir() and sub.name != "tmp":
+                count += sum(1 for p in sub.iterdir() if p.suffix == ".meta")
+                shutil.rmtree(sub, ignore_errors=True)
+        with self._lock:
+            self._sizes.clear()
+            self._memory.clear()
+            self._memory_bytes = 0
+            self.stats.entries = 0
+            self.stats.bytes = 0
+        return count
+
+    def entries_on_disk(self) -> tuple[int, int]:
+        """(entries, bytes) by walking the directory; for ``pibl cache stats``."""
+        entries = 0
+        size = 0
+        for sub in self.dir.iterdir():
+            if not sub.is_dir() or sub.name == "tmp":
+                continue
+            for path in sub.iterdir():
+                with contextlib.suppress(OSError):
+                    size += path.stat().st_size
+                    if path.suffix == ".meta":
+                        meta = _decode_meta(path.read_bytes())
+                        if meta is not None and meta.get("type") == "entry":
+                            entries += 1
+        return entries, size
+
+
+__all__ = ["BodyWriter", "DiskStore", "Entry", "Stats", "field"]

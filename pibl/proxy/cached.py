@@ -1,0 +1,501 @@
+"""The cache in front of an exchange: lookup -> serve, revalidate, or fetch and store.
+
+Read top to bottom, ``CacheLayer.handle`` is:
+
+1. requests the cache never answers (unsafe methods, ``Range``, ``no-store``) are forwarded;
+   a successful unsafe request invalidates its URI and its ``Location``/``Content-Location``;
+2. look the request up (primary key, then the Vary variant);
+3. a usable entry is served from memory or disk (``sendfile`` for large bodies), as a 304
+   when the client's own validators match it; a stale-while-revalidate entry is served and
+   refreshed in the background;
+4. an entry that must be revalidated is asked for with its validators: a 304 refreshes it,
+   a new response replaces it, and a failed origin (5xx, refused, timed out, no backend)
+   is covered by the stale copy when staleness allows;
+5. a miss waits (bounded) if another request is already fetching the same URI, so a cold
+   resource reaches the backend once; otherwise it is forwarded and, when storable, teed
+   into the store while it streams to the client.
+
+Every answer on this path carries ``Cache-Status`` (RFC 9211) and hits carry ``Age``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pibl.cache import policy
+from pibl.cache.key import primary_key
+from pibl.cache.store import DiskStore, Entry
+from pibl.config import CacheConfig
+from pibl.errors import UpstreamError
+from pibl.http.forward import REASONS, stored_headers
+from pibl.http.framing import http_date
+from pibl.http.message import BodyKind, RequestHead, ResponseHead
+from pibl.observe.accesslog import AccessRecord
+from pibl.proxy.exchange import ResponseHook
+
+if TYPE_CHECKING:
+    from pibl.proxy.client import ClientConnection, Incoming
+    from pibl.proxy.exchange import Proxy
+
+CONDITIONALS = frozenset(
+    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"}
+)
+SENDFILE_MIN = 1024 * 1024  # bodies at least this large are sent with sendfile
+
+
+class _StoreHook(ResponseHook):
+    """Decides, on the response head, whether to store it and how to label it."""
+
+    def __init__(
+        self,
+        layer: CacheLayer,
+        primary: bytes,
+        head: RequestHead,
+        fwd: str,
+        *,
+        stale: tuple[Entry, float, float] | None = None,
+    ) -> None:
+        self.layer = layer
+        self.primary = primary
+        self.head = head
+        self.fwd = fwd
+        self.stale = stale  # (entry, age, allowed staleness) when revalidating
+        self.request_time = layer.clock()
+        self.response: ResponseHead | None = None
+        self.intercepted = False
+        self.commit: asyncio.Future[Entry | None] | None = None
+
+    def on_head(self, resp: ResponseHead) -> bool:
+        layer = self.layer
+        self.response = resp
+        response_time = layer.clock()
+        if self.stale is not None:
+            entry, age, allowed = self.stale
+            if resp.status == 304:
+                self.intercepted = True
+                return True
+            if resp.status >= 500 and age - entry.lifetime <= allowed:
+                self.intercepted = True
+                return True
+        cfg = layer.config
+        ok, why = policy.storable(
+            self.head.method, self.head.headers, resp.status, resp.headers, default_ttl=cfg.ttl
+        )
+        if ok and resp.body is BodyKind.LENGTH and resp.content_length > cfg.max_entry_size:
+            ok, why = False, "too large"
+        label = f"pibl; fwd={self.fwd}; fwd-status={resp.status}"
+        if ok:
+            lifetime = policy.freshness_lifetime(resp.status, resp.headers, default_ttl=cfg.ttl)
+            initial = policy.initial_age(resp.headers, self.request_time, response_time)
+            self.tee = layer.store.begin(
+                self.primary,
+                policy.vary_names(resp.headers),
+                self.head.headers,
+                status=resp.status,
+                reason=resp.reason or REASONS.get(resp.status, b""),
+                headers=stored_headers(resp.headers),
+                request_time=self.request_time,
+                response_time=response_time,
+                initial_age=initial,
+                lifetime=lifetime,
+                limit=cfg.max_entry_size,
+            )
+            if self.tee is not None:
+                label += f"; stored; ttl={int(lifetime - initial)}"
+        else:
+            label += f"; detail={why.replace(' ', '-')}"
+        self.extra = [(b"Cache-Status", label.encode())]
+        return False
+
+    def finish(self, complete: bool) -> None:
+        tee = self.tee
+        if tee is None:
+            return
+        if not complete:
+            tee.abort()
+            return
+        loop = asyncio.get_running_loop()
+        self.commit = loop.run_in_executor(None, tee.commit)
+
+
+class CacheLayer:
+    def __init__(
+        self,
+        proxy: Proxy,
+        config: CacheConfig,
+        store: DiskStore,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.proxy = proxy
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self._inflight: dict[bytes, asyncio.Event] = {}
+        self._refreshing: set[bytes] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(
+        self,
+        conn: ClientConnection,
+        incoming: Incoming,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+        *,
+        collapsed: bool = False,
+    ) -> bool:
+        proxy = self.proxy
+        host = head.host or b"-"
+        primary = primary_key(conn.scheme, host, head.target)
+        bypass = policy.bypass_reason(head.method, head.headers)
+        if bypass is not None:
+            record.cache = "BYPASS"
+            hook = ResponseHook()
+            hook.extra = [
+                (
+                    b"Cache-Status",
+                    b"pibl; fwd=method" if bypass == "method" else b"pibl; fwd=bypass",
+                )
+            ]
+            response: list[ResponseHead] = []
+            tracker = _Tracker(hook, response)
+            keep = await proxy.forward(conn, incoming, head, rid, record, hook=tracker)
+            if response and policy.invalidates(head.method, response[0].status):
+                self.invalidate(conn.scheme, host, head.target, response[0].headers)
+            return keep
+
+        entry, found = self.store.lookup(primary, head.headers)
+        if entry is not None and not policy.may_serve_with_authorization(
+            head.headers, entry.headers
+        ):
+            entry, found = None, "miss"
+        if entry is not None:
+            age = policy.current_age(entry.initial_age, entry.response_time, self.clock())
+            decision = policy.usable(
+                head.headers,
+                entry.headers,
+                lifetime=entry.lifetime,
+                age=age,
+                max_stale_on_error=self.config.max_stale_on_error,
+            )
+            if decision.action == "fresh":
+                record.cache = "HIT"
+                label = f"pibl; hit; ttl={int(entry.lifetime - age)}"
+                if collapsed:
+                    label += "; collapsed"
+                served = await self.serve(conn, head, entry, age, rid, record, label)
+                if served is not None:
+                    return served
+            elif decision.action == "stale":
+                record.cache = "STALE"
+                detail = "stale-while-revalidate" if decision.background else "max-stale"
+                label = f"pibl; hit; ttl={int(entry.lifetime - age)}; detail={detail}"
+                if decision.background:
+                    self._refresh_in_background(conn, head, primary, entry)
+                served = await self.serve(conn, head, entry, age, rid, record, label)
+                if served is not None:
+                    return served
+            elif policy.only_if_cached(head.headers):
+                return self._only_if_cached(conn, head, rid, record)
+            else:
+                return await self._revalidate(
+                    conn, incoming, head, rid, record, primary, entry, age, decision
+                )
+        if policy.only_if_cached(head.headers):
+            return self._only_if_cached(conn, head, rid, record)
+        waiting = None if collapsed else self._inflight.get(primary)
+        if waiting is not None:
+            # Another request is fetching this URI: wait for it rather than stampede, then
+            # decide again with what it stored.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.lock_timeout):
+                    await waiting.wait()
+            return await self.handle(conn, incoming, head, rid, record, collapsed=True)
+        fwd = "vary-miss" if found == "vary-miss" else "miss"
+        return await self._fetch(conn, incoming, head, rid, record, primary, fwd)
+
+    # -- misses -------------------------------------------------------------------------
+
+    async def _fetch(
+        self,
+        conn: ClientConnection,
+        incoming: Incoming,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+        primary: bytes,
+        fwd: str,
+    ) -> bool:
+        record.cache = "MISS"
+        leader = primary not in self._inflight
+        event = asyncio.Event()
+        if leader:
+            self._inflight[primary] = event
+        hook = _StoreHook(self, primary, head, fwd)
+        try:
+            return await self.proxy.forward(conn, incoming, head, rid, record, hook=hook)
+        finally:
+            if leader:
+                self._release(primary, event, hook)
+
+    def _release(self, primary: bytes, event: asyncio.Event, hook: _StoreHook) -> None:
+        """Wake the waiters once the entry is visible (or there is none)."""
+
+        def done(_: object = None) -> None:
+            if self._inflight.get(primary) is event:
+                del self._inflight[primary]
+            event.set()
+
+        if hook.commit is not None:
+            hook.commit.add_done_callback(done)
+        else:
+            done()
+
+    # -- revalidation -------------------------------------------------------------------
+
+    async def _revalidate(
+        self,
+        conn: ClientConnection,
+        incoming: Incoming,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+        primary: bytes,
+        entry: Entry,
+        age: float,
+        decision: policy.Decision,
+    ) -> bool:
+        validators = policy.validators(entry.headers)
+        hook = _StoreHook(self, primary, head, "stale", stale=(entry, age, decision.stale_if_error))
+        record.cache = "EXPIRED"
+        try:
+            keep = await self.proxy.forward(
+                conn,
+                incoming,
+                head,
+                rid,
+                record,
+                hook=hook,
+                drop=CONDITIONALS if validators else frozenset(),
+                extra=validators,
+            )
+        except UpstreamError as exc:
+            if record.response_started or age - entry.lifetime > decision.stale_if_error:
+                raise
+            return await self._serve_stale_on_error(conn, head, entry, age, rid, record, exc.status)
+        if not hook.intercepted or hook.response is None:
+            return keep
+        resp = hook.response
+        if resp.status == 304:
+            refreshed = self._refresh(entry, resp, hook.request_time)
+            record.cache = "REVALIDATED"
+            now_age = policy.current_age(
+                refreshed.initial_age, refreshed.response_time, self.clock()
+            )
+            label = f"pibl; fwd=stale; fwd-status=304; ttl={int(refreshed.lifetime - now_age)}"
+            served = await self.serve(conn, head, refreshed, now_age, rid, record, label)
+            if served is not None:
+                return served and keep
+            return await self._fetch(conn, incoming, head, rid, record, primary, "miss")
+        return await self._serve_stale_on_error(conn, head, entry, age, rid, record, resp.status)
+
+    def _refresh(self, entry: Entry, resp: ResponseHead, request_time: float) -> Entry:
+        """Apply a 304 to a stored entry (RFC 9111 section 4.3.4) and persist it."""
+        response_time = self.clock()
+        entry.headers = policy.merge_304(entry.headers, stored_headers(resp.headers))
+        entry.request_time = request_time
+        entry.response_time = response_time
+        entry.initial_age = policy.initial_age(resp.headers, request_time, response_time)
+        entry.lifetime = policy.freshness_lifetime(
+            entry.status, entry.headers, default_ttl=self.config.ttl
+        )
+        with contextlib.suppress(OSError):
+            self.store.update(entry)
+        return entry
+
+    async def _serve_stale_on_error(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        entry: Entry,
+        age: float,
+        rid: bytes,
+        record: AccessRecord,
+        status: int,
+    ) -> bool:
+        record.cache = "STALE"
+        record.detail = f"origin answered {status}; served stale"
+        label = f"pibl; fwd=stale; fwd-status={status}; ttl={int(entry.lifetime - age)}; detail=stale-if-error"
+        served = await self.serve(conn, head, entry, age, rid, record, label)
+        if served is None:
+            raise UpstreamError(
+                status if status in (502, 503, 504) else 502, "stale entry unreadable"
+            )
+        return served
+
+    def _refresh_in_background(
+        self, conn: ClientConnection, head: RequestHead, primary: bytes, entry: Entry
+    ) -> None:
+        if primary in self._refreshing:
+            return
+        self._refreshing.add(primary)
+        task = asyncio.get_running_loop().create_task(self._background(conn, head, primary, entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _background(
+        self, conn: ClientConnection, head: RequestHead, primary: bytes, entry: Entry
+    ) -> None:
+        from pibl.proxy.client import BodyStream, ClientConnection, Incoming
+
+        sink = ClientConnection(self.proxy, conn.scheme)  # never connected: writes go nowhere
+        sink.client_ip = conn.client_ip
+        bg_head = RequestHead(
+            method=b"GET",
+            target=head.target,
+            version=b"1.1",
+            headers=[(k, v) for k, v in head.headers if k.lower() not in CONDITIONALS],
+            host=head.host,
+        )
+        body = BodyStream(sink)
+        body.finish()
+        record = AccessRecord(
+            client=conn.client_ip,
+            request_line=bg_head.request_line,
+            host=head.host.decode("latin-1"),
+        )
+        record.cache = "UPDATING"
+        age = policy.current_age(entry.initial_age, entry.response_time, self.clock())
+        decision = policy.Decision("revalidate", age, entry.lifetime, stale_if_error=float("inf"))
+        try:
+            await self._revalidate(
+                sink, Incoming(bg_head, body), bg_head, b"-", record, primary, entry, age, decision
+            )
+        except Exception as exc:
+            record.detail = f"background revalidation failed: {exc}"
+        finally:
+            self._refreshing.discard(primary)
+            record.total = time.monotonic() - record.started
+            self.proxy.log.access(record)
+
+    # -- answering from the store -------------------------------------------------------
+
+    def _only_if_cached(
+        self, conn: ClientConnection, head: RequestHead, rid: bytes, record: AccessRecord
+    ) -> bool:
+        from pibl.http.forward import simple_response
+
+        record.cache = "MISS"
+        record.status = 504
+        conn.write(
+            simple_response(
+                504,
+                "not in cache (only-if-cached)",
+                keep_alive=head.keep_alive,
+                rid=rid,
+                extra=[(b"Cache-Status", b"pibl; fwd=miss; detail=only-if-cached")],
+            )
+        )
+        return head.keep_alive
+
+    async def serve(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        entry: Entry,
+        age: float,
+        rid: bytes,
+        record: AccessRecord,
+        label: str,
+    ) -> bool | None:
+        """Answer from a stored entry; None if its body turned out unreadable (a miss)."""
+        store = self.store
+        keep_alive = head.keep_alive and not self.proxy.stopping
+        if policy.not_modified(head.headers, entry.headers):
+            status, reason = 304, b"Not Modified"
+            headers = policy.not_modified_headers(entry.headers)
+            send_body = False
+            body: bytes | None = b""
+        else:
+            status, reason = entry.status, entry.reason or REASONS.get(entry.status, b"OK")
+            headers = entry.headers
+            send_body = head.method != b"HEAD" and entry.status not in (204, 304)
+            body = None
+            if send_body and entry.body_length < SENDFILE_MIN:
+                body = store.read_body(entry)
+                if body is None:
+                    return None
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        has_date = False
+        for name, value in headers:
+            if name.lower() == b"date":
+                has_date = True
+            out.append(b"%s: %s\r\n" % (name, value))
+        if not has_date:
+            out.append(b"Date: %s\r\n" % http_date())
+        if status != 304 and entry.status not in (204, 304):
+            out.append(b"Content-Length: %d\r\n" % entry.body_length)
+        out.append(b"Age: %d\r\n" % max(0, int(age)))
+        out.append(b"Cache-Status: %s\r\n" % label.encode())
+        out.append(b"Via: 1.1 %s\r\nX-Request-ID: %s\r\n" % (self.proxy.via, rid))
+        if not keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif head.version == b"1.0":
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        record.status = status
+        record.response_started = True
+        store.stats.hits += 1
+        if not send_body:
+            conn.write(b"".join(out))
+            return keep_alive
+        if body is not None:
+            out.append(body)
+            conn.write(b"".join(out))
+            record.bytes_out = len(body)
+            if conn.write_paused:
+                await conn.drain()
+            return keep_alive
+        # A large body: checked once per process, then sent by the kernel.
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, store.verify_body, entry):
+            record.response_started = False
+            return None
+        conn.write(b"".join(out))
+        assert conn.transport is not None
+        with open(entry.body_path, "rb") as fh:
+            await loop.sendfile(conn.transport, fh, 0, entry.body_length)
+        record.bytes_out = entry.body_length
+        if conn.write_paused:
+            await conn.drain()
+        return keep_alive
+
+    # -- invalidation -------------------------------------------------------------------
+
+    def invalidate(
+        self, scheme: bytes, host: bytes, target: bytes, response_headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.store.invalidate(primary_key(scheme, host, target))
+        for path in policy.invalidated_targets(host, response_headers):
+            self.store.invalidate(primary_key(scheme, host, path))
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+class _Tracker(ResponseHook):
+    """Remembers the response head of a bypassed request (for invalidation)."""
+
+    def __init__(self, inner: ResponseHook, sink: list[ResponseHead]) -> None:
+        self.extra = inner.extra
+        self._sink = sink
+
+    def on_head(self, resp: ResponseHead) -> bool:
+        self._sink.append(resp)
+        return False
