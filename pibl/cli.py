@@ -41,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and print effective settings")
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG_FILE)
 
+    cache = sub.add_parser("cache", help="inspect or purge a cache directory (running or not)")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
+    for name, text in (("stats", "entries and size"), ("purge", "remove entries")):
+        action = cache_sub.add_parser(name, help=text)
+        action.add_argument("--config", default=DEFAULT_CONFIG_FILE, help="to find [cache] dir")
+        action.add_argument("--dir", help="the cache directory (overrides the config)")
+        if name == "purge":
+            action.add_argument("url", nargs="?", help="the URL as clients request it")
+            action.add_argument("--all", action="store_true", help="remove every entry")
+
     demo = sub.add_parser("demo", help="start three app replicas and the proxy on this machine")
     demo.add_argument("--port", type=int, default=8080)
     return parser
@@ -85,6 +95,41 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from pibl.cache.key import primary_key
+    from pibl.cache.store import DiskStore
+
+    if args.dir:
+        directory = resolve_path(args.dir)
+    else:
+        directory = resolve_path(load_config(args.config).cache.dir)
+    if not directory.is_dir():
+        print(f"pibl: no cache directory at {directory}", file=sys.stderr)
+        return 1
+    store = DiskStore(directory, max_size=2**62, fsync=True)
+    if args.cache_command == "stats":
+        entries, size = store.entries_on_disk()
+        print(json.dumps({"dir": str(directory), "entries": entries, "bytes": size}))
+        return 0
+    if args.all:
+        print(f"purged {store.purge_all()} entries from {directory}")
+        return 0
+    if not args.url:
+        print("pibl cache purge: give a URL or --all", file=sys.stderr)
+        return 2
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        print(f"pibl cache purge: {args.url!r} is not an http(s) URL", file=sys.stderr)
+        return 2
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    key = primary_key(parts.scheme.encode(), parts.netloc.encode(), target.encode())
+    removed = store.invalidate(key)
+    print(f"{'purged' if removed else 'not cached'}: {args.url}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -93,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "check-config":
             return cmd_check(args)
+        if args.command == "cache" and args.cache_command:
+            return cmd_cache(args)
         if args.command == "demo":
             from pibl.demo import run_demo
 

@@ -181,8 +181,14 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
 
 def _describe(exc: ValidationError, source: str) -> str:
     lines = []
-    for err in exc.errors():
-        path = _key_path(err["loc"])
+    errors = exc.errors()
+    for err in errors:
+        loc = err["loc"]
+        if err["type"] == "too_short" and any(
+            len(other["loc"]) > len(loc) and other["loc"][: len(loc)] == loc for other in errors
+        ):
+            continue  # "at least 1 item" only because the items themselves were invalid
+        path = _key_path(loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -78,10 +78,10 @@ def wait_healthy(
             if proc.poll() is not None:
                 raise RuntimeError(f"replica with PID {proc.pid} exited with {proc.returncode}")
         for port in list(pending):
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        pending.discard(port)
+            url = f"http://127.0.0.1:{port}/health"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    pending.discard(port)
         time.sleep(0.1)
     if pending:
         raise RuntimeError(f"replicas on ports {sorted(pending)} did not become healthy")

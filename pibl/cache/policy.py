@@ -171,9 +171,9 @@ def storable(
     )
     if explicit or cc.has("no-cache") or cc.has("public"):
         return True, ""
-    if status in HEURISTIC_STATUSES:
-        if default_ttl > 0 or header(response_headers, b"last-modified") is not None:
-            return True, ""
+    heuristic = default_ttl > 0 or header(response_headers, b"last-modified") is not None
+    if status in HEURISTIC_STATUSES and heuristic:
+        return True, ""
     return False, "no freshness information"
 
 

@@ -204,7 +204,7 @@ class DiskStore:
         self.stats = Stats()
         self._lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # meta path -> bytes, LRU order
-        self._memory: OrderedDict[str, tuple[Entry, bytes]] = OrderedDict()
+        self._memory: OrderedDict[str, tuple[Entry, bytes, int]] = OrderedDict()
         self._memory_bytes = 0
         self._verified: set[str] = set()
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -315,10 +315,9 @@ class DiskStore:
     def lookup(self, primary: bytes, request_headers: HeaderList) -> tuple[Entry | None, str]:
         """The stored response for this request, and "hit", "uri-miss" or "vary-miss"."""
         path = self.meta_path(digest(primary))
-        cached = self._memory.get(str(path))
+        cached = self._memory_get(path)
         if cached is not None:
-            self._memory.move_to_end(str(path))
-            return cached[0], "hit"
+            return cached, "hit"
         meta = self._read_meta(path)
         if meta is None or meta.get("key") != primary.decode("latin-1"):
             return None, "uri-miss"
@@ -326,9 +325,9 @@ class DiskStore:
             names = [str(n) for n in meta.get("vary", [])]
             secondary = secondary_key(names, request_headers)
             vpath = self.meta_path(variant_digest(primary, secondary))
-            cached = self._memory.get(str(vpath))
+            cached = self._memory_get(vpath)
             if cached is not None:
-                return cached[0], "hit"
+                return cached, "hit"
             vmeta = self._read_meta(vpath)
             if vmeta is None or vmeta.get("secondary") != secondary.decode("latin-1"):
                 return None, "vary-miss"
@@ -406,16 +405,41 @@ class DiskStore:
         self._verified.add(name)
         return True
 
+    def _memory_get(self, path: Path) -> Entry | None:
+        """A memory-tier entry, if its metadata file is still the one it was read from.
+
+        One ``stat`` per hit keeps the tier honest when another process (a second worker,
+        ``pibl cache purge``) removed or replaced the entry on disk.
+        """
+        key = str(path)
+        cached = self._memory.get(key)
+        if cached is None:
+            return None
+        entry, _, mtime = cached
+        try:
+            current = path.stat().st_mtime_ns
+        except OSError:
+            current = -1
+        if current != mtime:
+            self._forget(path)
+            return None
+        self._memory.move_to_end(key)
+        return entry
+
     def _remember(self, entry: Entry, body: bytes) -> None:
         key = str(entry.meta_path)
         old = self._memory.pop(key, None)
         if old is not None:
             self._memory_bytes -= len(old[1])
+        try:
+            mtime = entry.meta_path.stat().st_mtime_ns
+        except OSError:
+            return
         entry.body = body
-        self._memory[key] = (entry, body)
+        self._memory[key] = (entry, body, mtime)
         self._memory_bytes += len(body)
         while self._memory_bytes > self.memory_max and self._memory:
-            _, (_, dropped) = self._memory.popitem(last=False)
+            _, (_, dropped, _) = self._memory.popitem(last=False)
             self._memory_bytes -= len(dropped)
 
     def _forget(self, meta_path: Path) -> None:

@@ -178,9 +178,16 @@ class RequestParser:
         parser = self._parser
         version = parser.get_http_version().encode()
         method: bytes = parser.get_method()
-        head = build_request_head(
-            method, self._url, version, self._c.headers, parser.should_keep_alive()
-        )
+        try:
+            head = build_request_head(
+                method, self._url, version, self._c.headers, parser.should_keep_alive()
+            )
+        except ProtocolError as exc:
+            self._c.error = exc
+            raise
+        # Trailer fields of a chunked body would land in this list: give them a fresh one
+        # (PIBL does not forward request trailers).
+        self._c.headers = []
         self._c.events.append(Head(head))
 
     def on_body(self, data: bytes) -> None:
@@ -265,6 +272,7 @@ def build_request_head(
             raise ProtocolError(400, "Content-Length with Transfer-Encoding")
         body = BodyKind.CHUNKED
     elif content_length is not None:
+        content_length = content_length.strip()
         if not content_length.isdigit() or len(content_length) > 18:
             raise ProtocolError(400, "invalid Content-Length")
         length = int(content_length)
@@ -276,6 +284,8 @@ def build_request_head(
         expect_continue = version == b"1.1"
     if upgrade is not None and b"upgrade" not in connection:
         upgrade = None
+    if upgrade is not None and body is not BodyKind.NONE:
+        raise ProtocolError(400, "a protocol upgrade request must not have a body")
     return RequestHead(
         method=method,
         target=target,
@@ -297,7 +307,17 @@ class ResponseParser:
     response has no body, so the adapter ends the message itself after the head.
     """
 
-    __slots__ = ("_c", "_done", "_head_request", "_max_head", "_parser", "_reason", "_upgraded")
+    __slots__ = (
+        "_c",
+        "_done",
+        "_head_request",
+        "_in_head",
+        "_max_head",
+        "_parser",
+        "_raw_in_head",
+        "_reason",
+        "_upgraded",
+    )
 
     def __init__(self, *, head_request: bool = False, max_head_bytes: int = 64 * 1024) -> None:
         self._c = _Collector()
@@ -307,6 +327,8 @@ class ResponseParser:
         self._done = False
         self._upgraded = False
         self._max_head = max_head_bytes
+        self._in_head = False
+        self._raw_in_head = 0
 
     def feed(self, data: bytes) -> list[Event]:
         if self._upgraded:
@@ -330,11 +352,20 @@ class ResponseParser:
             raise ProtocolError(
                 502, f"invalid response from backend: {_llhttp_reason(exc)}"
             ) from None
+        if self._in_head:  # an endless status or header line is buffered by httptools
+            self._raw_in_head += len(data)
+            if self._raw_in_head > 2 * self._max_head:
+                raise ProtocolError(502, "response head too large")
         return events
 
     # -- httptools callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._done:  # a second response in the same read: PIBL never asked for it
+            self._c.error = ProtocolError(502, "backend sent data after the response")
+            raise self._c.error
+        self._in_head = True
+        self._raw_in_head = 0
         self._c.headers = []
         self._c.head_bytes = 0
         self._reason = b""
@@ -351,6 +382,7 @@ class ResponseParser:
             raise c.error
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self._parser
         status: int = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
@@ -363,6 +395,7 @@ class ResponseParser:
             parser.should_keep_alive(),
             self._head_request,
         )
+        self._c.headers = []  # trailers must not alter the head already returned
         self._c.events.append(Head(head))
         if self._head_request and status != 101:
             self._c.events.append(END)
@@ -409,6 +442,7 @@ def build_response_head(
         length = 0
         keep_alive = keep_alive and body is BodyKind.CHUNKED
     elif content_length is not None:
+        content_length = content_length.strip()
         if not content_length.isdigit():
             raise ProtocolError(502, "backend sent an invalid Content-Length")
         length = int(content_length)

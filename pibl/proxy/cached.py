@@ -330,7 +330,8 @@ class CacheLayer:
     ) -> bool:
         record.cache = "STALE"
         record.detail = f"origin answered {status}; served stale"
-        label = f"pibl; fwd=stale; fwd-status={status}; ttl={int(entry.lifetime - age)}; detail=stale-if-error"
+        ttl = int(entry.lifetime - age)
+        label = f"pibl; fwd=stale; fwd-status={status}; ttl={ttl}; detail=stale-if-error"
         served = await self.serve(conn, head, entry, age, rid, record, label)
         if served is None:
             raise UpstreamError(
