@@ -64,6 +64,8 @@ class Backend:
     stall: threading.Event = field(default_factory=threading.Event)
     connections: int = 0
     hits: int = 0
+    clock_offset: float = 0.0  # added to the Date header, for tests with an injected clock
+    sockets: list[socket.socket] = field(default_factory=list)
 
     @property
     def port(self) -> int:
@@ -74,9 +76,13 @@ class Backend:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        """Stop listening and cut every open connection, like a killed process would."""
         self.stall.set()
         self.server.shutdown()
         self.server.server_close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -89,6 +95,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.backend.connections += 1
+        self.backend.sockets.append(self.connection)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return super().date_time_string(time.time() + self.backend.clock_offset)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -206,8 +206,6 @@ class CacheLayer:
                 return await self._revalidate(
                     conn, incoming, head, rid, record, primary, entry, age, decision
                 )
-        if policy.only_if_cached(head.headers):
-            return self._only_if_cached(conn, head, rid, record)
         waiting = None if collapsed else self._inflight.get(primary)
         if waiting is not None:
             # Another request is fetching this URI: wait for it rather than stampede, then
@@ -216,6 +214,8 @@ class CacheLayer:
                 async with asyncio.timeout(self.config.lock_timeout):
                     await waiting.wait()
             return await self.handle(conn, incoming, head, rid, record, collapsed=True)
+        if policy.only_if_cached(head.headers):
+            return self._only_if_cached(conn, head, rid, record)
         fwd = "vary-miss" if found == "vary-miss" else "miss"
         return await self._fetch(conn, incoming, head, rid, record, primary, fwd)
 

@@ -1,0 +1,300 @@
+"""The cache over real sockets: RFC 9111 behaviour end to end, with an injected clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import Backend, ProxyThread
+
+
+class Clock:
+    """PIBL's cache clock; it also moves the backends' Date headers along."""
+
+    def __init__(self, backends: list[Backend]) -> None:
+        self.offset = 0.0
+        self.backends = backends
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+        for b in self.backends:
+            b.clock_offset = self.offset
+
+
+@pytest.fixture
+def cached(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> Callable[..., tuple[ProxyThread, Clock, httpx.Client]]:
+    clients: list[httpx.Client] = []
+
+    def factory(**cache: Any) -> tuple[ProxyThread, Clock, httpx.Client]:
+        settings = {"dir": str(tmp_path / "cache"), "ttl": 60, **cache}
+        proxy = make_proxy(backends[:1], cache=settings)
+        clock = Clock(backends)
+        assert proxy.worker is not None and proxy.worker.proxy.cache is not None
+        proxy.worker.proxy.cache.clock = clock
+        client = httpx.Client(base_url=proxy.url, timeout=10)
+        clients.append(client)
+        return proxy, clock, client
+
+    yield factory  # type: ignore[misc]
+    for c in clients:
+        c.close()
+
+
+def test_miss_then_hit_byte_identical(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, _, client = cached()
+    first = client.get("/cache/a?cc=max-age=100")
+    second = client.get("/cache/a?cc=max-age=100")
+    assert first.headers["cache-status"].startswith("pibl; fwd=miss; fwd-status=200; stored")
+    assert second.headers["cache-status"].startswith("pibl; hit; ttl=")
+    assert second.content == first.content
+    assert second.headers["age"] == "0"
+    assert backends[0].hits == 1
+
+
+def test_default_ttl_applies_only_without_explicit_freshness(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, clock, client = cached(ttl=30, max_stale_on_error=0)
+    client.get("/cache/plain")  # no freshness information: gets the launch-time TTL
+    client.get("/cache/explicit?cc=max-age=100")
+    clock.advance(29)
+    assert client.get("/cache/plain").headers["cache-status"].startswith("pibl; hit")
+    assert client.get("/cache/plain").headers["age"] == "29"
+    clock.advance(2)  # 31 s: past the TTL, never served again without asking the origin
+    r = client.get("/cache/plain")
+    assert "fwd=stale" in r.headers["cache-status"]
+    assert backends[0].hits == 3
+    # an explicit max-age=100 wins over the 30 s default
+    assert "hit" in client.get("/cache/explicit?cc=max-age=100").headers["cache-status"]
+
+
+def test_past_ttl_goes_to_the_origin(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, clock, client = cached(ttl=10)
+    assert client.get("/cache/t").text == "b1 hit 1 "
+    clock.advance(11)
+    r = client.get("/cache/t")
+    assert r.text == "b1 hit 2 "  # a fresh copy from the origin, not the expired one
+    assert "fwd=stale" in r.headers["cache-status"]
+
+
+def test_ttl_zero_is_strict(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, _, client = cached(ttl=0)
+    client.get("/cache/strict")
+    r = client.get("/cache/strict")
+    assert "detail=no-freshness-information" in r.headers["cache-status"]
+    assert backends[0].hits == 2
+    # heuristic freshness from Last-Modified is still allowed
+    lm = formatdate(time.time() - 10 * 86400, usegmt=True)
+    client.get(f"/cache/h?lm={lm}")
+    assert "hit" in client.get(f"/cache/h?lm={lm}").headers["cache-status"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "cc=no-store",
+        "cc=private",
+        "cc=max-age=60&cookie=1",
+        "cc=max-age=60&vary=*",
+        "cc=max-age=60&status=500",
+    ],
+)
+def test_not_stored(cached: Callable[..., Any], backends: list[Backend], query: str) -> None:
+    _, _, client = cached()
+    client.get(f"/cache/n?{query}")
+    r = client.get(f"/cache/n?{query}")
+    assert "hit" not in r.headers["cache-status"]
+    assert backends[0].hits == 2
+
+
+def test_authorization_needs_explicit_permission(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    auth = {"Authorization": "Bearer x"}
+    client.get("/cache/auth?cc=max-age=60", headers=auth)
+    assert (
+        "hit" not in client.get("/cache/auth?cc=max-age=60", headers=auth).headers["cache-status"]
+    )
+    client.get("/cache/auth?cc=public,max-age=60", headers=auth)
+    assert (
+        "hit"
+        in client.get("/cache/auth?cc=public,max-age=60", headers=auth).headers["cache-status"]
+    )
+
+
+def test_request_no_store_and_no_cache(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, _, client = cached()
+    client.get("/cache/r?cc=max-age=60&etag=%22e%22")
+    r = client.get("/cache/r?cc=max-age=60&etag=%22e%22", headers={"Cache-Control": "no-store"})
+    assert r.headers["cache-status"] == "pibl; fwd=bypass"
+    r = client.get("/cache/r?cc=max-age=60&etag=%22e%22", headers={"Cache-Control": "no-cache"})
+    assert r.headers["cache-status"].startswith("pibl; fwd=stale; fwd-status=304")
+    r = client.get("/cache/r?cc=max-age=60&etag=%22e%22", headers={"Pragma": "no-cache"})
+    assert "fwd-status=304" in r.headers["cache-status"]
+
+
+def test_only_if_cached(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, _, client = cached()
+    r = client.get("/cache/oic?cc=max-age=60", headers={"Cache-Control": "only-if-cached"})
+    assert r.status_code == 504
+    assert backends[0].hits == 0
+    client.get("/cache/oic?cc=max-age=60")
+    r = client.get("/cache/oic?cc=max-age=60", headers={"Cache-Control": "only-if-cached"})
+    assert r.status_code == 200
+
+
+def test_vary_secondary_keys(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, _, client = cached()
+    url = "/cache/v?vary=Accept-Language&cc=max-age=60"
+    es = client.get(url, headers={"Accept-Language": "es"}).text
+    en = client.get(url, headers={"Accept-Language": "en"}).text
+    assert es != en
+    again = client.get(url, headers={"Accept-Language": "es"})
+    assert again.text == es and "hit" in again.headers["cache-status"]
+    assert "hit" in client.get(url, headers={"Accept-Language": "en"}).headers["cache-status"]
+    assert backends[0].hits == 2
+
+
+def test_head_answered_from_stored_get(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, _, client = cached()
+    body = client.get("/cache/head?cc=max-age=60").content
+    r = client.head("/cache/head?cc=max-age=60")
+    assert "hit" in r.headers["cache-status"]
+    assert r.headers["content-length"] == str(len(body))
+    assert r.content == b""
+    assert backends[0].hits == 1
+
+
+def test_client_conditionals_answered_304_from_cache(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    lm = formatdate(time.time() - 3600, usegmt=True)
+    url = f"/cache/cond?cc=max-age=60&etag=%22v1%22&lm={lm}"
+    client.get(url)
+    r = client.get(url, headers={"If-None-Match": '"v1"'})
+    assert r.status_code == 304 and r.content == b""
+    assert r.headers["etag"] == '"v1"'
+    r = client.get(url, headers={"If-None-Match": 'W/"v1"'})
+    assert r.status_code == 304
+    r = client.get(url, headers={"If-Modified-Since": formatdate(time.time(), usegmt=True)})
+    assert r.status_code == 304
+    r = client.get(url, headers={"If-None-Match": '"other"'})
+    assert r.status_code == 200
+    assert backends[0].hits == 1
+
+
+def test_stale_entry_revalidated_with_304(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, clock, client = cached()
+    url = "/cache/reval?cc=max-age=10&etag=%22v1%22"
+    first = client.get(url).content
+    clock.advance(20)
+    r = client.get(url)
+    assert r.headers["cache-status"].startswith("pibl; fwd=stale; fwd-status=304")
+    assert r.content == first
+    seen = backends[0].seen[-1]
+    assert ("If-None-Match", '"v1"') in seen.headers
+    r = client.get(url)  # refreshed: fresh again
+    assert r.headers["cache-status"].startswith("pibl; hit")
+
+
+def test_stale_while_revalidate(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, clock, client = cached()
+    url = "/cache/swr?cc=max-age=10,stale-while-revalidate=60"
+    first = client.get(url).text
+    clock.advance(15)
+    r = client.get(url)
+    assert r.text == first
+    assert "detail=stale-while-revalidate" in r.headers["cache-status"]
+    deadline = time.monotonic() + 5
+    while backends[0].hits < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert backends[0].hits == 2  # refreshed in the background
+    time.sleep(0.2)
+    r = client.get(url)
+    assert "hit" in r.headers["cache-status"] and r.text != first
+
+
+def test_stale_if_error_when_backends_down(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, clock, client = cached(max_stale_on_error=100)
+    url = "/cache/sie?cc=max-age=10"
+    body = client.get(url).content
+    backends[0].stop()
+    clock.advance(50)  # stale by 40 s, within the allowed 100
+    r = client.get(url)
+    assert r.status_code == 200 and r.content == body
+    assert "detail=stale-if-error" in r.headers["cache-status"]
+    clock.advance(100)  # too stale now
+    assert client.get(url).status_code == 502
+
+
+def test_must_revalidate_never_served_stale(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, clock, client = cached(max_stale_on_error=1000)
+    url = "/cache/mr?cc=max-age=10,must-revalidate"
+    client.get(url)
+    backends[0].stop()
+    clock.advance(20)
+    assert client.get(url).status_code == 502
+    assert client.get(url, headers={"Cache-Control": "max-stale=1000"}).status_code == 502
+
+
+def test_unsafe_methods_invalidate(cached: Callable[..., Any], backends: list[Backend]) -> None:
+    _, _, client = cached()
+    target = "/cache/inv?cc=max-age=60&loc=/cache/other%3Fcc=max-age=60"
+    client.get(target)
+    client.get("/cache/other?cc=max-age=60")
+    assert "hit" in client.get(target).headers["cache-status"]
+    assert "hit" in client.get("/cache/other?cc=max-age=60").headers["cache-status"]
+    r = client.post(target)
+    assert r.headers["cache-status"] == "pibl; fwd=method"
+    # the target URI and its Content-Location are both gone
+    assert "hit" not in client.get(target).headers["cache-status"]
+    assert "hit" not in client.get("/cache/other?cc=max-age=60").headers["cache-status"]
+
+
+def test_coalescing_100_concurrent_cold_requests(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    proxy, _, _ = cached()
+    url = f"{proxy.url}/cache/slow?cc=max-age=60&delay=0.5"
+
+    def get(_: int) -> bytes:
+        with httpx.Client(timeout=20) as c:
+            r = c.get(url)
+            assert r.status_code == 200
+            return r.content
+
+    with ThreadPoolExecutor(100) as pool:
+        bodies = list(pool.map(get, range(100)))
+    assert backends[0].hits == 1
+    assert len(set(bodies)) == 1
+
+
+def test_large_entry_served_with_sendfile(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    url = "/cache/big?cc=max-age=60&size=3000000"
+    first = client.get(url).content
+    r = client.get(url)
+    assert "hit" in r.headers["cache-status"]
+    assert r.content == first and len(first) == 3_000_000
