@@ -68,6 +68,9 @@ class BackendConfig(_Section):
     url: str
     name: str | None = None
     weight: int = Field(default=1, ge=1, le=1000)
+    # per-backend overrides of [health]
+    health_check: bool | None = None
+    health_path: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -143,6 +146,42 @@ class CacheConfig(_Section):
         return parse_size(value)
 
 
+class HealthConfig(_Section):
+    """Active checks (HAProxy style) and passive checks (nginx max_fails style)."""
+
+    enabled: bool = True
+    path: str = "/health"
+    interval: PositiveFloat = 2.0
+    timeout: PositiveFloat = 1.0
+    status_min: int = Field(default=200, ge=100, le=599)
+    status_max: int = Field(default=399, ge=100, le=599)
+    rise: int = Field(default=2, ge=1)
+    fall: int = Field(default=2, ge=1)
+    max_fails: int = Field(default=3, ge=1)  # passive: failures within `window` eject it
+    window: PositiveFloat = 10.0
+    cooldown: PositiveFloat = 10.0  # how long an ejected backend rests
+    fail_statuses: tuple[int, ...] = ()  # backend statuses counted as failures, e.g. [502, 503]
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError("must be an origin-form path such as /health")
+        return value
+
+
+class BalanceConfig(_Section):
+    policy: Literal["round_robin", "least_conn"] = "round_robin"
+    sticky: bool = False  # pin a client to a backend with a cookie
+    sticky_cookie: str = Field(default="pibl_backend", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    slow_start: float = Field(default=0.0, ge=0)  # seconds to ramp a recovered backend up
+
+
+class RetriesConfig(_Section):
+    tries: int = Field(default=3, ge=1, le=20)  # attempts per request, the first included
+    budget: PositiveFloat = 10.0  # seconds after which no new attempt starts
+
+
 class LogConfig(_Section):
     file: str | None = "pibl.log"  # empty string or null disables the file
     stdout: bool = True
@@ -157,6 +196,9 @@ class Config(_Section):
     upstream: UpstreamConfig = UpstreamConfig()
     log: LogConfig = LogConfig()
     cache: CacheConfig = CacheConfig()
+    health: HealthConfig = HealthConfig()
+    balance: BalanceConfig = BalanceConfig()
+    retries: RetriesConfig = RetriesConfig()
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

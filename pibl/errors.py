@@ -28,12 +28,16 @@ class ProtocolError(PiblError):
 class UpstreamError(PiblError):
     """A backend failed; ``status`` is what the client gets (502 or 504).
 
-    ``connected`` tells whether the TCP connection was ever established (retry rules
-    depend on it) and ``sent`` whether any request byte may have reached the backend.
+    ``connected`` tells whether the TCP connection was ever established and ``retryable``
+    whether another backend might do better (not for a response timeout or a malformed
+    response); the retry rules depend on both.
     """
 
-    def __init__(self, status: int, reason: str, *, connected: bool = True) -> None:
+    def __init__(
+        self, status: int, reason: str, *, connected: bool = True, retryable: bool = True
+    ) -> None:
         super().__init__(f"{status}: {reason}")
         self.status = status
         self.reason = reason
         self.connected = connected
+        self.retryable = retryable

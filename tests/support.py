@@ -258,6 +258,7 @@ class ProxyThread:
         server.setdefault("port", free_port())
         settings["server"] = server
         settings.setdefault("cache", {"enabled": False})
+        settings.setdefault("health", {"enabled": False})  # probes would show up in `seen`
         self.config = validate(settings, "test")
         self.stream = io.StringIO()
         self.log = AccessLog(path=log_path, stream=self.stream)

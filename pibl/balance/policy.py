@@ -29,9 +29,15 @@ class SmoothWeighted:
     def __repr__(self) -> str:
         return f"<SmoothWeighted weights={self._weights} current={self._current}>"
 
-    def pick(self, available: Sequence[bool] | None = None) -> int | None:
-        """Index of the next backend among the available ones, or None if none is."""
-        weights = self._weights
+    def pick(
+        self, available: Sequence[bool] | None = None, *, weights: Sequence[int] | None = None
+    ) -> int | None:
+        """Index of the next backend among the available ones, or None if none is.
+
+        ``weights`` overrides the configured weights for this pick (slow start).
+        """
+        if weights is None:
+            weights = self._weights
         current = self._current
         best = -1
         total = 0

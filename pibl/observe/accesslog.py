@@ -39,6 +39,8 @@ class AccessRecord:
     user_agent: str = "-"
     detail: str = ""
     response_started: bool = False
+    continued: bool = False  # "100 Continue" already sent to the client
+    retries: int = 0
     started: float = field(default_factory=time.monotonic)
     when: float = field(default_factory=time.time)
 

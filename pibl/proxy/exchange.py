@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from typing import TYPE_CHECKING
 
-from pibl.balance.policy import SmoothWeighted
+from pibl.balance.health import BackendState, Balancer, HealthSettings
 from pibl.cache.store import BodyWriter
 from pibl.config import Config
 from pibl.errors import ProtocolError, UpstreamError
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from pibl.proxy.client import ClientConnection, Incoming
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _ERROR_TEXT = {
     502: "the backend failed",
     503: "no backend available",
@@ -72,7 +74,21 @@ class Proxy:
         self.log = log
         self.via = config.server.via.encode()
         self.backends = config.backends
-        self.policy = SmoothWeighted([b.weight for b in config.backends])
+        health = config.health
+        settings = HealthSettings(
+            rise=health.rise,
+            fall=health.fall,
+            max_fails=health.max_fails,
+            window=health.window,
+            cooldown=health.cooldown,
+            slow_start=config.balance.slow_start,
+        )
+        self.states = [BackendState(b.label, b.weight, settings) for b in config.backends]
+        self.balancer = Balancer(self.states, policy=config.balance.policy)
+        self._sticky_id = [
+            hashlib.sha256(b.label.encode()).hexdigest()[:12].encode() for b in config.backends
+        ]
+        self._sticky_ids = {v: i for i, v in enumerate(self._sticky_id)}
         self.pools = [
             Pool(
                 b,
@@ -178,7 +194,13 @@ class Proxy:
         drop: frozenset[bytes] = frozenset(),
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> bool:
-        """Send the request to a backend and stream the answer; returns client keep-alive."""
+        """Send the request to a backend and stream the answer; returns client keep-alive.
+
+        A failed attempt is retried on another backend while nothing has reached the
+        client, the failure is worth retrying (refused, reset, connect timeout; not a
+        response timeout or a malformed response), and replaying is safe: the connection
+        was never established, or the method is idempotent and the request has no body.
+        """
         config = self.config
         limit = config.limits.max_body_bytes
         if limit and head.body is BodyKind.LENGTH and head.content_length > limit:
@@ -187,9 +209,76 @@ class Proxy:
         # anything reaches a backend. Later bad chunks abort the upstream request instead.
         assert incoming.body is not None
         incoming.body.check()
-        index = self.policy.pick()
-        if index is None:
-            raise UpstreamError(503, "no backend available", connected=False)
+        prefer = self._sticky_backend(head) if config.balance.sticky else None
+        tried: set[int] = set()
+        last_error: UpstreamError | None = None
+        deadline = time.monotonic() + config.retries.budget
+        never_connected = True
+        while True:
+            index = self.balancer.pick(time.monotonic(), exclude=tried, prefer=prefer)
+            if index is None:
+                if last_error is not None and not never_connected:
+                    raise last_error
+                raise UpstreamError(503, "no backend available", connected=False)
+            state = self.states[index]
+            state.active += 1
+            try:
+                return await self._attempt(
+                    conn, incoming, head, rid, record, index, hook=hook, drop=drop, extra=extra
+                )
+            except UpstreamError as exc:
+                last_error = exc
+                now = time.monotonic()
+                change = state.record_failure(now)
+                if change == "ejected":
+                    self.log.warning(
+                        f"backend {state.name} ejected for {state.settings.cooldown:g} s "
+                        f"after {state.settings.max_fails} failures ({exc.reason})"
+                    )
+                never_connected = never_connected and not exc.connected
+                safe = not exc.connected or (
+                    head.method in IDEMPOTENT and head.body is BodyKind.NONE
+                )
+                if (
+                    record.response_started
+                    or not exc.retryable
+                    or not safe
+                    or len(tried) + 1 >= config.retries.tries
+                    or now >= deadline
+                ):
+                    raise
+                tried.add(index)
+                record.retries += 1
+                self.log.info(f"retrying {head.request_line} after {state.name}: {exc.reason}")
+            finally:
+                state.active -= 1
+
+    def _sticky_backend(self, head: RequestHead) -> int | None:
+        name = self.config.balance.sticky_cookie.encode()
+        for key, value in head.headers:
+            if key.lower() != b"cookie":
+                continue
+            for part in value.split(b";"):
+                k, _, v = part.strip().partition(b"=")
+                if k == name:
+                    return self._sticky_ids.get(v)
+        return None
+
+    async def _attempt(
+        self,
+        conn: ClientConnection,
+        incoming: Incoming,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+        index: int,
+        *,
+        hook: ResponseHook | None,
+        drop: frozenset[bytes],
+        extra: list[tuple[bytes, bytes]] | None,
+    ) -> bool:
+        """One try on one backend."""
+        config = self.config
         pool = self.pools[index]
         record.backend = pool.backend.label
         request_bytes = upstream_request(
@@ -204,6 +293,12 @@ class Proxy:
             drop=drop,
             extra=extra,
         )
+        sticky: list[tuple[bytes, bytes]] = []
+        if config.balance.sticky:
+            cookie = config.balance.sticky_cookie.encode()
+            sticky.append(
+                (b"Set-Cookie", b"%s=%s; Path=/; HttpOnly" % (cookie, self._sticky_id[index]))
+            )
         head_request = head.method == b"HEAD"
         has_body = head.body is not BodyKind.NONE
         upstream, reused = await pool.acquire()
@@ -213,7 +308,8 @@ class Proxy:
         try:
             upstream.start(request_bytes, head_request=head_request)
             if has_body:
-                if head.expect_continue:
+                if head.expect_continue and not record.continued:
+                    record.continued = True
                     conn.write(CONTINUE)
                 pump = asyncio.get_running_loop().create_task(
                     self._pump_body(incoming, head, upstream)
@@ -236,20 +332,27 @@ class Proxy:
                 events = await self._read(upstream, pump)
             first = events[0]
             if not isinstance(first, Head):
-                raise UpstreamError(502, "invalid response from backend")
+                raise UpstreamError(502, "invalid response from backend", retryable=False)
             resp = first.head
             assert isinstance(resp, ResponseHead)
             record.upstream = time.monotonic() - upstream_started
             record.status = resp.status
+            state = self.states[index]
+            if resp.status in config.health.fail_statuses:
+                if state.record_failure(time.monotonic()) == "ejected":
+                    self.log.warning(f"backend {state.name} ejected after {resp.status} answers")
+            else:
+                state.record_success(time.monotonic())
             if resp.status == 101 and head.upgrade is not None:
                 ok = await self._tunnel(conn, incoming, upstream, resp, events, rid)
                 return False
             if hook is not None and hook.on_head(resp):
                 ok = await self._discard(upstream, events)
                 return head.keep_alive and not self.stopping and (pump is None or pump.done())
+            client_extra = [*(hook.extra or () if hook is not None else ()), *sticky]
             try:
                 keep_alive, ok = await self._respond(
-                    conn, head, resp, events, upstream, rid, record, hook
+                    conn, head, resp, events, upstream, rid, record, hook, client_extra
                 )
             except BaseException:
                 if hook is not None:
@@ -291,7 +394,7 @@ class Proxy:
                     return await reader
                 return reader.result()
         except TimeoutError:
-            raise UpstreamError(504, "backend timed out") from None
+            raise UpstreamError(504, "backend timed out", retryable=False) from None
 
     async def _pump_body(
         self, incoming: Incoming, head: RequestHead, upstream: UpstreamConnection
@@ -344,6 +447,7 @@ class Proxy:
         rid: bytes,
         record: AccessRecord,
         hook: ResponseHook | None,
+        extra_headers: list[tuple[bytes, bytes]],
     ) -> tuple[bool, bool]:
         """Stream the response to the client; returns (client keep-alive, upstream clean)."""
         framing = client_framing(resp.body, head.version)
@@ -362,7 +466,7 @@ class Proxy:
             client_version=head.version,
             rid=rid,
             via=self.via,
-            extra=hook.extra if hook is not None else None,
+            extra=extra_headers,
         )
         record.response_started = True
         tee = hook.tee if hook is not None else None

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from pibl.balance.checker import run_checks
 from pibl.cache.store import DiskStore
 from pibl.config import Config, resolve_path
 from pibl.observe.accesslog import AccessLog
@@ -75,6 +76,7 @@ class Worker:
         self.servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        self._checks: list[asyncio.Task[None]] = []
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -87,6 +89,32 @@ class Worker:
         addr = sock.getsockname()
         self.log.info(f"listening on http://{addr[0]}:{addr[1]}")
         self._sweeper = loop.create_task(self._sweep())
+        self._start_health_checks()
+
+    def _start_health_checks(self) -> None:
+        health = self.config.health
+        if not health.enabled:
+            return
+        loop = asyncio.get_running_loop()
+        for backend, state, pool in zip(
+            self.config.backends, self.proxy.states, self.proxy.pools, strict=True
+        ):
+            if backend.health_check is False:
+                continue
+            self._checks.append(
+                loop.create_task(
+                    run_checks(
+                        backend,
+                        state,
+                        path=backend.health_path or health.path,
+                        interval=health.interval,
+                        timeout=health.timeout,
+                        status_range=(health.status_min, health.status_max),
+                        log=self.log.warning,
+                        ssl_context=pool.ssl_context,
+                    )
+                )
+            )
 
     @property
     def port(self) -> int:
@@ -116,6 +144,8 @@ class Worker:
             conn.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for task in self._checks:
+            task.cancel()
         if proxy.cache is not None:
             proxy.cache.close()
         proxy.close()

@@ -94,7 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             events = parser.feed(data)
         except ProtocolError as exc:
-            self._fail(UpstreamError(502, exc.reason))
+            self._fail(UpstreamError(502, exc.reason, retryable=False))
             self.close()
             return
         for ev in events:
@@ -255,6 +255,10 @@ class Pool:
         self._idle_max = idle_max
         self._ssl = ssl
         self.active = 0
+
+    @property
+    def ssl_context(self) -> ssl_module.SSLContext | None:
+        return self._ssl
 
     def __repr__(self) -> str:
         return f"<Pool {self.backend.label} idle={len(self._idle)} active={self.active}>"

@@ -273,12 +273,23 @@ def test_idle_keepalive_closed(
         assert 0.2 < time.monotonic() - started < 2.0
 
 
-def test_dead_backend_502(backends: list[Backend], make_proxy: Callable[..., ProxyThread]) -> None:
+def test_killed_backend_502_without_retries(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    proxy = make_proxy([dead])
+    proxy = make_proxy([backends[0], dead, backends[1]], retries={"tries": 1}, health={"enabled": False})
+    responses = [httpx.get(proxy.url + "/x") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 502, 200]
+    assert "the backend failed" in responses[1].text
+
+
+def test_all_backends_dead_503_with_retry_after(make_proxy: Callable[..., ProxyThread]) -> None:
+    proxy = make_proxy([f"http://127.0.0.1:{free_port()}" for _ in range(2)])
+    started = time.monotonic()
     r = httpx.get(proxy.url + "/x")
-    assert r.status_code == 502
-    assert "backend" in r.text
+    assert time.monotonic() - started < 1.0
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
 
 
 def test_backend_killed_mid_flight_502(

@@ -1,0 +1,83 @@
+"""Active health checks: one small task per backend probing ``GET <path>`` at an interval.
+
+A probe opens its own connection (never a pooled one, so a check cannot disturb or be
+disturbed by client traffic), sends ``Connection: close``, reads the status line within
+the timeout, and feeds the verdict to the backend's ``BackendState``. Changes of state are
+logged; the probe's own failures are not, to keep the log readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable
+
+from pibl.balance.health import BackendState
+from pibl.config import BackendConfig
+
+
+async def probe_once(
+    backend: BackendConfig,
+    path: str,
+    timeout: float,
+    status_range: tuple[int, int],
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[bool, str]:
+    """One probe: (healthy, short reason)."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                backend.host,
+                backend.port,
+                ssl=ssl_context,
+                server_hostname=backend.host if ssl_context else None,
+            )
+            host = f"{backend.host}:{backend.port}"
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: pibl-health\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            line = await reader.readline()
+    except TimeoutError:
+        return False, "timed out"
+    except (OSError, ssl.SSLError) as exc:
+        return False, getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    parts = line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return False, "invalid response"
+    status = int(parts[1])
+    low, high = status_range
+    if low <= status <= high:
+        return True, f"status {status}"
+    return False, f"status {status}"
+
+
+async def run_checks(
+    backend: BackendConfig,
+    state: BackendState,
+    *,
+    path: str,
+    interval: float,
+    timeout: float,
+    status_range: tuple[int, int],
+    log: Callable[[str], None],
+    ssl_context: ssl.SSLContext | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Probe forever (until cancelled), logging every change of state."""
+    while True:
+        ok, reason = await probe_once(backend, path, timeout, status_range, ssl_context)
+        change = state.record_check(ok, clock())
+        if change == "down":
+            log(f"backend {backend.label} is DOWN (health check {path}: {reason})")
+        elif change == "up":
+            log(f"backend {backend.label} is UP again (health check {path}: {reason})")
+        await asyncio.sleep(interval)

@@ -1,0 +1,185 @@
+"""Backend health as a small state machine, and the balancer that consults it (pure).
+
+Each backend has one ``BackendState``. Four independent reasons keep it out of rotation:
+
+* **active checks** (``record_check``): ``fall`` consecutive failed probes mark it down,
+  ``rise`` consecutive good ones mark it up again (HAProxy's ``rise``/``fall``);
+* **passive checks** (``record_failure``): ``max_fails`` failures of real traffic within
+  ``window`` seconds eject it for ``cooldown`` seconds, after which it is tried again
+  (nginx's ``max_fails``/``fail_timeout``, Envoy's outlier detection);
+* **draining**: no new requests, in-flight ones finish;
+* **disabled** by an operator.
+
+A backend that comes back is ramped up over ``slow_start`` seconds: its effective weight
+grows linearly from 1/10 of its weight to the full weight, so a cold replica is not
+flooded at once.
+
+Nothing here reads the clock: every method takes ``now``; the I/O side (the prober, the
+exchange) feeds results in and logs the state changes returned.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pibl.balance.policy import SmoothWeighted
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    rise: int = 2
+    fall: int = 2
+    max_fails: int = 3
+    window: float = 10.0
+    cooldown: float = 10.0
+    slow_start: float = 0.0
+
+
+@dataclass(slots=True)
+class BackendState:
+    name: str
+    weight: int
+    settings: HealthSettings = field(default_factory=HealthSettings)
+    up: bool = True  # as far as active checks know
+    draining: bool = False
+    disabled: bool = False
+    ejected_until: float = 0.0
+    recovered_at: float | None = None
+    active: int = 0  # requests in flight (least connections)
+    requests: int = 0
+    failures: int = 0
+    ejections: int = 0
+    _good: int = 0
+    _bad: int = 0
+    _recent: deque[float] = field(default_factory=deque)
+
+    # -- queries ----------------------------------------------------------------------
+
+    def available(self, now: float) -> bool:
+        return self.up and not self.draining and not self.disabled and now >= self.ejected_until
+
+    def state(self, now: float) -> str:
+        if self.disabled:
+            return "disabled"
+        if self.draining:
+            return "draining"
+        if not self.up:
+            return "down"
+        if now < self.ejected_until:
+            return "ejected"
+        if self.ramping(now):
+            return "slow-start"
+        return "up"
+
+    def ramping(self, now: float) -> bool:
+        slow = self.settings.slow_start
+        return slow > 0 and self.recovered_at is not None and now - self.recovered_at < slow
+
+    def effective_weight(self, now: float) -> int:
+        """Weight scaled by 1000 (so slow start has resolution), ramping after recovery."""
+        full = self.weight * 1000
+        if not self.ramping(now):
+            return full
+        assert self.recovered_at is not None
+        fraction = (now - self.recovered_at) / self.settings.slow_start
+        return max(full // 10, int(full * fraction))
+
+    # -- events -----------------------------------------------------------------------
+
+    def record_check(self, ok: bool, now: float) -> str | None:
+        """An active probe result; returns "up" or "down" when the state changes."""
+        if ok:
+            self._good += 1
+            self._bad = 0
+            if not self.up and self._good >= self.settings.rise:
+                self.up = True
+                self.recovered_at = now
+                self.ejected_until = 0.0
+                self._recent.clear()
+                return "up"
+        else:
+            self._bad += 1
+            self._good = 0
+            if self.up and self._bad >= self.settings.fall:
+                self.up = False
+                return "down"
+        return None
+
+    def record_failure(self, now: float) -> str | None:
+        """A failure of real traffic; returns "ejected" when it crosses the threshold."""
+        self.failures += 1
+        recent = self._recent
+        recent.append(now)
+        while recent and now - recent[0] > self.settings.window:
+            recent.popleft()
+        if len(recent) >= self.settings.max_fails and now >= self.ejected_until:
+            self.ejected_until = now + self.settings.cooldown
+            self.recovered_at = self.ejected_until
+            self.ejections += 1
+            recent.clear()
+            return "ejected"
+        return None
+
+    def record_success(self, now: float) -> None:
+        self.requests += 1
+
+
+class Balancer:
+    """Chooses a backend among the available ones with the configured policy."""
+
+    def __init__(
+        self,
+        states: Sequence[BackendState],
+        *,
+        policy: str = "round_robin",
+    ) -> None:
+        if policy not in ("round_robin", "least_conn"):
+            raise ValueError(f"unknown policy {policy!r}")
+        self.states = list(states)
+        self.policy = policy
+        self._rotation = SmoothWeighted([s.weight * 1000 for s in states])
+
+    def __repr__(self) -> str:
+        return f"<Balancer {self.policy} {[s.name for s in self.states]}>"
+
+    def pick(
+        self,
+        now: float,
+        *,
+        exclude: frozenset[int] | set[int] = frozenset(),
+        prefer: int | None = None,
+    ) -> int | None:
+        """Index of the backend for the next request, or None if none is available.
+
+        ``exclude`` are backends already tried for this request (retries); ``prefer`` is a
+        sticky session's backend, used when it is available.
+        """
+        states = self.states
+        available = [s.available(now) and i not in exclude for i, s in enumerate(states)]
+        if prefer is not None and 0 <= prefer < len(states) and available[prefer]:
+            return prefer
+        if not any(available):
+            return None
+        weights = [s.effective_weight(now) for s in states]
+        if self.policy == "least_conn":
+            best: int | None = None
+            best_load = 0.0
+            for i, s in enumerate(states):
+                if not available[i]:
+                    continue
+                load = (s.active + 1) / weights[i]
+                if best is None or load < best_load:
+                    best, best_load = i, load
+            # Among equally loaded backends keep rotating rather than always taking the first.
+            ties = [
+                i
+                for i, s in enumerate(states)
+                if available[i] and (s.active + 1) / weights[i] == best_load
+            ]
+            if len(ties) > 1:
+                mask = [i in ties for i in range(len(states))]
+                return self._rotation.pick(mask, weights=weights)
+            return best
+        return self._rotation.pick(available, weights=weights)
