@@ -239,15 +239,17 @@ class Proxy:
                 safe = not exc.connected or (
                     head.method in IDEMPOTENT and head.body is BodyKind.NONE
                 )
-                if (
-                    record.response_started
-                    or not exc.retryable
-                    or not safe
-                    or len(tried) + 1 >= config.retries.tries
-                    or now >= deadline
-                ):
+                if record.response_started or not exc.retryable or not safe:
                     raise
                 tried.add(index)
+                others = any(s.available(now) for i, s in enumerate(self.states) if i not in tried)
+                if not others and never_connected:
+                    # Every candidate refused the connection: the service is unavailable.
+                    raise UpstreamError(
+                        503, "no backend could be reached", connected=False
+                    ) from exc
+                if not others or len(tried) >= config.retries.tries or now >= deadline:
+                    raise
                 record.retries += 1
                 self.log.info(f"retrying {head.request_line} after {state.name}: {exc.reason}")
             finally:
