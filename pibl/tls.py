@@ -316,7 +316,9 @@ class ReloadableServerContext:
 
     Hand ``context`` to the listener once; it stays the same object. ``reload()`` re-reads
     the same files; on success new handshakes use the new certificates, on failure the old
-    ones stay in use and ``TLSConfigError`` is raised.
+    ones stay in use and ``TLSConfigError`` is raised. Keep this object alive as long as the
+    listener: the context only holds a weak reference to it (without it, handshakes fall
+    back to the certificates first loaded).
     """
 
     __slots__ = ("__weakref__", "_front", "_pairs", "_reloads", "_selection")

@@ -318,9 +318,10 @@ class Proxy:
                 )
             try:
                 events = await self._read(upstream, pump)
-            except UpstreamError:
+            except UpstreamError as exc:
                 if not (
-                    reused
+                    exc.retryable
+                    and reused
                     and not has_body
                     and not upstream.got_bytes
                     and config.upstream.retry_reused
