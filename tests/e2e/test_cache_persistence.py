@@ -130,7 +130,7 @@ def test_kill9_while_writing_never_corrupts(tmp_path: Path, pibl_factory: list[P
             assert list((tmp_path / "cache" / "tmp").iterdir()) == []  # leftovers removed
             stop = threading.Event()
 
-            def load(seed: int) -> None:
+            def load(seed: int, stop: threading.Event = stop) -> None:
                 r = random.Random(seed)
                 with httpx.Client(base_url=pibl.url, timeout=10) as client:
                     while not stop.is_set():
