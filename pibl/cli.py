@@ -6,7 +6,6 @@ Exit codes: 0 ok, 2 bad usage or invalid config, 1 runtime failure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -72,20 +71,11 @@ def _effective(config: Config) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pibl.observe.accesslog import AccessLog
-    from pibl.proxy.server import run_worker
+    from pibl.workers import run_master
 
-    config = load_config(args.config, _overrides(args))
-    log_path = str(resolve_path(config.log.file)) if config.log.file else None
-    log = AccessLog(path=log_path, stdout=config.log.stdout, fmt=config.log.format)
-    try:
-        asyncio.run(run_worker(config, log))
-    except OSError as exc:
-        log.error(f"cannot start: {exc}")
-        log.close()
-        return 1
-    log.close()
-    return 0
+    overrides = _overrides(args)
+    config = load_config(args.config, overrides)
+    return run_master(args.config, overrides, config)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ class ServerConfig(_Section):
     port: int = Field(default=8080, ge=1, le=65535)
     # Name used in the Via header (RFC 9110 section 7.6.3).
     via: str = "pibl"
-    workers: int = Field(default=1, ge=1, le=256)
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
 
 
 class TimeoutsConfig(_Section):

@@ -100,6 +100,7 @@ class AccessLog:
         stdout: bool = True,
         fmt: str = "combined",
         stream: TextIO | None = None,
+        threaded: bool = True,
     ) -> None:
         self.path = path
         self._stream = stream if stream is not None else (sys.stdout if stdout else None)
@@ -111,13 +112,25 @@ class AccessLog:
         self._next_open = 0.0
         self.dropped = 0
         self.written = 0
+        self._threaded = threaded
         self._thread = threading.Thread(target=self._run, name="pibl-log", daemon=True)
-        self._thread.start()
+        if threaded:
+            self._thread.start()
 
     # -- loop side ----------------------------------------------------------------------
 
     def access(self, record: AccessRecord) -> None:
-        self._queue.put(self._format(record))
+        self._put(self._format(record))
+
+    def _put(self, line: str) -> None:
+        if self._threaded:
+            self._queue.put(line)
+        else:  # a process that must not have threads (the master) writes directly
+            if self._reopen.is_set():
+                self._reopen.clear()
+                self._close_file()
+                self._next_open = 0.0
+            self._write([line])
 
     def event(self, level: str, message: str) -> None:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -125,7 +138,7 @@ class AccessLog:
             line = json.dumps({"time": when, "level": level, "message": message})
         else:
             line = f"{when} [{level}] {message}"
-        self._queue.put(line)
+        self._put(line)
 
     def info(self, message: str) -> None:
         self.event("info", message)
@@ -143,6 +156,9 @@ class AccessLog:
         self._reopen.set()
 
     def close(self, timeout: float = 2.0) -> None:
+        if not self._threaded:
+            self._close_file()
+            return
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -184,25 +200,27 @@ class AccessLog:
                 self._reopen.clear()
                 self._close_file()
                 self._next_open = 0.0
-            if not batch:
-                continue
-            text = "\n".join(batch) + "\n"
-            if self._stream is not None:
-                try:
-                    self._stream.write(text)
-                    self._stream.flush()
-                except (OSError, ValueError):
-                    pass
-            self._open()
-            if self._file is not None:
-                try:
-                    self._file.write(text)
-                    self._file.flush()
-                    self.written += len(batch)
-                except OSError:
-                    self.dropped += len(batch)
-                    self._close_file()
-                    self._next_open = time.monotonic() + 1.0
-            elif self.path is not None:
-                self.dropped += len(batch)
+            if batch:
+                self._write(batch)
         self._close_file()
+
+    def _write(self, batch: list[str]) -> None:
+        text = "\n".join(batch) + "\n"
+        if self._stream is not None:
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
+        self._open()
+        if self._file is not None:
+            try:
+                self._file.write(text)
+                self._file.flush()
+                self.written += len(batch)
+            except OSError:
+                self.dropped += len(batch)
+                self._close_file()
+                self._next_open = time.monotonic() + 1.0
+        elif self.path is not None:
+            self.dropped += len(batch)

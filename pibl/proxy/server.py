@@ -158,12 +158,18 @@ class Worker:
 
 
 async def run_worker(
-    config: Config, log: AccessLog, *, on_ready: Callable[[Worker], None] | None = None
+    config: Config,
+    log: AccessLog,
+    *,
+    sock: socket.socket | None = None,
+    on_ready: Callable[[Worker], None] | None = None,
+    announce: bool = True,
 ) -> None:
     loop = asyncio.get_running_loop()
-    await announce_backends(config, log)
+    if announce:
+        await announce_backends(config, log)
     worker = Worker(config, log)
-    await worker.start()
+    await worker.start(sock)
     loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
     loop.add_signal_handler(signal.SIGINT, worker.request_stop)
     loop.add_signal_handler(signal.SIGUSR1, log.reopen)

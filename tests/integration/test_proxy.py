@@ -277,7 +277,9 @@ def test_killed_backend_502_without_retries(
     backends: list[Backend], make_proxy: Callable[..., ProxyThread]
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    proxy = make_proxy([backends[0], dead, backends[1]], retries={"tries": 1}, health={"enabled": False})
+    proxy = make_proxy(
+        [backends[0], dead, backends[1]], retries={"tries": 1}, health={"enabled": False}
+    )
     responses = [httpx.get(proxy.url + "/x") for _ in range(3)]
     assert [r.status_code for r in responses] == [200, 502, 200]
     assert "the backend failed" in responses[1].text

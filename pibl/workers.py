@@ -1,0 +1,291 @@
+"""Master and worker processes: every core used, reloads and crashes without lost requests.
+
+The master owns the listening sockets and never serves traffic. It creates one
+``SO_REUSEPORT`` socket per worker slot, so the kernel spreads new connections over the
+workers, and it keeps every socket open itself. That detail is what makes the rest safe:
+
+* a worker that dies is replaced by a new process that inherits the *same* socket, so the
+  connections waiting in its accept queue are picked up instead of being reset (only the
+  connections the dead worker had already accepted are lost);
+* on SIGHUP the new configuration is validated first; a bad one is logged and ignored. A
+  good one starts a new generation of workers on the same sockets (new sockets only if the
+  address changed); once they report ready, the old generation gets SIGTERM, stops
+  accepting and finishes its in-flight requests. A socket never closes while it has a queue.
+
+Signals: SIGTERM/SIGINT stop gracefully (workers finish in-flight requests up to
+``timeouts.shutdown``), SIGHUP reloads, SIGUSR1 reopens log files in every process. The
+master waits for signals with ``sigtimedwait`` in a plain loop (no event loop, no thread),
+which keeps ``fork`` safe. Workers ask the kernel to kill them if the master dies, so a
+``kill -9`` of the master never leaves orphans holding the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pibl.config import Config, load_config, resolve_path
+from pibl.errors import ConfigError
+from pibl.observe.accesslog import AccessLog
+from pibl.proxy.server import announce_backends, make_socket, run_worker
+
+HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
+PR_SET_PDEATHSIG = 1
+RESTART_BACKOFF = 1.0  # a worker that keeps dying is restarted at most once a second
+
+
+@dataclass
+class WorkerProc:
+    slot: int
+    pid: int
+    generation: int
+    started: float
+    ready_fd: int
+    ready: bool = False
+
+
+@dataclass
+class Master:
+    config_path: str
+    overrides: dict[str, Any]
+    config: Config
+    log: AccessLog
+    make_log: Callable[[Config], AccessLog]
+    sockets: list[socket.socket] = field(default_factory=list)
+    workers: dict[int, WorkerProc] = field(default_factory=dict)
+    generation: int = 0
+    stopping: bool = False
+    last_restart: float = 0.0
+
+    # -- sockets and processes ----------------------------------------------------------
+
+    def _address(self, config: Config) -> tuple[str, int]:
+        return config.server.host, config.server.port
+
+    def open_sockets(self, config: Config) -> list[socket.socket]:
+        host, port = self._address(config)
+        return [make_socket(host, port) for _ in range(config.server.workers)]
+
+    def spawn(self, slot: int, config: Config, sockets: list[socket.socket]) -> WorkerProc:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(read_fd)
+                signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                for sig in HANDLED:
+                    signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent()
+                for i, sock in enumerate(sockets):
+                    if i != slot:
+                        sock.close()
+                code = _worker_main(config, sockets[slot], write_fd, self.make_log)
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        proc = WorkerProc(slot, pid, self.generation, time.monotonic(), read_fd)
+        self.workers[pid] = proc
+        return proc
+
+    def wait_ready(self, procs: list[WorkerProc], timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        pending = {p.ready_fd: p for p in procs if not p.ready}
+        while pending and time.monotonic() < deadline:
+            readable, _, _ = select.select(list(pending), [], [], 0.1)
+            for fd in readable:
+                data = b""
+                with contextlib.suppress(OSError):
+                    data = os.read(fd, 1)
+                proc = pending.pop(fd)
+                proc.ready = data == b"R"
+                if not proc.ready:
+                    return False
+            self.reap()
+            if any(p.pid not in self.workers for p in pending.values()):
+                return False
+        return not pending
+
+    def signal_workers(self, sig: int, generation: int | None = None) -> None:
+        for proc in list(self.workers.values()):
+            if generation is None or proc.generation == generation:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def reap(self) -> list[tuple[WorkerProc, int]]:
+        """Collect exited workers; returns them with their wait status."""
+        gone = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            proc = self.workers.pop(pid, None)
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    os.close(proc.ready_fd)
+                gone.append((proc, status))
+        return gone
+
+    # -- the master loop ----------------------------------------------------------------
+
+    def run(self) -> int:
+        config = self.config
+        asyncio.run(announce_backends(config, self.log))
+        self.sockets = self.open_sockets(config)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        procs = [self.spawn(i, config, self.sockets) for i in range(config.server.workers)]
+        if not self.wait_ready(procs):
+            self.log.error("workers failed to start")
+            self.signal_workers(signal.SIGKILL)
+            self._wait_all(5)
+            return 1
+        host, port = self._address(config)
+        self.log.info(
+            f"master {os.getpid()}: {len(procs)} worker(s) "
+            f"({', '.join(str(p.pid) for p in procs)}) serving http://{host}:{port}"
+        )
+        while True:
+            info = signal.sigtimedwait(HANDLED, 1.0)
+            sig = info.si_signo if info is not None else None
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                return self.stop()
+            if sig == signal.SIGHUP:
+                self.reload()
+            elif sig == signal.SIGUSR1:
+                self.log.reopen()
+                self.signal_workers(signal.SIGUSR1)
+            self._replace_dead()
+
+    def _replace_dead(self) -> None:
+        for proc, status in self.reap():
+            if self.stopping or proc.generation != self.generation:
+                continue
+            how = (
+                f"signal {os.WTERMSIG(status)}"
+                if os.WIFSIGNALED(status)
+                else f"exit code {os.WEXITSTATUS(status)}"
+            )
+            wait = self.last_restart + RESTART_BACKOFF - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self.last_restart = time.monotonic()
+            new = self.spawn(proc.slot, self.config, self.sockets)
+            self.log.warning(
+                f"worker {proc.pid} (slot {proc.slot}) died with {how}; replaced by {new.pid}"
+            )
+
+    def reload(self) -> None:
+        """SIGHUP: validate, start a new generation, retire the old one gracefully."""
+        try:
+            new_config = load_config(self.config_path, self.overrides)
+        except ConfigError as exc:
+            self.log.error(f"reload refused, keeping the running configuration: {exc}")
+            return
+        old_generation = self.generation
+        old_sockets = self.sockets
+        same_address = self._address(new_config) == self._address(self.config) and (
+            new_config.server.workers == self.config.server.workers
+        )
+        try:
+            sockets = old_sockets if same_address else self.open_sockets(new_config)
+        except OSError as exc:
+            self.log.error(f"reload refused: cannot listen: {exc}")
+            return
+        self.generation += 1
+        procs = [self.spawn(i, new_config, sockets) for i in range(new_config.server.workers)]
+        if not self.wait_ready(procs):
+            self.log.error("reload failed: new workers did not start; keeping the old ones")
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+            self.generation = old_generation
+            if sockets is not old_sockets:
+                for s in sockets:
+                    s.close()
+            return
+        self.signal_workers(signal.SIGTERM, old_generation)
+        if sockets is not old_sockets:
+            for s in old_sockets:
+                s.close()  # the old workers keep their own copy until they exit
+        self.config = new_config
+        self.sockets = sockets
+        self.log.info(
+            f"reloaded {self.config_path}: generation {self.generation}, "
+            f"{len(new_config.backends)} backend(s): "
+            + ", ".join(b.label for b in new_config.backends)
+        )
+
+    def stop(self) -> int:
+        self.stopping = True
+        self.log.info("stopping: finishing in-flight requests")
+        self.signal_workers(signal.SIGTERM)
+        self._wait_all(self.config.timeouts.shutdown + 5)
+        for s in self.sockets:
+            s.close()
+        self.log.info("stopped")
+        return 0
+
+    def _wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.workers and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        if self.workers:
+            self.signal_workers(signal.SIGKILL)
+            while self.workers:
+                self.reap()
+                time.sleep(0.05)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _worker_main(
+    config: Config, sock: socket.socket, ready_fd: int, make_log: Callable[[Config], AccessLog]
+) -> int:
+    log = make_log(config)
+
+    def ready(_: object) -> None:
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
+
+    try:
+        asyncio.run(run_worker(config, log, sock=sock, on_ready=ready, announce=False))
+    except Exception:
+        log.exception("worker failed")
+        log.close()
+        return 1
+    log.close()
+    return 0
+
+
+def run_master(config_path: str, overrides: dict[str, Any], config: Config) -> int:
+    def make_log(cfg: Config, *, threaded: bool = True) -> AccessLog:
+        path = str(resolve_path(cfg.log.file)) if cfg.log.file else None
+        return AccessLog(path=path, stdout=cfg.log.stdout, fmt=cfg.log.format, threaded=threaded)
+
+    # The master writes its few lines synchronously: no thread may exist when it forks.
+    master_log = make_log(config, threaded=False)
+    master = Master(config_path, overrides, config, master_log, make_log)
+    try:
+        return master.run()
+    except OSError as exc:
+        master_log.error(f"cannot start: {exc}")
+        return 1
+    finally:
+        master_log.close()
