@@ -17,8 +17,8 @@ from tests.support import (
     free_port,
     pattern,
     pattern_sha256,
-    tree_rss_kib,
     start_pibl_process,
+    tree_rss_kib,
     wait_port,
     write_config,
 )
