@@ -234,6 +234,11 @@ def _weights(accept_encoding: list[bytes]) -> dict[bytes, int]:
     return weights
 
 
+def accepted_codings(accept_encoding: list[bytes]) -> list[str]:
+    """The codings (``*`` included) the client accepts with a non-zero weight, sorted."""
+    return sorted(c.decode("latin-1") for c, w in _weights(accept_encoding).items() if w > 0)
+
+
 def negotiate(accept_encoding: list[bytes], offered: tuple[str, ...]) -> str | None:
     """The coding of ``offered`` the client prefers, or None for no coding.
 

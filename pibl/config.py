@@ -71,6 +71,11 @@ class BackendConfig(_Section):
     # per-backend overrides of [health]
     health_check: bool | None = None
     health_path: str | None = None
+    # https:// backends (re-encryption): verified against the system store or ca_file
+    ca_file: str | None = None
+    tls_verify: bool = True
+    client_cert: str | None = None  # mutual TLS towards the backend
+    client_key: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -182,6 +187,34 @@ class RetriesConfig(_Section):
     budget: PositiveFloat = 10.0  # seconds after which no new attempt starts
 
 
+class CompressionConfig(_Section):
+    enabled: bool = True
+    encodings: tuple[Literal["br", "zstd", "gzip"], ...] = ("br", "zstd", "gzip")
+    min_size: int = Field(default=1024, ge=0)
+    types: tuple[str, ...] | None = None  # None: text, JSON, XML, JavaScript, SVG, ...
+    gzip_level: int = Field(default=6, ge=1, le=9)
+    brotli_quality: int = Field(default=4, ge=0, le=11)
+    zstd_level: int = Field(default=3, ge=1, le=19)
+
+
+class CertificateConfig(_Section):
+    cert: str
+    key: str
+    names: tuple[str, ...] = ()  # SNI names served by this pair
+
+
+class TLSConfig(_Section):
+    """HTTPS listener. Absent section or ``enabled = false``: plain HTTP only."""
+
+    enabled: bool = True
+    port: int = Field(default=8443, ge=1, le=65535)
+    cert: str  # certificate chain (PEM), the default certificate
+    key: str
+    certificates: tuple[CertificateConfig, ...] = ()  # more pairs, chosen by SNI
+    redirect_http: bool = False  # answer plain HTTP with 308 to https://
+    hsts: int = Field(default=0, ge=0)  # Strict-Transport-Security max-age; 0 = not sent
+
+
 class LogConfig(_Section):
     file: str | None = "pibl.log"  # empty string or null disables the file
     stdout: bool = True
@@ -199,6 +232,8 @@ class Config(_Section):
     health: HealthConfig = HealthConfig()
     balance: BalanceConfig = BalanceConfig()
     retries: RetriesConfig = RetriesConfig()
+    compression: CompressionConfig = CompressionConfig()
+    tls: TLSConfig | None = None
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 from pibl.http.message import HeaderList
 
@@ -21,14 +22,30 @@ def primary_key(scheme: bytes, host: bytes, target: bytes) -> bytes:
     return b"%s://%s%s" % (scheme.lower(), host.lower(), target)
 
 
-def secondary_key(names: list[str], request_headers: HeaderList) -> bytes:
-    """The request's values of the Vary fields, in the order Vary lists them."""
+Normalizer = Callable[[str, list[bytes]], bytes | None]
+
+
+def secondary_key(
+    names: list[str], request_headers: HeaderList, normalize: Normalizer | None = None
+) -> bytes:
+    """The request's values of the Vary fields, in the order Vary lists them.
+
+    A field the request lacks is written without ``=``, so "absent" and "empty" differ
+    (for ``Accept-Encoding`` they mean different things). ``normalize`` may map a field's
+    values to a canonical form (the cache maps ``Accept-Encoding`` to what PIBL would
+    negotiate, so equivalent browsers share one variant).
+    """
     parts = []
     for name in names:
-        lname = name.encode("latin-1")
+        lname = name.encode("latin-1", "replace")
         values = [v.strip() for k, v in request_headers if k.lower() == lname]
-        joined = _SPACES.sub(b",", b",".join(values))
-        parts.append(lname + b"=" + joined)
+        canonical = normalize(name, values) if normalize is not None else None
+        if canonical is not None:
+            parts.append(lname + b":" + canonical)
+        elif not values:
+            parts.append(lname)
+        else:
+            parts.append(lname + b"=" + _SPACES.sub(b",", b",".join(values)))
     return b"\n".join(parts)
 
 

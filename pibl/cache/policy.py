@@ -25,7 +25,9 @@ cacheable, or when the response says ``public``.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
+import re
 from dataclasses import dataclass
 
 from pibl.http.message import HeaderList
@@ -59,7 +61,7 @@ class CacheControl:
         if value is None:
             return None
         value = value.strip().strip('"')
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             return None
         return min(int(value), 2**31)
 
@@ -107,16 +109,32 @@ def header_all(headers: HeaderList, name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
 
 
+_ASCTIME = re.compile(rb"^[A-Za-z]{3} [A-Za-z]{3} [ 0-9][0-9] [0-9:]{8} [0-9]{4}$")
+
+
 def parse_http_date(value: bytes | None) -> float | None:
+    """An HTTP-date (RFC 9110 section 5.6.7) as a timestamp; None if invalid.
+
+    Only the three HTTP formats are accepted: IMF-fixdate and RFC 850 dates must say GMT,
+    asctime dates carry no zone and are UTC. Local time never enters the computation.
+    """
     if value is None:
+        return None
+    value = value.strip()
+    if not (value.upper().endswith(b" GMT") or _ASCTIME.match(value)):
         return None
     try:
         parsed = email.utils.parsedate_to_datetime(value.decode("latin-1"))
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if parsed is None:
         return None
-    return parsed.timestamp()
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    try:
+        return parsed.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def vary_names(headers: HeaderList) -> list[str]:
@@ -169,10 +187,12 @@ def storable(
     explicit = (
         cc.has("s-maxage") or cc.has("max-age") or header(response_headers, b"expires") is not None
     )
-    if explicit or cc.has("no-cache") or cc.has("public"):
+    if explicit or cc.has("public"):
         return True, ""
+    # A heuristically cacheable status may be stored; PIBL only bothers when it can be
+    # fresh (a default TTL or Last-Modified) or must be revalidated anyway (no-cache).
     heuristic = default_ttl > 0 or header(response_headers, b"last-modified") is not None
-    if status in HEURISTIC_STATUSES and heuristic:
+    if status in HEURISTIC_STATUSES and (heuristic or cc.has("no-cache")):
         return True, ""
     return False, "no freshness information"
 
@@ -269,7 +289,10 @@ def usable(
     pragma_no_cache = not req.directives and any(
         b"no-cache" in v.lower() for v in header_all(request_headers, b"pragma")
     )
-    if req.has("no-cache") or pragma_no_cache or res.has("no-cache"):
+    if res.has("no-cache"):
+        # Never used without a successful validation, not even when the origin fails.
+        return Decision("revalidate", age, lifetime, stale_if_error=float("-inf"))
+    if req.has("no-cache") or pragma_no_cache:
         return Decision("revalidate", age, lifetime, stale_if_error=sie)
     max_age = req.seconds("max-age")
     if max_age is not None and age > max_age:
@@ -317,8 +340,12 @@ def may_serve_with_authorization(request_headers: HeaderList, stored_headers: He
 # -- conditional requests -----------------------------------------------------------------
 
 
+_ENTITY_TAG = re.compile(rb'\*|(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"')
+
+
 def _etags(value: bytes) -> list[bytes]:
-    return [t.strip() for t in value.split(b",") if t.strip()]
+    """Entity tags of an If-None-Match value (a tag may itself contain a comma)."""
+    return list(_ENTITY_TAG.findall(value))
 
 
 def _weak_equal(a: bytes, b: bytes) -> bool:
@@ -334,7 +361,11 @@ def not_modified(request_headers: HeaderList, stored_headers: HeaderList) -> boo
         if b"*" in tags:
             return True
         return etag is not None and any(_weak_equal(etag.strip(), t) for t in tags)
-    ims = parse_http_date(header(request_headers, b"if-modified-since"))
+    ims_values = header_all(request_headers, b"if-modified-since")
+    # RFC 9110 section 13.1.3: a field with more than one member is ignored.
+    if len(ims_values) != 1 or ims_values[0].count(b",") > 1:
+        return False
+    ims = parse_http_date(ims_values[0])
     if ims is None:
         return False
     last = parse_http_date(header(stored_headers, b"last-modified"))

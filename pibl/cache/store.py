@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pibl.cache.key import digest, secondary_key, variant_digest
+from pibl.cache.key import Normalizer, digest, secondary_key, variant_digest
 from pibl.http.message import HeaderList
 
 MAGIC = b"PIBL-CACHE/1\n"
@@ -194,8 +194,10 @@ class DiskStore:
         fsync: bool = True,
         memory_max: int = 32 * 1024 * 1024,
         memory_entry_max: int = 64 * 1024,
+        normalize: Normalizer | None = None,
     ) -> None:
         self.dir = directory
+        self.normalize = normalize
         self.tmp_dir = directory / "tmp"
         self.max_size = max_size
         self.fsync = fsync
@@ -313,7 +315,19 @@ class DiskStore:
         return meta
 
     def lookup(self, primary: bytes, request_headers: HeaderList) -> tuple[Entry | None, str]:
-        """The stored response for this request, and "hit", "uri-miss" or "vary-miss"."""
+        """The stored response for this request, and "hit", "uri-miss" or "vary-miss".
+
+        Metadata that decodes but makes no sense (written by another version, or foreign)
+        is discarded, never served and never allowed to raise.
+        """
+        try:
+            return self._lookup(primary, request_headers)
+        except (TypeError, ValueError, OverflowError, AttributeError, KeyError):
+            with contextlib.suppress(Exception):
+                self._discard(self.meta_path(digest(primary)))
+            return None, "uri-miss"
+
+    def _lookup(self, primary: bytes, request_headers: HeaderList) -> tuple[Entry | None, str]:
         path = self.meta_path(digest(primary))
         cached = self._memory_get(path)
         if cached is not None:
@@ -323,7 +337,7 @@ class DiskStore:
             return None, "uri-miss"
         if meta.get("type") == "vary":
             names = [str(n) for n in meta.get("vary", [])]
-            secondary = secondary_key(names, request_headers)
+            secondary = secondary_key(names, request_headers, self.normalize)
             vpath = self.meta_path(variant_digest(primary, secondary))
             cached = self._memory_get(vpath)
             if cached is not None:
@@ -365,7 +379,7 @@ class DiskStore:
             size = entry.body_path.stat().st_size
         except OSError:
             size = -1
-        if size != entry.body_length or "/" in str(meta["body_file"]):
+        if size < 0 or size != entry.body_length or "/" in str(meta["body_file"]):
             self._discard(path)
             return None
         return entry
@@ -424,6 +438,7 @@ class DiskStore:
             self._forget(path)
             return None
         self._memory.move_to_end(key)
+        self._touch(path)  # a memory hit is a use for the LRU bound too
         return entry
 
     def _remember(self, entry: Entry, body: bytes) -> None:
@@ -464,7 +479,7 @@ class DiskStore:
         lifetime: float,
         limit: int,
     ) -> BodyWriter | None:
-        secondary = secondary_key(vary, request_headers) if vary else b""
+        secondary = secondary_key(vary, request_headers, self.normalize) if vary else b""
         hexdigest = variant_digest(primary, secondary) if vary else digest(primary)
         meta_path = self.meta_path(hexdigest)
         entry = Entry(
@@ -562,8 +577,10 @@ class DiskStore:
         if meta is None:
             return
         if meta.get("type") == "entry":
-            with contextlib.suppress(OSError):
-                path.with_name(str(meta.get("body_file"))).unlink()
+            body_file = str(meta.get("body_file"))
+            if "/" not in body_file and body_file.endswith(".body"):
+                with contextlib.suppress(OSError):
+                    path.with_name(body_file).unlink()
         elif meta.get("type") == "vary":
             for variant in meta.get("variants", []):
                 self._remove_meta(self.meta_path(str(variant)))

@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import time
 from typing import TYPE_CHECKING
 
+from pibl import compress
 from pibl.balance.health import BackendState, Balancer, HealthSettings
 from pibl.cache.store import BodyWriter
+from pibl.compress import CompressionSettings, Compressor
 from pibl.config import Config
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.forward import client_response, request_id, simple_response, upstream_request
 from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk
 from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
-from pibl.http.parse import Body, End, Head, Upgrade
+from pibl.http.parse import END, Body, End, Head, Upgrade
 from pibl.observe.accesslog import AccessLog, AccessRecord
 from pibl.proxy.upstream import Pool, UpstreamConnection
 
@@ -45,6 +48,22 @@ _ERROR_TEXT = {
     503: "no backend available",
     504: "the backend timed out",
 }
+
+
+def compression_settings(config: Config) -> CompressionSettings | None:
+    c = config.compression
+    if not c.enabled:
+        return None
+    settings = CompressionSettings(
+        encodings=c.encodings,
+        min_size=c.min_size,
+        gzip_level=c.gzip_level,
+        brotli_quality=c.brotli_quality,
+        zstd_level=c.zstd_level,
+    )
+    if c.types is not None:
+        settings = dataclasses.replace(settings, types=c.types)
+    return settings
 
 
 class ResponseHook:
@@ -102,6 +121,7 @@ class Proxy:
         self.in_flight = 0
         self.stopping = False
         self.cache: CacheLayer | None = None
+        self.compression = compression_settings(config)
 
     # -- connection bookkeeping ---------------------------------------------------------
 
@@ -255,6 +275,35 @@ class Proxy:
             finally:
                 state.active -= 1
 
+    def _plan_compression(
+        self, head: RequestHead, resp: ResponseHead
+    ) -> tuple[ResponseHead, Compressor | None, bool]:
+        """The response as the client will see it, and the compressor to get there."""
+        settings = self.compression
+        assert settings is not None
+        length = resp.content_length if resp.body is BodyKind.LENGTH else None
+        encoding = compress.plan(
+            head.method, resp.status, head.headers, resp.headers, settings, content_length=length
+        )
+        if encoding is None:
+            if compress.compressible(resp.status, resp.headers, settings, content_length=length):
+                resp.headers = compress.add_vary_accept_encoding(resp.headers)
+            return resp, None, False
+        transformed = ResponseHead(
+            status=resp.status,
+            reason=resp.reason,
+            version=resp.version,
+            headers=compress.rewrite_headers(resp.headers, encoding),
+            body=BodyKind.CHUNKED,
+            content_length=0,
+            keep_alive=resp.keep_alive,
+        )
+        return (
+            transformed,
+            compress.make_compressor(encoding, settings),
+            compress.expensive(encoding, settings),
+        )
+
     def _sticky_backend(self, head: RequestHead) -> int | None:
         name = self.config.balance.sticky_cookie.encode()
         for key, value in head.headers:
@@ -349,13 +398,27 @@ class Proxy:
             if resp.status == 101 and head.upgrade is not None:
                 ok = await self._tunnel(conn, incoming, upstream, resp, events, rid)
                 return False
+            comp: Compressor | None = None
+            comp_slow = False
+            if self.compression is not None:
+                resp, comp, comp_slow = self._plan_compression(head, resp)
             if hook is not None and hook.on_head(resp):
                 ok = await self._discard(upstream, events)
                 return head.keep_alive and not self.stopping and (pump is None or pump.done())
             client_extra = [*(hook.extra or () if hook is not None else ()), *sticky]
             try:
                 keep_alive, ok = await self._respond(
-                    conn, head, resp, events, upstream, rid, record, hook, client_extra
+                    conn,
+                    head,
+                    resp,
+                    events,
+                    upstream,
+                    rid,
+                    record,
+                    hook,
+                    client_extra,
+                    comp,
+                    comp_slow,
                 )
             except BaseException:
                 if hook is not None:
@@ -451,8 +514,15 @@ class Proxy:
         record: AccessRecord,
         hook: ResponseHook | None,
         extra_headers: list[tuple[bytes, bytes]],
+        comp: Compressor | None = None,
+        comp_slow: bool = False,
     ) -> tuple[bool, bool]:
-        """Stream the response to the client; returns (client keep-alive, upstream clean)."""
+        """Stream the response to the client; returns (client keep-alive, upstream clean).
+
+        With ``comp`` the body is compressed on the way (and the compressed bytes are what
+        the cache keeps); what a batch of backend reads produced is flushed before PIBL
+        waits for more, so slow streams (server-sent events) are not held back.
+        """
         framing = client_framing(resp.body, head.version)
         if head.method == b"HEAD":
             framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
@@ -478,17 +548,23 @@ class Proxy:
         timeout = self.config.timeouts.upstream_response
         sent = 0
         pending = events[1:]
+        loop = asyncio.get_running_loop()
         while True:
             ended = False
             parts = [out] if out else []
             out = b""
+            if comp is not None:
+                pending = await self._compress(loop, comp, pending, comp_slow)
             for ev in pending:
                 if isinstance(ev, Body):
+                    data = ev.data
+                    if not data:
+                        continue
                     if send_body:
-                        parts.append(encode_chunk(ev.data) if chunked else ev.data)
-                        sent += len(ev.data)
+                        parts.append(encode_chunk(data) if chunked else data)
+                        sent += len(data)
                     if tee is not None:
-                        tee.write(ev.data)
+                        tee.write(data)
                 elif isinstance(ev, End):
                     ended = True
                     if chunked:
@@ -508,6 +584,27 @@ class Proxy:
         if conn.closed:
             raise ConnectionResetError("client closed the connection")
         return keep_alive, resp.keep_alive
+
+    @staticmethod
+    async def _compress(
+        loop: asyncio.AbstractEventLoop,
+        comp: Compressor,
+        events: list[Head | Body | End | Upgrade],
+        slow: bool,
+    ) -> list[Head | Body | End | Upgrade]:
+        """The same events with the body compressed: one Body (flushed) per batch."""
+        data = b"".join(ev.data for ev in events if isinstance(ev, Body))
+        ended = any(isinstance(ev, End) for ev in events)
+
+        def run() -> bytes:
+            out = comp.compress(data) if data else b""
+            return out + (comp.finish() if ended else comp.flush())
+
+        out = await loop.run_in_executor(None, run) if slow else run()
+        result: list[Head | Body | End | Upgrade] = [Body(out)] if out else []
+        if ended:
+            result.append(END)
+        return result
 
     async def _tunnel(
         self,

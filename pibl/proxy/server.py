@@ -13,8 +13,11 @@ import socket
 import time
 from collections.abc import Callable
 
+from pibl import compress
 from pibl.balance.checker import run_checks
+from pibl.cache.key import Normalizer
 from pibl.cache.store import DiskStore
+from pibl.compress import CompressionSettings
 from pibl.config import Config, resolve_path
 from pibl.observe.accesslog import AccessLog
 from pibl.proxy.cached import CacheLayer
@@ -49,6 +52,27 @@ async def announce_backends(config: Config, log: AccessLog) -> None:
             )
 
 
+def accept_encoding_normalizer(settings: CompressionSettings | None) -> Normalizer | None:
+    """Vary: Accept-Encoding keyed by what PIBL negotiates plus what the client accepts.
+
+    Browsers send many spellings of the same preferences; keying on the negotiated coding
+    shares one variant between them, and adding the accepted set keeps a backend's own
+    choice of coding from reaching a client that does not accept it.
+    """
+    if settings is None:
+        return None
+    offered = tuple(e for e in settings.encodings if e in compress.available_encodings())
+
+    def normalize(name: str, values: list[bytes]) -> bytes | None:
+        if name != "accept-encoding":
+            return None
+        chosen = compress.negotiate(values, offered) or "identity"
+        accepted = ",".join(compress.accepted_codings(values)) if values else "-"
+        return f"{chosen}|{accepted}".encode()
+
+    return normalize
+
+
 def make_cache(proxy: Proxy, config: Config, log: AccessLog) -> CacheLayer:
     cfg = config.cache
     directory = resolve_path(cfg.dir)
@@ -58,6 +82,7 @@ def make_cache(proxy: Proxy, config: Config, log: AccessLog) -> CacheLayer:
         fsync=cfg.fsync,
         memory_max=cfg.memory_max,
         memory_entry_max=cfg.memory_entry_max,
+        normalize=accept_encoding_normalizer(proxy.compression),
     )
     store.start_indexing()
     log.info(f"cache: {directory} (ttl {cfg.ttl:g} s, max {cfg.max_size} bytes)")

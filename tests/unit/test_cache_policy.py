@@ -233,11 +233,6 @@ def test_explicit_freshness_makes_a_302_storable(res: HeaderList) -> None:
     assert store_ok(res, status=302) == (True, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9111 s3: no-cache is not in the list of directives that permit storing; "
-    "a 302 without public/Expires/max-age/s-maxage is not heuristically cacheable",
-)
 @pytest.mark.parametrize("status", [302, 303, 307])
 def test_no_cache_alone_does_not_make_a_non_heuristic_status_storable(status: int) -> None:
     assert store_ok(cc("no-cache"), status=status)[0] is False
@@ -431,29 +426,15 @@ def test_dates_with_gmt_ignore_the_local_time_zone(non_utc_local_time: None, val
     assert parse_http_date(value) == SUNDAY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9111 s4.2 / RFC 9110 s5.6.7: asctime-date is UTC; it is parsed as a naive "
-    "datetime and converted with the local time zone",
-)
 def test_asctime_date_ignores_the_local_time_zone(non_utc_local_time: None) -> None:
     assert parse_http_date(b"Sun Nov  6 08:49:37 1994") == SUNDAY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9111 s4.2: local time zones must not influence expiration (asctime Expires)",
-)
 def test_asctime_expires_lifetime_ignores_the_local_time_zone(non_utc_local_time: None) -> None:
     res = [(b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT"), (b"Expires", b"Sun Nov  6 09:49:37 1994")]
     assert life(res) == 3600.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9111 s4.2: a cache SHOULD consider a date with a zone abbreviation other "
-    "than GMT invalid for calculating expiration (so: already expired, s5.3)",
-)
 def test_expires_with_a_non_gmt_zone_abbreviation_is_invalid() -> None:
     res = [
         (b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT"),
@@ -680,14 +661,12 @@ def test_response_no_cache_beats_max_stale_and_stale_while_revalidate() -> None:
     assert use(req=cc("max-stale"), res=res, lifetime=0, age=10).action == "revalidate"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9111 s4.2.4 and s5.2.2.4: a no-cache response must not be served without "
-    "successful validation, so no stale-if-error allowance may come from the floor",
-)
 def test_response_no_cache_gets_no_stale_if_error_allowance() -> None:
     d = use(res=cc("no-cache"), lifetime=0, age=10, floor=300)
-    assert d.stale_if_error == 0.0
+    # negative infinity: not even a copy that is still fresh may cover an origin failure
+    assert d.stale_if_error == float("-inf")
+    fresh = use(res=cc("no-cache, max-age=3600"), lifetime=3600, age=1, floor=300)
+    assert fresh.age - fresh.lifetime > fresh.stale_if_error
 
 
 _REQUEST_DIRECTIVES = [
@@ -862,20 +841,11 @@ def test_no_conditionals_is_not_a_match() -> None:
     assert not_modified([(b"Accept", b"*/*")], STORED) is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9110 s13.1.3: If-Modified-Since with more than one member must be ignored",
-)
 def test_if_modified_since_with_two_members_is_ignored() -> None:
     value = http_date(T0 + 3600) + b", " + http_date(T0 + 7200)
     assert not_modified([(b"If-Modified-Since", value)], STORED) is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9110 s8.8.3: etagc includes ','; splitting If-None-Match on every comma "
-    "breaks such entity tags, so a matching conditional is answered 200",
-)
 def test_if_none_match_entity_tag_containing_a_comma() -> None:
     assert not_modified([(b"If-None-Match", b'"a,b"')], [(b"ETag", b'"a,b"')]) is True
 
@@ -1090,12 +1060,6 @@ def test_seconds(value: str, expected: int | None) -> None:
     assert parse_cache_control(cc(value)).seconds("max-age") == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="RFC 9111 s1.2.2: delta-seconds is 1*DIGIT (ASCII); a Latin-1 superscript digit "
-    "passes str.isdigit() and int() then raises",
-)
 @pytest.mark.parametrize("raw", [b"max-age=\xb2", b"s-maxage=\xb9", b"max-age=1\xb3"])
 def test_non_ascii_digits_are_an_invalid_delta_seconds(raw: bytes) -> None:
     headers = [(b"Cache-Control", raw)]

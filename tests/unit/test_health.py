@@ -303,6 +303,20 @@ def test_failures_during_ejection_do_not_extend_or_recount_it() -> None:
     assert b.failures == 5
 
 
+def test_ejection_starts_a_fresh_failure_count() -> None:
+    b = backend(max_fails=3, window=100.0, cooldown=5.0)
+    for t in (0.0, 1.0, 2.0):
+        b.record_failure(t)
+    assert b.ejected_until == 7.0
+    # The failures that caused the ejection are forgotten: one more after the cooldown
+    # (still inside the window) is not enough to eject again.
+    assert b.record_failure(8.0) is None
+    assert b.record_failure(9.0) is None
+    assert b.available(9.0)
+    assert b.record_failure(10.0) == "ejected"
+    assert b.ejections == 2
+
+
 def test_ejection_counter_counts_each_ejection() -> None:
     b = backend(max_fails=2, window=10.0, cooldown=5.0)
     now = 0.0
