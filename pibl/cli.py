@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
             action.add_argument("url", nargs="?", help="the URL as clients request it")
             action.add_argument("--all", action="store_true", help="remove every entry")
 
+    sub.add_parser(
+        "cert",
+        help="create a local CA and a certificate for development and the demo",
+        add_help=False,
+    )
+
     demo = sub.add_parser("demo", help="start three app replicas and the proxy on this machine")
     demo.add_argument("--port", type=int, default=8080)
     return parser
@@ -71,15 +77,20 @@ def _effective(config: Config) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pibl.proxy.server import validate_runtime
     from pibl.workers import run_master
 
     overrides = _overrides(args)
     config = load_config(args.config, overrides)
+    validate_runtime(config)
     return run_master(args.config, overrides, config)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from pibl.proxy.server import validate_runtime
+
     config = load_config(args.file)
+    validate_runtime(config)
     print(f"{args.file}: OK")
     print(_effective(config))
     return 0
@@ -121,6 +132,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cert"]:
+        from pibl.certs import main as cert_main
+
+        return cert_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

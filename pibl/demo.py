@@ -100,8 +100,29 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) 
             proc.wait()
 
 
-def run_demo(*, port: int = 8080) -> int:
-    config = load_config(demo_config_path(), {"server.port": port})
+def demo_certificates(directory: Path) -> tuple[Path, Path] | None:
+    """A local CA and a certificate for localhost, made once in ./certs (None if impossible)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    if cert.exists() and key.exists():
+        return cert, key
+    try:
+        from pibl.certs import create_dev_ca_and_cert
+
+        create_dev_ca_and_cert(directory)
+    except (ImportError, OSError) as exc:
+        print(f"pibl demo: HTTPS disabled ({exc})", file=sys.stderr)
+        return None
+    return cert, key
+
+
+def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
+    overrides: dict[str, object] = {"server.port": port, "server.workers": 1}
+    certs = demo_certificates(Path.cwd() / "certs")
+    if certs is not None:
+        overrides.update(
+            {"tls.cert": str(certs[0]), "tls.key": str(certs[1]), "tls.port": tls_port}
+        )
+    config = load_config(demo_config_path(), overrides)
     log_path = str(resolve_path(config.log.file)) if config.log.file else None
     log = AccessLog(path=log_path, stdout=True, fmt=config.log.format)
     db = Path.cwd() / "guestbook.sqlite3"
@@ -110,9 +131,16 @@ def run_demo(*, port: int = 8080) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         wait_healthy(REPLICA_PORTS, procs)
+        https = ""
+        if certs is not None:
+            https = (
+                f"  HTTPS: https://localhost:{tls_port}/ (trust certs/ca.pem, e.g."
+                f" curl --cacert certs/ca.pem https://localhost:{tls_port}/)\n"
+            )
         print(
             f"\n  PIBL demo is up: open http://127.0.0.1:{port}/ in a browser"
             f" (replicas on ports {', '.join(map(str, REPLICA_PORTS))}).\n"
+            f"{https}"
             "  Reload the page to watch round robin; Ctrl-C stops everything.\n",
             flush=True,
         )

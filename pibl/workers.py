@@ -33,10 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pibl.balance.health import SharedRotation
 from pibl.config import Config, load_config, resolve_path
 from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
-from pibl.proxy.server import announce_backends, make_socket, run_worker
+from pibl.proxy.server import announce_backends, make_socket, run_worker, validate_runtime
 
 HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
 PR_SET_PDEATHSIG = 1
@@ -60,22 +61,30 @@ class Master:
     config: Config
     log: AccessLog
     make_log: Callable[[Config], AccessLog]
-    sockets: list[socket.socket] = field(default_factory=list)
+    sockets: list[list[socket.socket]] = field(default_factory=list)  # per slot: http[, https]
     workers: dict[int, WorkerProc] = field(default_factory=dict)
     generation: int = 0
     stopping: bool = False
+    rotation: SharedRotation | None = None
     last_restart: float = 0.0
 
     # -- sockets and processes ----------------------------------------------------------
 
-    def _address(self, config: Config) -> tuple[str, int]:
-        return config.server.host, config.server.port
+    def _address(self, config: Config) -> tuple[str, int, int | None]:
+        tls = config.tls if config.tls is not None and config.tls.enabled else None
+        return config.server.host, config.server.port, tls.port if tls else None
 
-    def open_sockets(self, config: Config) -> list[socket.socket]:
-        host, port = self._address(config)
-        return [make_socket(host, port) for _ in range(config.server.workers)]
+    def open_sockets(self, config: Config) -> list[list[socket.socket]]:
+        host, port, tls_port = self._address(config)
+        slots = []
+        for _ in range(config.server.workers):
+            slot = [make_socket(host, port)]
+            if tls_port is not None:
+                slot.append(make_socket(host, tls_port))
+            slots.append(slot)
+        return slots
 
-    def spawn(self, slot: int, config: Config, sockets: list[socket.socket]) -> WorkerProc:
+    def spawn(self, slot: int, config: Config, sockets: list[list[socket.socket]]) -> WorkerProc:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -86,10 +95,11 @@ class Master:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent()
-                for i, sock in enumerate(sockets):
+                for i, socks in enumerate(sockets):
                     if i != slot:
-                        sock.close()
-                code = _worker_main(config, sockets[slot], write_fd, self.make_log)
+                        for sock in socks:
+                            sock.close()
+                code = _worker_main(config, sockets[slot], write_fd, self.make_log, self.rotation)
             finally:
                 os._exit(code)
         os.close(write_fd)
@@ -144,6 +154,7 @@ class Master:
         config = self.config
         asyncio.run(announce_backends(config, self.log))
         self.sockets = self.open_sockets(config)
+        self.rotation = SharedRotation.create(len(config.backends))
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         procs = [self.spawn(i, config, self.sockets) for i in range(config.server.workers)]
         if not self.wait_ready(procs):
@@ -151,7 +162,7 @@ class Master:
             self.signal_workers(signal.SIGKILL)
             self._wait_all(5)
             return 1
-        host, port = self._address(config)
+        host, port, _ = self._address(config)
         self.log.info(
             f"master {os.getpid()}: {len(procs)} worker(s) "
             f"({', '.join(str(p.pid) for p in procs)}) serving http://{host}:{port}"
@@ -190,6 +201,7 @@ class Master:
         """SIGHUP: validate, start a new generation, retire the old one gracefully."""
         try:
             new_config = load_config(self.config_path, self.overrides)
+            validate_runtime(new_config)
         except ConfigError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc}")
             return
@@ -204,6 +216,8 @@ class Master:
             self.log.error(f"reload refused: cannot listen: {exc}")
             return
         self.generation += 1
+        old_rotation = self.rotation
+        self.rotation = SharedRotation.create(len(new_config.backends))
         procs = [self.spawn(i, new_config, sockets) for i in range(new_config.server.workers)]
         if not self.wait_ready(procs):
             self.log.error("reload failed: new workers did not start; keeping the old ones")
@@ -211,14 +225,13 @@ class Master:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
             self.generation = old_generation
+            self.rotation = old_rotation
             if sockets is not old_sockets:
-                for s in sockets:
-                    s.close()
+                _close_all(sockets)
             return
         self.signal_workers(signal.SIGTERM, old_generation)
         if sockets is not old_sockets:
-            for s in old_sockets:
-                s.close()  # the old workers keep their own copy until they exit
+            _close_all(old_sockets)  # the old workers keep their own copy until they exit
         self.config = new_config
         self.sockets = sockets
         self.log.info(
@@ -232,8 +245,7 @@ class Master:
         self.log.info("stopping: finishing in-flight requests")
         self.signal_workers(signal.SIGTERM)
         self._wait_all(self.config.timeouts.shutdown + 5)
-        for s in self.sockets:
-            s.close()
+        _close_all(self.sockets)
         self.log.info("stopped")
         return 0
 
@@ -249,6 +261,12 @@ class Master:
                 time.sleep(0.05)
 
 
+def _close_all(slots: list[list[socket.socket]]) -> None:
+    for socks in slots:
+        for sock in socks:
+            sock.close()
+
+
 def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -256,7 +274,11 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(
-    config: Config, sock: socket.socket, ready_fd: int, make_log: Callable[[Config], AccessLog]
+    config: Config,
+    sock: list[socket.socket],
+    ready_fd: int,
+    make_log: Callable[[Config], AccessLog],
+    rotation: SharedRotation | None,
 ) -> int:
     log = make_log(config)
 
@@ -265,7 +287,9 @@ def _worker_main(
         os.close(ready_fd)
 
     try:
-        asyncio.run(run_worker(config, log, sock=sock, on_ready=ready, announce=False))
+        asyncio.run(
+            run_worker(config, log, sock=sock, on_ready=ready, announce=False, shared=rotation)
+        )
     except Exception:
         log.exception("worker failed")
         log.close()

@@ -20,8 +20,10 @@ exchange) feeds results in and logs the state changes returned.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from pibl.balance.policy import SmoothWeighted
@@ -126,6 +128,25 @@ class BackendState:
         self.requests += 1
 
 
+@dataclass(frozen=True)
+class SharedRotation:
+    """Round-robin scores in memory shared by the worker processes, and their lock.
+
+    Made by the master before it forks, so that b1, b2, b3 rotate across all workers as
+    they would in one process (nginx's ``zone`` directive does the same for upstreams).
+    """
+
+    scores: MutableSequence[int]
+    lock: AbstractContextManager[object]
+
+    @classmethod
+    def create(cls, n: int) -> SharedRotation:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        return cls(ctx.RawArray("q", n), ctx.Lock())
+
+
 class Balancer:
     """Chooses a backend among the available ones with the configured policy."""
 
@@ -134,12 +155,19 @@ class Balancer:
         states: Sequence[BackendState],
         *,
         policy: str = "round_robin",
+        shared: SharedRotation | None = None,
     ) -> None:
         if policy not in ("round_robin", "least_conn"):
             raise ValueError(f"unknown policy {policy!r}")
         self.states = list(states)
         self.policy = policy
-        self._rotation = SmoothWeighted([s.weight * 1000 for s in states])
+        weights = [s.weight * 1000 for s in states]
+        if shared is not None and len(shared.scores) == len(states):
+            self._rotation = SmoothWeighted(weights, state=shared.scores)
+            self._lock: AbstractContextManager[object] = shared.lock
+        else:
+            self._rotation = SmoothWeighted(weights)
+            self._lock = contextlib.nullcontext()
 
     def __repr__(self) -> str:
         return f"<Balancer {self.policy} {[s.name for s in self.states]}>"
@@ -156,6 +184,12 @@ class Balancer:
         ``exclude`` are backends already tried for this request (retries); ``prefer`` is a
         sticky session's backend, used when it is available.
         """
+        with self._lock:
+            return self._pick(now, exclude, prefer)
+
+    def _pick(
+        self, now: float, exclude: frozenset[int] | set[int], prefer: int | None
+    ) -> int | None:
         states = self.states
         available = [s.available(now) and i not in exclude for i, s in enumerate(states)]
         if prefer is not None and 0 <= prefer < len(states) and available[prefer]:

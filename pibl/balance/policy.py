@@ -12,7 +12,7 @@ only keeps its own rotation state and never looks at the clock or the network.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 
 
 class SmoothWeighted:
@@ -20,14 +20,19 @@ class SmoothWeighted:
 
     __slots__ = ("_current", "_weights")
 
-    def __init__(self, weights: Sequence[int]) -> None:
+    def __init__(
+        self, weights: Sequence[int], *, state: MutableSequence[int] | None = None
+    ) -> None:
+        """``state`` holds the running scores; pass shared memory to rotate across processes."""
         if not weights or any(w <= 0 for w in weights):
             raise ValueError("weights must be positive and non-empty")
+        if state is not None and len(state) != len(weights):
+            raise ValueError("state must have one slot per backend")
         self._weights = list(weights)
-        self._current = [0] * len(weights)
+        self._current: MutableSequence[int] = state if state is not None else [0] * len(weights)
 
     def __repr__(self) -> str:
-        return f"<SmoothWeighted weights={self._weights} current={self._current}>"
+        return f"<SmoothWeighted weights={self._weights} current={list(self._current)}>"
 
     def pick(
         self, available: Sequence[bool] | None = None, *, weights: Sequence[int] | None = None

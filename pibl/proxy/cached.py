@@ -443,6 +443,8 @@ class CacheLayer:
             out.append(b"Content-Length: %d\r\n" % entry.body_length)
         out.append(b"Age: %d\r\n" % max(0, int(age)))
         out.append(b"Cache-Status: %s\r\n" % label.encode())
+        for name, value in self.proxy.security_headers(conn):
+            out.append(b"%s: %s\r\n" % (name, value))
         out.append(b"Via: 1.1 %s\r\nX-Request-ID: %s\r\n" % (self.proxy.via, rid))
         if not keep_alive:
             out.append(b"Connection: close\r\n")

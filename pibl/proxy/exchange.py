@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pibl import compress
-from pibl.balance.health import BackendState, Balancer, HealthSettings
+from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedRotation
 from pibl.cache.store import BodyWriter
 from pibl.compress import CompressionSettings, Compressor
 from pibl.config import Config
@@ -35,7 +35,7 @@ from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk
 from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
 from pibl.http.parse import END, Body, End, Head, Upgrade
 from pibl.observe.accesslog import AccessLog, AccessRecord
-from pibl.proxy.upstream import Pool, UpstreamConnection
+from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
 
 if TYPE_CHECKING:
     from pibl.proxy.cached import CacheLayer
@@ -88,7 +88,9 @@ class ResponseHook:
 class Proxy:
     """Per-worker state shared by all client connections."""
 
-    def __init__(self, config: Config, log: AccessLog) -> None:
+    def __init__(
+        self, config: Config, log: AccessLog, shared: SharedRotation | None = None
+    ) -> None:
         self.config = config
         self.log = log
         self.via = config.server.via.encode()
@@ -103,7 +105,7 @@ class Proxy:
             slow_start=config.balance.slow_start,
         )
         self.states = [BackendState(b.label, b.weight, settings) for b in config.backends]
-        self.balancer = Balancer(self.states, policy=config.balance.policy)
+        self.balancer = Balancer(self.states, policy=config.balance.policy, shared=shared)
         self._sticky_id = [
             hashlib.sha256(b.label.encode()).hexdigest()[:12].encode() for b in config.backends
         ]
@@ -114,9 +116,19 @@ class Proxy:
                 connect_timeout=config.timeouts.upstream_connect,
                 idle_timeout=config.timeouts.upstream_idle,
                 idle_max=config.upstream.pool_idle_max,
+                ssl=upstream_tls(b),
             )
             for b in config.backends
         ]
+        for b in config.backends:
+            if b.scheme == "https" and not b.tls_verify:
+                log.warning(
+                    f"backend {b.label}: TLS certificate verification is DISABLED "
+                    "(tls_verify = false); traffic to it can be intercepted"
+                )
+        tls = config.tls if config.tls is not None and config.tls.enabled else None
+        self.hsts = b"max-age=%d" % tls.hsts if tls is not None and tls.hsts else None
+        self.redirect_port = tls.port if tls is not None and tls.redirect_http else None
         self.connections: set[ClientConnection] = set()
         self.in_flight = 0
         self.stopping = False
@@ -162,7 +174,9 @@ class Proxy:
         record.request_id = rid = request_id(get_header(head.headers, b"x-request-id"))
         record.bytes_in = 0
         try:
-            if self.cache is not None:
+            if self.redirect_port is not None and conn.scheme == b"http":
+                keep_alive = self._redirect_to_https(conn, head, rid, record)
+            elif self.cache is not None:
                 keep_alive = await self.cache.handle(conn, incoming, head, rid, record)
             else:
                 keep_alive = await self.forward(conn, incoming, head, rid, record)
@@ -274,6 +288,34 @@ class Proxy:
                 self.log.info(f"retrying {head.request_line} after {state.name}: {exc.reason}")
             finally:
                 state.active -= 1
+
+    def _redirect_to_https(
+        self, conn: ClientConnection, head: RequestHead, rid: bytes, record: AccessRecord
+    ) -> bool:
+        """Plain HTTP answered with 308 to the same URL on the HTTPS listener."""
+        assert self.redirect_port is not None
+        host = head.host.rsplit(b":", 1)[0] if b"]" not in head.host[-1:] else head.host
+        if not host:
+            host = b"localhost"
+        port = b"" if self.redirect_port == 443 else b":%d" % self.redirect_port
+        location = b"https://%s%s%s" % (host, port, head.target)
+        record.status = 308
+        conn.write(
+            simple_response(
+                308,
+                "this site is served over HTTPS",
+                keep_alive=False,
+                rid=rid,
+                head_only=head.method == b"HEAD",
+                extra=[(b"Location", location)],
+            )
+        )
+        return False
+
+    def security_headers(self, conn: ClientConnection) -> list[tuple[bytes, bytes]]:
+        if self.hsts is not None and conn.scheme == b"https":
+            return [(b"Strict-Transport-Security", self.hsts)]
+        return []
 
     def _plan_compression(
         self, head: RequestHead, resp: ResponseHead
@@ -405,7 +447,11 @@ class Proxy:
             if hook is not None and hook.on_head(resp):
                 ok = await self._discard(upstream, events)
                 return head.keep_alive and not self.stopping and (pump is None or pump.done())
-            client_extra = [*(hook.extra or () if hook is not None else ()), *sticky]
+            client_extra = [
+                *(hook.extra or () if hook is not None else ()),
+                *sticky,
+                *self.security_headers(conn),
+            ]
             try:
                 keep_alive, ok = await self._respond(
                     conn,

@@ -15,15 +15,17 @@ from collections.abc import Callable
 
 from pibl import compress
 from pibl.balance.checker import run_checks
+from pibl.balance.health import SharedRotation
 from pibl.cache.key import Normalizer
 from pibl.cache.store import DiskStore
 from pibl.compress import CompressionSettings
-from pibl.config import Config, resolve_path
+from pibl.config import Config, TLSConfig, resolve_path
 from pibl.observe.accesslog import AccessLog
 from pibl.proxy.cached import CacheLayer
 from pibl.proxy.client import ClientConnection
 from pibl.proxy.exchange import Proxy
-from pibl.proxy.upstream import probe
+from pibl.proxy.upstream import probe, upstream_tls
+from pibl.tls import CertPair, ReloadableServerContext, describe
 
 
 def make_socket(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
@@ -73,6 +75,23 @@ def accept_encoding_normalizer(settings: CompressionSettings | None) -> Normaliz
     return normalize
 
 
+def validate_runtime(config: Config) -> None:
+    """Checks that need the files a config names (certificates); raise ConfigError."""
+    if config.tls is not None and config.tls.enabled:
+        make_tls(config.tls)
+    for backend in config.backends:
+        upstream_tls(backend)
+
+
+def make_tls(tls: TLSConfig) -> ReloadableServerContext:
+    pairs = [CertPair(resolve_path(tls.cert), resolve_path(tls.key))]
+    pairs += [
+        CertPair(resolve_path(c.cert), resolve_path(c.key), tuple(c.names))
+        for c in tls.certificates
+    ]
+    return ReloadableServerContext(pairs)
+
+
 def make_cache(proxy: Proxy, config: Config, log: AccessLog) -> CacheLayer:
     cfg = config.cache
     directory = resolve_path(cfg.dir)
@@ -92,27 +111,47 @@ def make_cache(proxy: Proxy, config: Config, log: AccessLog) -> CacheLayer:
 class Worker:
     """One event loop serving the configured listeners."""
 
-    def __init__(self, config: Config, log: AccessLog) -> None:
+    def __init__(
+        self, config: Config, log: AccessLog, shared: SharedRotation | None = None
+    ) -> None:
         self.config = config
         self.log = log
-        self.proxy = Proxy(config, log)
+        self.proxy = Proxy(config, log, shared)
         if config.cache.enabled:
             self.proxy.cache = make_cache(self.proxy, config, log)
         self.servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._checks: list[asyncio.Task[None]] = []
+        self.tls: ReloadableServerContext | None = None
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, socks: list[socket.socket] | None = None) -> None:
+        """Serve on ``socks`` (plain HTTP, then HTTPS when [tls] is set), or open them."""
         loop = asyncio.get_running_loop()
         proxy = self.proxy
         cfg = self.config.server
-        if sock is None:
-            sock = make_socket(cfg.host, cfg.port)
-        server = await loop.create_server(lambda: ClientConnection(proxy, b"http"), sock=sock)
+        tls = self.config.tls if self.config.tls is not None and self.config.tls.enabled else None
+        if socks is None:
+            socks = [make_socket(cfg.host, cfg.port)]
+            if tls is not None:
+                socks.append(make_socket(cfg.host, tls.port))
+        server = await loop.create_server(lambda: ClientConnection(proxy, b"http"), sock=socks[0])
         self.servers.append(server)
-        addr = sock.getsockname()
+        addr = socks[0].getsockname()
         self.log.info(f"listening on http://{addr[0]}:{addr[1]}")
+        if tls is not None and len(socks) > 1:
+            self.tls = make_tls(tls)
+            server = await loop.create_server(
+                lambda: ClientConnection(proxy, b"https"),
+                sock=socks[1],
+                ssl=self.tls.context,
+                ssl_handshake_timeout=self.config.timeouts.client_header,
+            )
+            self.servers.append(server)
+            addr = socks[1].getsockname()
+            self.log.info(
+                f"listening on https://{addr[0]}:{addr[1]} ({describe(self.tls.context)})"
+            )
         self._sweeper = loop.create_task(self._sweep())
         self._start_health_checks()
 
@@ -186,14 +225,15 @@ async def run_worker(
     config: Config,
     log: AccessLog,
     *,
-    sock: socket.socket | None = None,
+    sock: list[socket.socket] | None = None,
     on_ready: Callable[[Worker], None] | None = None,
     announce: bool = True,
+    shared: SharedRotation | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     if announce:
         await announce_backends(config, log)
-    worker = Worker(config, log)
+    worker = Worker(config, log, shared)
     await worker.start(sock)
     loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
     loop.add_signal_handler(signal.SIGINT, worker.request_stop)

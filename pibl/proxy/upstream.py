@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl as ssl_module
+import ssl
 import time
 from collections import deque
 
-from pibl.config import BackendConfig
+from pibl.config import BackendConfig, resolve_path
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.message import BodyKind
 from pibl.http.parse import END, Body, End, Event, Head, ResponseParser, Upgrade
+from pibl.tls import client_context
 
 READ_HIGH = 256 * 1024
 
@@ -245,7 +246,7 @@ class Pool:
         connect_timeout: float,
         idle_timeout: float,
         idle_max: int,
-        ssl: ssl_module.SSLContext | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.backend = backend
         self._loop = asyncio.get_running_loop()
@@ -257,7 +258,7 @@ class Pool:
         self.active = 0
 
     @property
-    def ssl_context(self) -> ssl_module.SSLContext | None:
+    def ssl_context(self) -> ssl.SSLContext | None:
         return self._ssl
 
     def __repr__(self) -> str:
@@ -297,7 +298,7 @@ class Pool:
                 )
         except TimeoutError:
             raise UpstreamError(504, "timed out connecting to backend", connected=False) from None
-        except ssl_module.SSLError as exc:
+        except ssl.SSLError as exc:
             raise UpstreamError(
                 502, f"TLS error with backend: {exc.reason}", connected=False
             ) from None
@@ -334,6 +335,18 @@ class Pool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+def upstream_tls(backend: BackendConfig) -> ssl.SSLContext | None:
+    """The client context for an https:// backend (verification on unless disabled)."""
+    if backend.scheme != "https":
+        return None
+    return client_context(
+        ca_file=resolve_path(backend.ca_file) if backend.ca_file else None,
+        verify=backend.tls_verify,
+        client_cert=resolve_path(backend.client_cert) if backend.client_cert else None,
+        client_key=resolve_path(backend.client_key) if backend.client_key else None,
+    )
 
 
 async def probe(backend: BackendConfig, timeout: float) -> str | None:
