@@ -215,6 +215,15 @@ class TLSConfig(_Section):
     hsts: int = Field(default=0, ge=0)  # Strict-Transport-Security max-age; 0 = not sent
 
 
+class AdminConfig(_Section):
+    """The admin listener: /metrics, /api/status, the dashboard, and token-guarded actions."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9090, ge=1, le=65535)
+    token: str | None = None  # bearer token required for actions (and for everything if set)
+
+
 class LogConfig(_Section):
     file: str | None = "pibl.log"  # empty string or null disables the file
     stdout: bool = True
@@ -234,6 +243,7 @@ class Config(_Section):
     retries: RetriesConfig = RetriesConfig()
     compression: CompressionConfig = CompressionConfig()
     tls: TLSConfig | None = None
+    admin: AdminConfig | None = None
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -26,17 +26,21 @@ import contextlib
 import ctypes
 import os
 import select
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pibl.balance.health import SharedRotation
 from pibl.config import Config, load_config, resolve_path
 from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
+from pibl.observe.metrics import prepare_multiprocess, worker_exited
 from pibl.proxy.server import announce_backends, make_socket, run_worker, validate_runtime
 
 HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
@@ -66,6 +70,7 @@ class Master:
     generation: int = 0
     stopping: bool = False
     rotation: SharedRotation | None = None
+    state_dir: Path | None = None
     last_restart: float = 0.0
 
     # -- sockets and processes ----------------------------------------------------------
@@ -142,6 +147,7 @@ class Master:
             if pid == 0:
                 break
             proc = self.workers.pop(pid, None)
+            worker_exited(pid)
             if proc is not None:
                 with contextlib.suppress(OSError):
                     os.close(proc.ready_fd)
@@ -155,6 +161,8 @@ class Master:
         asyncio.run(announce_backends(config, self.log))
         self.sockets = self.open_sockets(config)
         self.rotation = SharedRotation.create(len(config.backends))
+        self.state_dir = Path(tempfile.mkdtemp(prefix="pibl-state-"))
+        prepare_multiprocess(self.state_dir)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         procs = [self.spawn(i, config, self.sockets) for i in range(config.server.workers)]
         if not self.wait_ready(procs):
@@ -246,6 +254,8 @@ class Master:
         self.signal_workers(signal.SIGTERM)
         self._wait_all(self.config.timeouts.shutdown + 5)
         _close_all(self.sockets)
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         self.log.info("stopped")
         return 0
 

@@ -35,6 +35,8 @@ from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk
 from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
 from pibl.http.parse import END, Body, End, Head, Upgrade
 from pibl.observe.accesslog import AccessLog, AccessRecord
+from pibl.observe.metrics import Metrics, multiprocess_dir
+from pibl.observe.status import StatusTracker
 from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
 
 if TYPE_CHECKING:
@@ -134,14 +136,20 @@ class Proxy:
         self.stopping = False
         self.cache: CacheLayer | None = None
         self.compression = compression_settings(config)
+        self.metrics = Metrics()
+        self.status = StatusTracker(self, multiprocess_dir())
 
     # -- connection bookkeeping ---------------------------------------------------------
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
+        self.metrics.connections.inc()
+        if conn.scheme == b"https":
+            self.metrics.tls_handshakes.inc()
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        self.metrics.connections.dec()
 
     def log_exception(self, message: str) -> None:
         self.log.exception(message)
@@ -150,16 +158,19 @@ class Proxy:
 
     async def reject(self, conn: ClientConnection, error: ProtocolError) -> None:
         """Answer a request PIBL refused while parsing; it never reaches a backend."""
-        conn.write(simple_response(error.status, error.reason))
-        self.log.access(
-            AccessRecord(
-                client=conn.client_ip,
-                request_line="-",
-                host="-",
-                status=error.status,
-                detail=error.reason,
-            )
+        response = simple_response(error.status, error.reason)
+        conn.write(response)
+        record = AccessRecord(
+            client=conn.client_ip,
+            request_line="-",
+            host="-",
+            status=error.status,
+            detail=error.reason,
         )
+        record.bytes_out = len(response)
+        record.total = time.monotonic() - record.started
+        self.log.access(record)
+        self.observe(record)
 
     async def handle(self, conn: ClientConnection, incoming: Incoming) -> bool:
         head = incoming.head
@@ -214,7 +225,26 @@ class Proxy:
             record.bytes_in = incoming.body.received
             record.total = time.monotonic() - record.started
             self.log.access(record)
+            self.observe(record)
         return keep_alive
+
+    def observe(self, record: AccessRecord) -> None:
+        """Metrics and live status for one finished exchange."""
+        m = self.metrics
+        status = record.status
+        m.requests.labels(f"{status // 100}xx" if status else "aborted", record.backend).inc()
+        m.latency.observe(record.total)
+        if record.bytes_out:
+            m.bytes_out.inc(record.bytes_out)
+        if record.bytes_in:
+            m.bytes_in.inc(record.bytes_in)
+        if record.cache != "-":
+            m.cache.labels(record.cache).inc()
+        if record.retries:
+            m.retries.inc(record.retries)
+        if record.upstream >= 0 and record.backend:
+            m.upstream_latency.labels(record.backend).observe(record.upstream)
+        self.status.record(status, record.total, record.backend, record.upstream, record.cache)
 
     async def forward(
         self,
@@ -264,7 +294,9 @@ class Proxy:
                 last_error = exc
                 now = time.monotonic()
                 change = state.record_failure(now)
+                self.metrics.backend_errors.labels(state.name).inc()
                 if change == "ejected":
+                    self.metrics.ejections.labels(state.name).inc()
                     self.log.warning(
                         f"backend {state.name} ejected for {state.settings.cooldown:g} s "
                         f"after {state.settings.max_fails} failures ({exc.reason})"

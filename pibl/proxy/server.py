@@ -215,10 +215,28 @@ class Worker:
         proxy.close()
 
     async def _sweep(self) -> None:
+        """Once a second: live status, gauges; now and then: idle pooled connections."""
         interval = max(1.0, self.config.timeouts.upstream_idle / 2)
+        last_sweep = time.monotonic()
+        proxy = self.proxy
+        metrics = proxy.metrics
+        stored = evictions = 0
         while not self._stop.is_set():
-            await asyncio.sleep(interval)
-            self.proxy.sweep_pools()
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if now - last_sweep >= interval:
+                proxy.sweep_pools()
+                last_sweep = now
+            for state in proxy.states:
+                metrics.backend_up.labels(state.name).set(1 if state.available(now) else 0)
+            if proxy.cache is not None:
+                stats = proxy.cache.store.stats
+                metrics.cache_stored.inc(stats.stored - stored)
+                metrics.cache_evictions.inc(stats.evictions - evictions)
+                stored, evictions = stats.stored, stats.evictions
+                metrics.cache_size.set(stats.bytes)
+                metrics.cache_entries.set(stats.entries)
+            proxy.status.tick()
 
 
 async def run_worker(

@@ -1,0 +1,140 @@
+"""Prometheus metrics through the official client library, correct with several workers.
+
+With one process the metrics live in a registry of their own (several proxies can exist
+in one test process). With worker processes the master sets ``PROMETHEUS_MULTIPROC_DIR``
+before any worker starts; each worker then writes its samples to memory-mapped files in
+that directory and whichever worker answers ``/metrics`` merges them all with the
+library's ``MultiProcessCollector`` — counters are summed, gauges use the mode noted on
+each one. The master wipes the directory at start so a restart begins from zero.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def multiprocess_dir() -> Path | None:
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+def prepare_multiprocess(directory: Path) -> None:
+    """Called by the master before it forks: a clean directory, exported to workers."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.glob("*.db"):
+        leftover.unlink(missing_ok=True)
+    os.environ[MULTIPROC_ENV] = str(directory)
+
+
+def worker_exited(pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters keep counting in the sums)."""
+    if multiprocess_dir() is not None:
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        if multiprocess_dir() is not None and values.ValueClass is values.MutexValue:
+            # The library picks its value class when first imported; a worker forked from
+            # a master that imported it before setting the directory must switch here.
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "pibl_requests",
+            "Requests answered, by status class and backend",
+            ["code", "backend"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "pibl_request_duration_seconds",
+            "Time from a request's head to the end of its response",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "pibl_upstream_response_seconds",
+            "Time from sending a request to a backend to its response head",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_out = Counter(
+            "pibl_response_bytes", "Response body bytes sent to clients", registry=r
+        )
+        self.bytes_in = Counter(
+            "pibl_request_bytes", "Request body bytes received from clients", registry=r
+        )
+        self.connections = Gauge(
+            "pibl_client_connections",
+            "Open client connections",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "pibl_backend_up",
+            "1 when the backend is in rotation (as seen by the worker that saw it last)",
+            ["backend"],
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.ejections = Counter(
+            "pibl_backend_ejections",
+            "Backends taken out by passive checks",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "pibl_backend_errors", "Failed attempts on a backend", ["backend"], registry=r
+        )
+        self.retries = Counter("pibl_retries", "Requests retried on another backend", registry=r)
+        self.cache = Counter(
+            "pibl_cache_requests",
+            "Cacheable requests by outcome (HIT, MISS, STALE, REVALIDATED, EXPIRED, BYPASS)",
+            ["result"],
+            registry=r,
+        )
+        self.cache_stored = Counter(
+            "pibl_cache_stored", "Responses stored in the cache", registry=r
+        )
+        self.cache_evictions = Counter(
+            "pibl_cache_evictions", "Entries evicted to respect max_size", registry=r
+        )
+        self.cache_size = Gauge(
+            "pibl_cache_size_bytes",
+            "Bytes in the cache directory as indexed",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "pibl_cache_entries",
+            "Entries in the cache directory as indexed",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.tls_handshakes = Counter(
+            "pibl_tls_handshakes", "Completed TLS handshakes with clients", registry=r
+        )
+
+    def exposition(self) -> bytes:
+        """The text format, merged over every worker when there are several."""
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(directory))  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
