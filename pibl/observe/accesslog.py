@@ -41,6 +41,8 @@ class AccessRecord:
     response_started: bool = False
     continued: bool = False  # "100 Continue" already sent to the client
     retries: int = 0
+    request_head: str = ""  # verbose mode: the head as received ...
+    response_head: str = ""  # ... and as delivered
     started: float = field(default_factory=time.monotonic)
     when: float = field(default_factory=time.time)
 
@@ -65,6 +67,10 @@ def format_combined(r: AccessRecord) -> str:
     )
     if r.detail:
         line += f' detail="{_quote(r.detail)}"'
+    if r.request_head:
+        line += "".join(f"\n  > {h}" for h in r.request_head.rstrip("\r\n").split("\r\n"))
+    if r.response_head:
+        line += "".join(f"\n  < {h}" for h in r.response_head.rstrip("\r\n").split("\r\n"))
     return line
 
 
@@ -85,6 +91,8 @@ def format_json(r: AccessRecord) -> str:
             "request_id": r.request_id.decode("latin-1"),
             "user_agent": r.user_agent,
             "detail": r.detail or None,
+            **({"request_head": r.request_head} if r.request_head else {}),
+            **({"response_head": r.response_head} if r.response_head else {}),
         },
         separators=(",", ":"),
     )

@@ -453,6 +453,8 @@ class CacheLayer:
         out.append(b"\r\n")
         record.status = status
         record.response_started = True
+        if self.proxy.verbose:
+            record.response_head = b"".join(out).decode("latin-1")
         store.stats.hits += 1
         if not send_body:
             conn.write(b"".join(out))

@@ -52,6 +52,13 @@ _ERROR_TEXT = {
 }
 
 
+def head_text(head: RequestHead) -> str:
+    """A request head as received, for the verbose log."""
+    lines = [head.request_line]
+    lines += [f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in head.headers]
+    return "\r\n".join(lines)
+
+
 def compression_settings(config: Config) -> CompressionSettings | None:
     c = config.compression
     if not c.enabled:
@@ -137,6 +144,7 @@ class Proxy:
         self.cache: CacheLayer | None = None
         self.compression = compression_settings(config)
         self.metrics = Metrics()
+        self.verbose = config.log.verbose
         self.status = StatusTracker(self, multiprocess_dir())
 
     # -- connection bookkeeping ---------------------------------------------------------
@@ -184,6 +192,8 @@ class Proxy:
         )
         record.request_id = rid = request_id(get_header(head.headers, b"x-request-id"))
         record.bytes_in = 0
+        if self.verbose:
+            record.request_head = head_text(head)
         try:
             if self.redirect_port is not None and conn.scheme == b"http":
                 keep_alive = self._redirect_to_https(conn, head, rid, record)
@@ -620,6 +630,8 @@ class Proxy:
             extra=extra_headers,
         )
         record.response_started = True
+        if self.verbose:
+            record.response_head = out.decode("latin-1")
         tee = hook.tee if hook is not None else None
         send_body = head.method != b"HEAD"
         chunked = framing is BodyKind.CHUNKED and send_body
