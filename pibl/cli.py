@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
             action.add_argument("url", nargs="?", help="the URL as clients request it")
             action.add_argument("--all", action="store_true", help="remove every entry")
 
+    status = sub.add_parser("status", help="print the live overview from the admin listener")
+    status.add_argument("--url", default="http://127.0.0.1:9090", help="the admin listener")
+
     sub.add_parser(
         "cert",
         help="create a local CA and a certificate for development and the demo",
@@ -131,6 +134,22 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    from pibl.observe.admin import format_status
+
+    url = args.url.rstrip("/") + "/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        print(f"pibl status: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    print(format_status(data))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["cert"]:
@@ -146,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "cache" and args.cache_command:
             return cmd_cache(args)
+        if args.command == "status":
+            return cmd_status(args)
         if args.command == "demo":
             from pibl.demo import run_demo
 

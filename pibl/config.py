@@ -221,7 +221,7 @@ class AdminConfig(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9090, ge=1, le=65535)
-    token: str | None = None  # bearer token required for actions (and for everything if set)
+    token: str | None = None  # bearer token required for actions; without one they are refused
 
 
 class LogConfig(_Section):

@@ -34,10 +34,17 @@ class UpstreamError(PiblError):
     """
 
     def __init__(
-        self, status: int, reason: str, *, connected: bool = True, retryable: bool = True
+        self,
+        status: int,
+        reason: str,
+        *,
+        connected: bool = True,
+        retryable: bool = True,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(f"{status}: {reason}")
         self.status = status
         self.reason = reason
         self.connected = connected
         self.retryable = retryable
+        self.unreachable = unreachable  # refused or timed out at TCP level (503 when all are)

@@ -252,8 +252,10 @@ class Master:
         self.stopping = True
         self.log.info("stopping: finishing in-flight requests")
         self.signal_workers(signal.SIGTERM)
-        self._wait_all(self.config.timeouts.shutdown + 5)
+        # The workers stop accepting at once; the master lets go of the listening sockets
+        # too, so the port refuses new connections instead of queueing them unanswered.
         _close_all(self.sockets)
+        self._wait_all(self.config.timeouts.shutdown + 5)
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
         self.log.info("stopped")

@@ -236,9 +236,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 1024  # the default backlog of 5 drops connections under load
+
+
 def start_backend(name: str, port: int = 0) -> Backend:
     handler = type(f"Handler_{name}", (_Handler,), {})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server = _Server(("127.0.0.1", port), handler)
     server.daemon_threads = True
     backend = Backend(name, server)
     handler.backend = backend  # type: ignore[attr-defined]

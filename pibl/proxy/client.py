@@ -202,8 +202,8 @@ class ClientConnection(asyncio.Protocol):
         # A half-closed client may still wait for its responses (``nc -q``, HTTP/1.0 tools).
         if self._reading is not None and self._reading.body is not None:
             self._reading.body.fail(ProtocolError(400, "client closed during the body"))
-        if not self._queue:
-            return None
+        if not self._queue or self.scheme == b"https":
+            return None  # (TLS cannot stay half-open: answering is not possible anyway)
         self._stop_reading = True
         return True
 
@@ -314,7 +314,9 @@ class ClientConnection(asyncio.Protocol):
                     return
                 keep_alive = await self.proxy.handle(self, incoming)
                 queue.popleft()
-                if not keep_alive or self.proxy.stopping:
+                # When stopping, a response already sent as keep-alive leaves the connection
+                # open: the client's next request gets "Connection: close" instead of a reset.
+                if not keep_alive:
                     self.close()
                     return
                 if len(queue) <= self.proxy.config.limits.max_pipelined:

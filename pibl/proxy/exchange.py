@@ -311,7 +311,7 @@ class Proxy:
                         f"backend {state.name} ejected for {state.settings.cooldown:g} s "
                         f"after {state.settings.max_fails} failures ({exc.reason})"
                     )
-                never_connected = never_connected and not exc.connected
+                never_connected = never_connected and exc.unreachable
                 safe = not exc.connected or (
                     head.method in IDEMPOTENT and head.body is BodyKind.NONE
                 )

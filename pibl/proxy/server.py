@@ -21,6 +21,8 @@ from pibl.cache.store import DiskStore
 from pibl.compress import CompressionSettings
 from pibl.config import Config, TLSConfig, resolve_path
 from pibl.observe.accesslog import AccessLog
+from pibl.observe.admin import start_admin
+from pibl.observe.status import ProxyAdmin
 from pibl.proxy.cached import CacheLayer
 from pibl.proxy.client import ClientConnection
 from pibl.proxy.exchange import Proxy
@@ -152,6 +154,17 @@ class Worker:
             self.log.info(
                 f"listening on https://{addr[0]}:{addr[1]} ({describe(self.tls.context)})"
             )
+        admin = self.config.admin
+        if admin is not None and admin.enabled:
+            server = await start_admin(
+                ProxyAdmin(proxy),
+                host=admin.host,
+                port=admin.port,
+                token=admin.token,
+                sock=make_socket(admin.host, admin.port),
+            )
+            self.servers.append(server)
+            self.log.info(f"admin on http://{admin.host}:{admin.port}/")
         self._sweeper = loop.create_task(self._sweep())
         self._start_health_checks()
 
@@ -197,10 +210,16 @@ class Worker:
         proxy.stopping = True
         for server in self.servers:
             server.close()
-        deadline = time.monotonic() + self.config.timeouts.shutdown
+        started = time.monotonic()
+        deadline = started + self.config.timeouts.shutdown
+        # For a short grace period idle keep-alive connections stay open: a client about to
+        # reuse one gets its answer with "Connection: close" instead of a reset. After it,
+        # idle connections are closed and only in-flight requests are waited for.
+        grace = started + min(1.0, self.config.timeouts.shutdown / 2)
         while time.monotonic() < deadline:
-            for conn in list(proxy.connections):
-                conn.close_if_idle()
+            if time.monotonic() >= grace:
+                for conn in list(proxy.connections):
+                    conn.close_if_idle()
             if not proxy.connections:
                 break
             await asyncio.sleep(0.05)

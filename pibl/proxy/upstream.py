@@ -297,7 +297,9 @@ class Pool:
                     server_hostname=backend.host if self._ssl else None,
                 )
         except TimeoutError:
-            raise UpstreamError(504, "timed out connecting to backend", connected=False) from None
+            raise UpstreamError(
+                504, "timed out connecting to backend", connected=False, unreachable=True
+            ) from None
         except ssl.SSLError as exc:
             raise UpstreamError(
                 502, f"TLS error with backend: {exc.reason}", connected=False
@@ -305,7 +307,7 @@ class Pool:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise UpstreamError(
-                502, f"cannot connect to backend: {reason}", connected=False
+                502, f"cannot connect to backend: {reason}", connected=False, unreachable=True
             ) from None
         return protocol
 
