@@ -136,7 +136,10 @@ class CacheConfig(_Section):
     enabled: bool = True
     dir: str = "cache"  # relative to the directory PIBL runs in
     ttl: float = Field(default=60.0, ge=0)  # default lifetime; 0 = strict RFC 9111
-    store: Literal["disk"] = "disk"
+    store: Literal["disk", "redis"] = "disk"  # redis: local disk tier + shared Redis tier
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "pibl:"
+    redis_timeout: PositiveFloat = 0.5
     max_size: int = 1024**3
     max_entry_size: int = 256 * 1024**2  # larger responses are passed through, not stored
     memory_max: int = 32 * 1024**2  # memory tier for small hot entries

@@ -26,7 +26,7 @@ apt_install() {
 }
 
 if ((want_test)) && command -v apt-get >/dev/null; then
-    apt_install chromium chromium-driver iproute2 curl
+    apt_install chromium chromium-driver iproute2 curl redis-server
 fi
 
 PY=${PYTHON:-python3}

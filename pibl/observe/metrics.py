@@ -126,6 +126,9 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.redis_errors = Counter(
+            "pibl_redis_errors", "Failed calls to the shared Redis cache tier", registry=r
+        )
         self.tls_handshakes = Counter(
             "pibl_tls_handshakes", "Completed TLS handshakes with clients", registry=r
         )

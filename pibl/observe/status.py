@@ -281,11 +281,16 @@ class ProxyAdmin:
         cache = self.proxy.cache
         if cache is None:
             return 0
+        remote = cache.remote
         if url is None:
+            if remote is not None:
+                remote.spawn(remote.purge(None))
             return cache.store.purge_all()
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{url!r} is not an http(s) URL")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         key = primary_key(parts.scheme.encode(), parts.netloc.encode(), target.encode())
+        if remote is not None:
+            remote.spawn(remote.purge(key))
         return 1 if cache.store.invalidate(key) else 0

@@ -38,6 +38,7 @@ from pibl.observe.accesslog import AccessRecord
 from pibl.proxy.exchange import ResponseHook
 
 if TYPE_CHECKING:
+    from pibl.cache.redis_tier import RedisTier
     from pibl.proxy.client import ClientConnection, Incoming
     from pibl.proxy.exchange import Proxy
 
@@ -138,6 +139,7 @@ class CacheLayer:
         self._inflight: dict[bytes, asyncio.Event] = {}
         self._refreshing: set[bytes] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.remote: RedisTier | None = None
 
     async def handle(
         self,
@@ -170,6 +172,9 @@ class CacheLayer:
             return keep
 
         entry, found = self.store.lookup(primary, head.headers)
+        remote = self.remote
+        if entry is None and remote is not None and await remote.fetch(primary, head.headers):
+            entry, found = self.store.lookup(primary, head.headers)  # hydrated from Redis
         if entry is not None and not policy.may_serve_with_authorization(
             head.headers, entry.headers
         ):
@@ -216,8 +221,18 @@ class CacheLayer:
             return await self.handle(conn, incoming, head, rid, record, collapsed=True)
         if policy.only_if_cached(head.headers):
             return self._only_if_cached(conn, head, rid, record)
+        locked = False
+        if remote is not None and not collapsed:
+            # Across the fleet too: one node fetches, the others wait for it in Redis.
+            ms = int(self.config.lock_timeout * 1000)
+            got = await remote.lock(primary, ms)
+            if got is False and await remote.wait_for(
+                primary, head.headers, self.config.lock_timeout
+            ):
+                return await self.handle(conn, incoming, head, rid, record, collapsed=True)
+            locked = got is True
         fwd = "vary-miss" if found == "vary-miss" else "miss"
-        return await self._fetch(conn, incoming, head, rid, record, primary, fwd)
+        return await self._fetch(conn, incoming, head, rid, record, primary, fwd, locked)
 
     # -- misses -------------------------------------------------------------------------
 
@@ -230,6 +245,7 @@ class CacheLayer:
         record: AccessRecord,
         primary: bytes,
         fwd: str,
+        locked: bool = False,
     ) -> bool:
         record.cache = "MISS"
         leader = primary not in self._inflight
@@ -241,15 +257,28 @@ class CacheLayer:
             return await self.proxy.forward(conn, incoming, head, rid, record, hook=hook)
         finally:
             if leader:
-                self._release(primary, event, hook)
+                self._release(primary, event, hook, locked)
+            elif locked and self.remote is not None:
+                self.remote.spawn(self.remote.unlock(primary))
 
-    def _release(self, primary: bytes, event: asyncio.Event, hook: _StoreHook) -> None:
-        """Wake the waiters once the entry is visible (or there is none)."""
+    def _release(
+        self, primary: bytes, event: asyncio.Event, hook: _StoreHook, locked: bool = False
+    ) -> None:
+        """Wake the waiters once the entry is visible (or there is none).
 
-        def done(_: object = None) -> None:
+        With a Redis tier the entry is then published, and only after that the fleet-wide
+        lock is released, so nodes waiting on it find the entry in Redis.
+        """
+
+        def done(fut: asyncio.Future[Entry | None] | None = None) -> None:
             if self._inflight.get(primary) is event:
                 del self._inflight[primary]
             event.set()
+            if self.remote is not None:
+                entry = None
+                if fut is not None and not fut.cancelled() and fut.exception() is None:
+                    entry = fut.result()
+                self.remote.spawn(self._publish(primary, entry, locked))
 
         if hook.commit is not None:
             hook.commit.add_done_callback(done)
@@ -482,12 +511,26 @@ class CacheLayer:
 
     # -- invalidation -------------------------------------------------------------------
 
+    async def _publish(self, primary: bytes, entry: Entry | None, locked: bool) -> None:
+        assert self.remote is not None
+        try:
+            if entry is not None:
+                await self.remote.push(primary, entry)
+        finally:
+            if locked:
+                await self.remote.unlock(primary)
+
     def invalidate(
         self, scheme: bytes, host: bytes, target: bytes, response_headers: list[tuple[bytes, bytes]]
     ) -> None:
-        self.store.invalidate(primary_key(scheme, host, target))
-        for path in policy.invalidated_targets(host, response_headers):
-            self.store.invalidate(primary_key(scheme, host, path))
+        keys = [primary_key(scheme, host, target)]
+        keys += [
+            primary_key(scheme, host, p) for p in policy.invalidated_targets(host, response_headers)
+        ]
+        for key in keys:
+            self.store.invalidate(key)
+            if self.remote is not None:  # every node drops its copy too
+                self.remote.spawn(self.remote.purge(key))
 
     def close(self) -> None:
         for task in self._tasks:

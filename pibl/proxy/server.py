@@ -20,6 +20,7 @@ from pibl.cache.key import Normalizer
 from pibl.cache.store import DiskStore
 from pibl.compress import CompressionSettings
 from pibl.config import Config, TLSConfig, resolve_path
+from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
 from pibl.observe.admin import start_admin
 from pibl.observe.status import ProxyAdmin
@@ -79,6 +80,13 @@ def accept_encoding_normalizer(settings: CompressionSettings | None) -> Normaliz
 
 def validate_runtime(config: Config) -> None:
     """Checks that need the files a config names (certificates); raise ConfigError."""
+    if config.cache.enabled and config.cache.store == "redis":
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                'cache.store: "redis" needs the redis package (pip install "pibl[redis]")'
+            ) from None
     if config.tls is not None and config.tls.enabled:
         make_tls(config.tls)
     for backend in config.backends:
@@ -107,7 +115,22 @@ def make_cache(proxy: Proxy, config: Config, log: AccessLog) -> CacheLayer:
     )
     store.start_indexing()
     log.info(f"cache: {directory} (ttl {cfg.ttl:g} s, max {cfg.max_size} bytes)")
-    return CacheLayer(proxy, cfg, store)
+    layer = CacheLayer(proxy, cfg, store)
+    if cfg.store == "redis":
+        from pibl.cache.redis_tier import RedisTier  # needs the optional redis package
+
+        layer.remote = RedisTier(
+            cfg.redis_url,
+            store,
+            log=log.warning,
+            on_error=proxy.metrics.redis_errors.inc,
+            prefix=cfg.redis_prefix,
+            timeout=cfg.redis_timeout,
+            extra_ttl=cfg.max_stale_on_error,
+            max_entry=cfg.max_entry_size,
+        )
+        log.info(f"cache: shared tier on {cfg.redis_url} (prefix {cfg.redis_prefix})")
+    return layer
 
 
 class Worker:
@@ -165,6 +188,8 @@ class Worker:
             )
             self.servers.append(server)
             self.log.info(f"admin on http://{admin.host}:{admin.port}/")
+        if proxy.cache is not None and proxy.cache.remote is not None:
+            proxy.cache.remote.start()
         self._sweeper = loop.create_task(self._sweep())
         self._start_health_checks()
 
@@ -231,6 +256,8 @@ class Worker:
             task.cancel()
         if proxy.cache is not None:
             proxy.cache.close()
+            if proxy.cache.remote is not None:
+                await proxy.cache.remote.close()
         proxy.close()
 
     async def _sweep(self) -> None:
