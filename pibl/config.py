@@ -76,6 +76,9 @@ class BackendConfig(_Section):
     tls_verify: bool = True
     client_cert: str | None = None  # mutual TLS towards the backend
     client_key: str | None = None
+    # service discovery: a host name resolving to several addresses becomes several backends
+    discover: bool = False
+    server_name: str | None = None  # TLS SNI/verification name (set for discovered addresses)
 
     @field_validator("url")
     @classmethod
@@ -218,6 +221,23 @@ class TLSConfig(_Section):
     hsts: int = Field(default=0, ge=0)  # Strict-Transport-Security max-age; 0 = not sent
 
 
+class DiscoveryConfig(_Section):
+    """Re-resolution of ``discover = true`` backends (Kubernetes headless services, Consul)."""
+
+    interval: PositiveFloat = 10.0
+    timeout: PositiveFloat = 2.0
+    nameservers: tuple[str, ...] = ()  # "10.0.0.2", "127.0.0.1:8600"; empty: the system's
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from pibl.discovery import parse_nameserver
+
+        for item in value:
+            parse_nameserver(item)
+        return value
+
+
 class AdminConfig(_Section):
     """The admin listener: /metrics, /api/status, the dashboard, and token-guarded actions."""
 
@@ -247,6 +267,7 @@ class Config(_Section):
     compression: CompressionConfig = CompressionConfig()
     tls: TLSConfig | None = None
     admin: AdminConfig | None = None
+    discovery: DiscoveryConfig = DiscoveryConfig()
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

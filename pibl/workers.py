@@ -38,6 +38,7 @@ from typing import Any
 
 from pibl.balance.health import SharedRotation
 from pibl.config import Config, load_config, resolve_path
+from pibl.discovery import Watcher, expanded_config, make_resolver, needs_discovery
 from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
 from pibl.observe.metrics import prepare_multiprocess, worker_exited
@@ -70,6 +71,8 @@ class Master:
     generation: int = 0
     stopping: bool = False
     rotation: SharedRotation | None = None
+    configured: Config | None = None  # as written in the file (before discovery)
+    watcher: Watcher | None = None
     state_dir: Path | None = None
     last_restart: float = 0.0
 
@@ -156,7 +159,32 @@ class Master:
 
     # -- the master loop ----------------------------------------------------------------
 
+    def _effective(self, configured: Config, *, force: bool) -> Config | None:
+        """The configuration with discovered backends expanded; None if nothing changed."""
+        if not any(needs_discovery(b) for b in configured.backends):
+            return configured if force else None
+        if self.watcher is None or force:
+            d = configured.discovery
+            self.watcher = Watcher(make_resolver(d.nameservers, d.timeout).resolve, d.interval)
+        expansion = self.watcher.check(configured.backends, force=force)
+        if expansion is None:
+            return None
+        self.log.info(f"discovery: {expansion.summary()}")
+        return expanded_config(configured, expansion)
+
+    def _rediscover(self) -> None:
+        if self.watcher is None or not self.watcher.due() or self.stopping:
+            return
+        effective = self._effective(self.configured or self.config, force=False)
+        if effective is not None:
+            self.log.info("discovery: the backend set changed; starting a new generation")
+            self._start_generation(effective)
+
     def run(self) -> int:
+        self.configured = self.config
+        effective = self._effective(self.config, force=True)
+        if effective is not None:
+            self.config = effective
         config = self.config
         asyncio.run(announce_backends(config, self.log))
         self.sockets = self.open_sockets(config)
@@ -186,6 +214,7 @@ class Master:
                 self.log.reopen()
                 self.signal_workers(signal.SIGUSR1)
             self._replace_dead()
+            self._rediscover()
 
     def _replace_dead(self) -> None:
         for proc, status in self.reap():
@@ -208,11 +237,17 @@ class Master:
     def reload(self) -> None:
         """SIGHUP: validate, start a new generation, retire the old one gracefully."""
         try:
-            new_config = load_config(self.config_path, self.overrides)
-            validate_runtime(new_config)
+            configured = load_config(self.config_path, self.overrides)
+            validate_runtime(configured)
         except ConfigError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc}")
             return
+        new_config = self._effective(configured, force=True) or configured
+        if self._start_generation(new_config):
+            self.configured = configured
+
+    def _start_generation(self, new_config: Config) -> bool:
+        """New workers with ``new_config``; the old ones finish their requests and exit."""
         old_generation = self.generation
         old_sockets = self.sockets
         same_address = self._address(new_config) == self._address(self.config) and (
@@ -222,7 +257,7 @@ class Master:
             sockets = old_sockets if same_address else self.open_sockets(new_config)
         except OSError as exc:
             self.log.error(f"reload refused: cannot listen: {exc}")
-            return
+            return False
         self.generation += 1
         old_rotation = self.rotation
         self.rotation = SharedRotation.create(len(new_config.backends))
@@ -236,7 +271,7 @@ class Master:
             self.rotation = old_rotation
             if sockets is not old_sockets:
                 _close_all(sockets)
-            return
+            return False
         self.signal_workers(signal.SIGTERM, old_generation)
         if sockets is not old_sockets:
             _close_all(old_sockets)  # the old workers keep their own copy until they exit
@@ -247,6 +282,7 @@ class Master:
             f"{len(new_config.backends)} backend(s): "
             + ", ".join(b.label for b in new_config.backends)
         )
+        return True
 
     def stop(self) -> int:
         self.stopping = True

@@ -240,9 +240,9 @@ class _Server(http.server.ThreadingHTTPServer):
     request_queue_size = 1024  # the default backlog of 5 drops connections under load
 
 
-def start_backend(name: str, port: int = 0) -> Backend:
+def start_backend(name: str, port: int = 0, host: str = "127.0.0.1") -> Backend:
     handler = type(f"Handler_{name}", (_Handler,), {})
-    server = _Server(("127.0.0.1", port), handler)
+    server = _Server((host, port), handler)
     server.daemon_threads = True
     backend = Backend(name, server)
     handler.backend = backend  # type: ignore[attr-defined]

@@ -33,9 +33,9 @@ async def probe_once(
                 backend.host,
                 backend.port,
                 ssl=ssl_context,
-                server_hostname=backend.host if ssl_context else None,
+                server_hostname=(backend.server_name or backend.host) if ssl_context else None,
             )
-            host = f"{backend.host}:{backend.port}"
+            host = f"{backend.server_name or backend.host}:{backend.port}"
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: pibl-health\r\n"
                 "Connection: close\r\n\r\n".encode()

@@ -119,6 +119,9 @@ class Proxy:
             hashlib.sha256(b.label.encode()).hexdigest()[:12].encode() for b in config.backends
         ]
         self._sticky_ids = {v: i for i, v in enumerate(self._sticky_id)}
+        self._default_hosts = [
+            f"{b.server_name or b.host}:{b.port}".encode() for b in config.backends
+        ]
         self.pools = [
             Pool(
                 b,
@@ -422,7 +425,7 @@ class Proxy:
             scheme=conn.scheme,
             rid=rid,
             via=self.via,
-            default_host=f"{pool.backend.host}:{pool.backend.port}".encode(),
+            default_host=self._default_hosts[index],
             body=head.body,
             content_length=head.content_length,
             drop=drop,

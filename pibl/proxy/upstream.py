@@ -294,7 +294,7 @@ class Pool:
                     backend.host,
                     backend.port,
                     ssl=self._ssl,
-                    server_hostname=backend.host if self._ssl else None,
+                    server_hostname=(backend.server_name or backend.host) if self._ssl else None,
                 )
         except TimeoutError:
             raise UpstreamError(
