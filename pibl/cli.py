@@ -6,7 +6,9 @@ Exit codes: 0 ok, 2 bad usage or invalid config, 1 runtime failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -175,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pibl: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `pibl check-config | head`: the reader went away
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter exit quiet
         return 0
     parser.print_help()
     return 2

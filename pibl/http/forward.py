@@ -15,6 +15,8 @@ call.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import uuid
 
@@ -77,11 +79,34 @@ REASONS: dict[int, bytes] = {
 }
 
 
+class _RequestIds:
+    """Unique ids without a random draw per request: a random per-process prefix + a counter.
+
+    The prefix is drawn again after a fork, so worker processes never share ids.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = b""
+        self._counter = itertools.count(1)
+
+    def next(self) -> bytes:
+        pid = os.getpid()
+        if pid != self._pid:
+            self._pid = pid
+            self._prefix = uuid.uuid4().hex[:16].encode()
+            self._counter = itertools.count(1)
+        return b"%s%016x" % (self._prefix, next(self._counter))
+
+
+_new_id = _RequestIds().next
+
+
 def request_id(headers_value: bytes | None) -> bytes:
-    """Keep a sane client-supplied id, otherwise make a new one."""
+    """Keep a sane client-supplied id, otherwise make a new one (32 hex digits)."""
     if headers_value is not None and _SANE_REQUEST_ID.match(headers_value):
         return headers_value
-    return uuid.uuid4().hex.encode()
+    return _new_id()
 
 
 def _connection_named(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:

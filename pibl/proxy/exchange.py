@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pibl import compress
 from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedRotation
@@ -147,6 +147,7 @@ class Proxy:
         self.cache: CacheLayer | None = None
         self.compression = compression_settings(config)
         self.metrics = Metrics()
+        self._request_counters: dict[tuple[int, str], Any] = {}
         self.verbose = config.log.verbose
         self.status = StatusTracker(self, multiprocess_dir())
 
@@ -245,7 +246,12 @@ class Proxy:
         """Metrics and live status for one finished exchange."""
         m = self.metrics
         status = record.status
-        m.requests.labels(f"{status // 100}xx" if status else "aborted", record.backend).inc()
+        key = (status // 100, record.backend)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            klass = f"{status // 100}xx" if status else "aborted"
+            counter = self._request_counters[key] = m.requests.labels(klass, record.backend)
+        counter.inc()
         m.latency.observe(record.total)
         if record.bytes_out:
             m.bytes_out.inc(record.bytes_out)
