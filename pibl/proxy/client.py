@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pibl.errors import ProtocolError
 from pibl.http.message import RequestHead
 from pibl.http.parse import Body, End, Head, RequestParser, Upgrade
+from pibl.proxy.flow import WriteFlow
 
 if TYPE_CHECKING:
     from pibl.proxy.exchange import Proxy
@@ -109,7 +110,7 @@ class Incoming:
         self.error: ProtocolError | None = None  # a request PIBL rejects, answered in order
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(WriteFlow):
     def __init__(self, proxy: Proxy, scheme: bytes) -> None:
         # connection
         self.proxy = proxy
@@ -216,21 +217,8 @@ class ClientConnection(asyncio.Protocol):
                 self.tunnel_done.set_result(None)
         if self._reading is not None and self._reading.body is not None:
             self._reading.body.fail(ProtocolError(400, "client closed the connection"))
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self.release_drain()
         self.proxy.connection_closed(self)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self.tunnel is not None:  # the client reads slowly: stop reading the backend
-            self.tunnel.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.tunnel is not None and not self.tunnel.is_closing():
-            self.tunnel.resume_reading()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
 
     # -- used by the exchange -----------------------------------------------------------
 
@@ -239,9 +227,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     async def drain(self) -> None:
-        if self._write_paused and not self.closed:
-            self._drain_waiter = self.loop.create_future()
-            await self._drain_waiter
+        if not self.closed:
+            await self.wait_writable(self.loop)
         if self.closed:
             raise ConnectionResetError("client closed the connection")
 

@@ -26,22 +26,21 @@ from pibl.config import BackendConfig, resolve_path
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.message import BodyKind
 from pibl.http.parse import END, Body, End, Event, Head, ResponseParser, Upgrade
+from pibl.proxy.flow import WriteFlow
 from pibl.tls import client_context
 
 READ_HIGH = 256 * 1024
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(WriteFlow):
     __slots__ = (
         "_buffered",
-        "_drain_waiter",
         "_error",
         "_events",
         "_loop",
         "_parser",
         "_read_paused",
         "_waiter",
-        "_write_paused",
         "backend",
         "close_delimited",
         "closed",
@@ -49,7 +48,6 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "reusable",
         "transport",
-        "tunnel",
         "tunnel_done",
     )
 
@@ -125,20 +123,7 @@ class UpstreamConnection(asyncio.Protocol):
             elif not self._events or not isinstance(self._events[-1], End):
                 self._fail(UpstreamError(502, "backend closed the connection"))
         self._wake()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self.tunnel is not None:  # the backend reads slowly: stop reading the client
-            self.tunnel.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.tunnel is not None and not self.tunnel.is_closing():
-            self.tunnel.resume_reading()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self.release_drain()
 
     # -- used by the exchange -----------------------------------------------------------
 
@@ -163,8 +148,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed:
             raise UpstreamError(502, "backend closed the connection")
         if self._write_paused:
-            self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
+            await self.wait_writable(self._loop)
             if self.closed:
                 raise UpstreamError(502, "backend closed the connection")
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +9,7 @@ import httpx
 import pytest
 
 from tests.integration.test_discovery_dns import TinyDNS
-from tests.support import free_port, start_backend, start_pibl_process, wait_port
+from tests.support import free_port, start_backend, start_pibl_process, stop_process, wait_port
 
 pytestmark = pytest.mark.e2e
 
@@ -81,11 +78,7 @@ discover = true
             f"address added: in rotation after {added:.2f} s; removed: drained after {removed:.2f} s"
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)
-        if proc.poll() is None:
-            proc.kill()
+        stop_process(proc)
         for app in apps.values():
             app.stop()
         dns.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import free_port, start_pibl_process, wait_port, write_config
+from tests.support import free_port, start_pibl_process, stop_process, wait_port, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -260,11 +259,7 @@ def test_stalled_backend_504_and_taken_out(tmp_path: Path) -> None:
         thread.join(30)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-            if proc.poll() is None:
-                proc.kill()
+            stop_process(proc)
         for r in replicas:
             r.stop()
         hole.close()

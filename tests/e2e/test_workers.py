@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import resource
 import signal
@@ -23,6 +22,7 @@ from tests.support import (
     rss_kib,
     start_backend,
     start_pibl_process,
+    stop_process,
     wait_port,
     write_config,
 )
@@ -88,11 +88,7 @@ def test_sighup_reload_under_load(tmp_path: Path, backends: list[Backend]) -> No
         load.join()
         new_workers = set(workers_of(proc.pid))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)
-        if proc.poll() is None:
-            proc.kill()
+        stop_process(proc)
         extra.stop()
     assert load.results
     assert load.failures() == [], load.failures()[:5]
@@ -151,11 +147,7 @@ def test_kill9_a_worker_under_load(tmp_path: Path, backends: list[Backend]) -> N
         load.join()
         replaced = workers_of(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)
-        if proc.poll() is None:
-            proc.kill()
+        stop_process(proc)
     assert victim not in replaced and len(replaced) == 2
     failures = load.failures()
     # only requests on the killed worker's open connections may fail: at most one per client
@@ -236,8 +228,4 @@ def test_10000_idle_keepalive_connections(tmp_path: Path, backends: list[Backend
     finally:
         for s in sockets:
             s.close()
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)
-        if proc.poll() is None:
-            proc.kill()
+        stop_process(proc)
