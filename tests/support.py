@@ -167,6 +167,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 for block in pattern(size):
                     self.wfile.write(block)
             return
+        if parts.path == "/text":  # compressible, streamed in blocks, chunked
+            size = int(query.get("size", "0"))
+            line = b"PIBL streams this line again and again to test compression.\n" * 1024
+            self.send_response(200)
+            self.send_header("X-Backend", self.backend.name)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            left = size
+            while left > 0:
+                block = line[: min(left, len(line))]
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(block), block))
+                left -= len(block)
+            self.wfile.write(b"0\r\n\r\n")
+            return
         if parts.path == "/stall":
             self.backend.stall.wait(30)
             return

@@ -98,3 +98,50 @@ def test_200mb_download_and_50mb_upload_constant_memory(
     peak_mib = sampler.stop() / 1024
     assert peak_mib < 100, f"PIBL peak RSS (master + worker) {peak_mib:.1f} MiB"
     print(f"peak RSS of master + worker: {peak_mib:.1f} MiB")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_200mb_compressible_download_compressed_in_flat_memory(
+    pibl_process: tuple[int, subprocess.Popen[bytes]], encoding: str
+) -> None:
+    import zlib
+
+    import brotli
+
+    port, proc = pibl_process
+    sampler = _Sampler(proc.pid)
+    size = 200 * 1024 * 1024
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("GET", f"/text?size={size}", headers={"Accept-Encoding": encoding})
+    resp = conn.getresponse()
+    assert resp.getheader("Content-Encoding") == encoding
+    assert "Accept-Encoding" in (resp.getheader("Vary") or "")
+    if encoding == "gzip":
+        decoder = zlib.decompressobj(wbits=31)
+        decode = decoder.decompress
+    else:
+        decoder = brotli.Decompressor()
+        decode = decoder.process
+    got = 0
+    wire = 0
+    h = hashlib.sha256()
+    line = b"PIBL streams this line again and again to test compression.\n" * 1024
+    expected = hashlib.sha256()
+    left = size
+    while left > 0:
+        block = line[: min(left, len(line))]
+        expected.update(block)
+        left -= len(block)
+    while chunk := resp.read(1 << 20):
+        wire += len(chunk)
+        data = decode(chunk)
+        got += len(data)
+        h.update(data)
+    conn.close()
+    peak_mib = sampler.stop() / 1024
+    assert got == size and h.hexdigest() == expected.hexdigest()
+    assert wire < size / 20  # really compressed
+    assert peak_mib < 100, f"PIBL peak RSS (master + worker) {peak_mib:.1f} MiB"
+    print(
+        f"{encoding}: {size >> 20} MiB -> {wire / 1024:.0f} KiB on the wire, peak RSS {peak_mib:.1f} MiB"
+    )

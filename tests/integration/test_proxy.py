@@ -372,3 +372,32 @@ def test_upstream_connections_reused(backends: list[Backend], proxy: ProxyThread
         for _ in range(30):
             assert client.get("/k").status_code == 200
     assert sum(b.connections for b in backends) == 3
+
+
+def test_sticky_sessions_by_cookie(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, balance={"sticky": True})
+    with httpx.Client(base_url=proxy.url) as first, httpx.Client(base_url=proxy.url) as second:
+        a = {first.get("/s").headers["x-backend"] for _ in range(6)}
+        b = {second.get("/s").headers["x-backend"] for _ in range(6)}
+        assert "pibl_backend" in first.cookies
+    assert len(a) == 1 and len(b) == 1  # each client stays on one backend
+    # without the cookie, plain rotation
+    seen = {httpx.get(proxy.url + "/s").headers["x-backend"] for _ in range(6)}
+    assert len(seen) == 3
+
+
+def test_least_connections_prefers_the_idle_backend(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, balance={"policy": "least_conn"})
+    slow = threading.Thread(target=lambda: httpx.get(proxy.url + "/slow?s=1.5", timeout=10))
+    slow.start()
+    time.sleep(0.3)
+    busy = [s for b in backends for s in b.seen if s.path.startswith("/slow")]
+    assert len(busy) == 1
+    names = [httpx.get(proxy.url + "/q").headers["x-backend"] for _ in range(4)]
+    slow.join()
+    busy_name = next(b.name for b in backends if any(s.path.startswith("/slow") for s in b.seen))
+    assert busy_name not in names
