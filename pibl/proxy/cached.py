@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 CONDITIONALS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"}
 )
-SENDFILE_MIN = 1024 * 1024  # bodies at least this large are sent with sendfile
+SENDFILE_MIN = 64 * 1024  # larger bodies go out with sendfile (checked once per process)
 
 
 class _StoreHook(ResponseHook):
