@@ -7,15 +7,18 @@ Method (see bench/README.md):
   loopback ports; these are the backends. The backends, wrk and this script run on one CPU
   (``--loadgen-cpu``, default 0), the proxy under test alone on another (``--proxy-cpu``,
   default 1).
-* Every proxy (PIBL with and without its access log file, nginx, HAProxy) gets its own port
-  and balances round robin over the same three backends with upstream keep-alive.
+* Scenarios: ``proxy`` (every request reaches a backend), ``cache`` (cache hits: PIBL's
+  disk cache, nginx ``proxy_cache``, HAProxy's memory cache), ``tls`` (HTTPS termination)
+  and ``logging`` (access log on and off). In each, PIBL (``--workers 1``: one worker and
+  its master), nginx (``worker_processes 1``) and HAProxy (``nbthread 1``) balance round
+  robin over the same three backends with upstream keep-alive, one at a time.
 * For each proxy, connection mode and response size: a warm-up wrk run, then a measured
   ``wrk -t1 -c<C> -d<D>s --latency`` run. The proxy's process tree CPU time (utime + stime
   of the process and all its descendants, from /proc) is read before and after; CPU
   microseconds per request = CPU time / requests completed. Peak RSS of the tree is sampled
   every 0.2 s during the measured run.
 
-Standard library only. A PNG chart is drawn when matplotlib happens to be importable.
+Standard library only. A PNG chart is drawn when matplotlib is importable.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +52,76 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS_DIR = HERE / "results"
 
-ALL_PROXIES = ("pibl", "pibl-nolog", "nginx", "haproxy")
+ALL_SCENARIOS = ("proxy", "cache", "tls", "logging")
+ALL_PROXIES = ("pibl", "pibl-nolog", "nginx", "nginx-nolog", "haproxy")
 SIZES = {"1k": 1024, "100k": 100 * 1024}
 MODES = ("keepalive", "close")
-# Offsets from --base-port.
+# Offsets from --base-port: backends on BASE+1..3, proxies on BASE+80 upward (one or two
+# ports for every proxy started, in order).
 BACKEND_OFFSETS = (1, 2, 3)
-PROXY_OFFSETS = {"pibl": 80, "pibl-nolog": 81, "nginx": 82, "haproxy": 83}
+PROXY_PORT_OFFSET = 80
+CACHED_PREFIX = "/cached"  # backend location with cacheable responses (cache scenario)
+CACHE_TTL = 600  # seconds: backends' max-age, PIBL's [cache] ttl, nginx proxy_cache_valid
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One proxy set up for one scenario; ``name`` is the row label in the table."""
+
+    scenario: str
+    name: str
+    kind: str  # pibl | nginx | haproxy
+    log: str  # none | file | file+stdout | stdout
+    cache: bool = False
+    tls: bool = False
+
+    @property
+    def describe(self) -> str:
+        parts = [
+            {
+                "none": "no access log",
+                "file": "access log to a file",
+                "file+stdout": "access log to a file and to stdout (redirected to a file)",
+                "stdout": "access log to stdout (redirected to a file)",
+            }[self.log]
+        ]
+        if self.cache:
+            parts.append("response cache on")
+        if self.tls:
+            parts.append("HTTPS listener")
+        return ", ".join(parts)
+
+
+SCENARIOS: dict[str, tuple[Variant, ...]] = {
+    "proxy": (
+        Variant("proxy", "pibl", "pibl", "file"),
+        Variant("proxy", "nginx", "nginx", "file"),
+        Variant("proxy", "haproxy", "haproxy", "none"),
+    ),
+    "cache": (
+        Variant("cache", "pibl", "pibl", "file", cache=True),
+        Variant("cache", "nginx", "nginx", "file", cache=True),
+        Variant("cache", "haproxy", "haproxy", "none", cache=True),
+    ),
+    "tls": (
+        Variant("tls", "pibl", "pibl", "file", tls=True),
+        Variant("tls", "nginx", "nginx", "file", tls=True),
+        Variant("tls", "haproxy", "haproxy", "none", tls=True),
+    ),
+    "logging": (
+        Variant("logging", "pibl", "pibl", "file+stdout"),
+        Variant("logging", "pibl-nolog", "pibl", "none"),
+        Variant("logging", "nginx", "nginx", "file"),
+        Variant("logging", "nginx-nolog", "nginx", "none"),
+        Variant("logging", "haproxy", "haproxy", "stdout"),
+    ),
+}
+SCENARIO_TEXT = {
+    "proxy": "plain HTTP, every request proxied to a backend (no response cache)",
+    "cache": "plain HTTP, cache hits (responses cacheable for 10 min, cache warmed first)",
+    "tls": "HTTPS termination, plain HTTP to the backends (no response cache)",
+    "logging": "plain HTTP proxied, access log on and off (no response cache)",
+}
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0  # seconds for a process to start listening
@@ -68,7 +136,8 @@ def say(message: str = "") -> None:
     print(message, flush=True)
 
 
-_ACCESS_LINE = re.compile(r'^\S+ - \S+ \[[^]]*\] "')
+# combined format (PIBL, nginx) or HAProxy's httplog format
+_ACCESS_LINE = re.compile(r'^\S+ - \S+ \[[^]]*\] "|^\S+:\d+ \[[^]]*\] \S+ \S+/')
 
 
 def log_tail(*paths: Path, lines: int = 25) -> str:
@@ -464,6 +533,12 @@ http {{
         location / {{
             add_header X-Backend $server_port;
         }}
+        # the same files, cacheable by shared caches for {CACHE_TTL} s (cache scenario only)
+        location {CACHED_PREFIX}/ {{
+            alias {www}/;
+            add_header X-Backend $server_port;
+            add_header Cache-Control "public, max-age={CACHE_TTL}";
+        }}
         # for proxies with active health checks (PIBL probes GET /health by default)
         location = /health {{
             default_type text/plain;
@@ -474,8 +549,48 @@ http {{
 """
 
 
-def nginx_proxy_conf(prefix: Path, port: int, backends: Sequence[int]) -> str:
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path  # server certificate + CA (PEM)
+    key: Path
+    ca: Path
+    combined: Path  # cert + key in one file, for HAProxy
+
+
+def nginx_proxy_conf(
+    prefix: Path,
+    port: int,
+    backends: Sequence[int],
+    *,
+    access_log: bool = True,
+    cache_dir: Path | None = None,
+    tls: TLSFiles | None = None,
+) -> str:
     servers = "\n".join(f"        server 127.0.0.1:{p};" for p in backends)
+    log = f"access_log {prefix / 'logs' / 'access.log'};" if access_log else "access_log off;"
+    cache_path = cache_loc = ""
+    if cache_dir is not None:
+        cache_path = (
+            f"    proxy_cache_path {cache_dir} levels=1:2 keys_zone=c1:10m max_size=1g "
+            "inactive=60m use_temp_path=off;\n"
+        )
+        cache_loc = (
+            "            proxy_cache c1;\n"
+            f"            proxy_cache_valid 200 {CACHE_TTL // 60}m;\n"
+            "            proxy_cache_lock on;\n"
+            "            add_header X-Cache-Status $upstream_cache_status;\n"
+        )
+    if tls is not None:
+        listen = (
+            f"        listen 127.0.0.1:{port} ssl;\n"
+            f"        ssl_certificate {tls.cert};\n"
+            f"        ssl_certificate_key {tls.key};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "        ssl_session_cache shared:SSL:10m;\n"
+            "        ssl_session_timeout 10m;"
+        )
+    else:
+        listen = f"        listen 127.0.0.1:{port};"
     return f"""# nginx as the reverse proxy under test
 {nginx_user_line()}
 worker_processes 1;
@@ -487,60 +602,112 @@ events {{
     worker_connections 4096;
 }}
 http {{
-    access_log {prefix / "logs" / "access.log"};
+    {log}
     keepalive_timeout 75s;
     keepalive_requests 1000000;
 {nginx_temp_paths(prefix)}
-    upstream backends {{
+{cache_path}    upstream backends {{
 {servers}
         keepalive 32;
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port};
+{listen}
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering on;
-        }}
+{cache_loc}        }}
     }}
 }}
 """
 
 
-def haproxy_conf(port: int, backends: Sequence[int]) -> str:
+def haproxy_conf(
+    port: int,
+    backends: Sequence[int],
+    *,
+    log: bool = False,
+    cache: bool = False,
+    tls: TLSFiles | None = None,
+) -> str:
     servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends, start=1))
-    return f"""# HAProxy as the reverse proxy under test; no log directive, so nothing is logged
-global
-    nbthread 1
-    maxconn 4096
+    what = "access log to stdout (httplog)" if log else "no log directive, so nothing is logged"
+    glob = ["    nbthread 1", "    maxconn 4096"]
+    defaults = []
+    if log:
+        glob.append("    log stdout format raw local0 info")
+        defaults = ["    log global", "    option httplog"]
+    if tls is not None:
+        glob.append("    ssl-default-bind-options ssl-min-ver TLSv1.2")
+    bind = f"    bind 127.0.0.1:{port}" + (f" ssl crt {tls.combined}" if tls else "")
+    front_extra: list[str] = []
+    back_extra: list[str] = []
+    cache_section = ""
+    if cache:
+        cache_section = f"cache c1\n    total-max-size 64\n    max-age {CACHE_TTL}\n\n"
+        back_extra = ["    http-request cache-use c1", "    http-response cache-store c1"]
+        # a response from the cache has no server: label it, to check that hits happen
+        front_extra = [
+            "    http-response set-header X-Cache-Status HIT if !{ srv_id -m found }",
+            "    http-response set-header X-Cache-Status MISS if { srv_id -m found }",
+        ]
 
+    def lines(items: Sequence[str]) -> str:
+        return "".join(f"{item}\n" for item in items)
+
+    return f"""# HAProxy as the reverse proxy under test; {what}
+global
+{lines(glob)}
 defaults
     mode http
-    option http-keep-alive
+{lines(defaults)}    option http-keep-alive
     timeout connect 5s
     timeout client 60s
     timeout server 60s
     timeout http-request 10s
     timeout http-keep-alive 75s
 
-frontend fe
-    bind 127.0.0.1:{port}
-    default_backend be
+{cache_section}frontend fe
+{bind}
+{lines(front_extra)}    default_backend be
 
 backend be
     balance roundrobin
     http-reuse always
-{servers}
+{lines(back_extra)}{servers}
 """
 
 
-def pibl_conf(port: int, backends: Sequence[int], log_file: str, *, no_cache: bool) -> str:
+def pibl_conf(
+    port: int,
+    backends: Sequence[int],
+    log_file: str,
+    *,
+    no_cache: bool,
+    log_stdout: bool = False,
+    cache_dir: Path | None = None,
+    tls: TLSFiles | None = None,
+    tls_port: int = 0,
+) -> str:
     urls = "\n".join(f'[[backends]]\nurl = "http://127.0.0.1:{p}"\n' for p in backends)
-    # nginx and HAProxy are set up without a response cache, so PIBL's is turned off too
-    # (in versions that have one): every request must reach a backend.
-    cache = "[cache]\nenabled = false\n\n" if no_cache else ""
+    if cache_dir is not None:
+        cache = (
+            f"[cache]\nenabled = true\nttl = {CACHE_TTL}\ndir = {json.dumps(str(cache_dir))}\n\n"
+        )
+    elif no_cache:
+        # Outside the cache scenario nginx and HAProxy do not cache, so PIBL's cache is off
+        # too (in versions that have one): every request must reach a backend.
+        cache = "[cache]\nenabled = false\n\n"
+    else:
+        cache = ""
+    tls_section = ""
+    if tls is not None:
+        tls_section = (
+            f"[tls]\nport = {tls_port}\ncert = {json.dumps(str(tls.cert))}\n"
+            f"key = {json.dumps(str(tls.key))}\n\n"
+        )
     return f"""[server]
 host = "127.0.0.1"
 port = {port}
@@ -548,9 +715,9 @@ workers = 1
 
 [log]
 file = {json.dumps(log_file)}
-stdout = false
+stdout = {"true" if log_stdout else "false"}
 
-{cache}{urls}"""
+{cache}{tls_section}{urls}"""
 
 
 def pibl_env() -> dict[str, str]:
@@ -621,11 +788,16 @@ def parse_wrk(text: str) -> dict[str, Any]:
 
 @dataclass
 class Result:
+    scenario: str
     proxy: str
     mode: str
     size: str
     ok: bool = False
     error: str = ""
+    url: str = ""
+    # what was checked before measuring: cache hit header, TLS version and cipher
+    check: str = ""
+    processes: int = 0  # processes in the proxy's tree when the measured run started
     requests: int = 0
     rps: float = 0.0
     wall_s: float = 0.0
@@ -635,10 +807,12 @@ class Result:
     proxy_cpu_pct: float | None = None
     loadgen_cpu_pct: float | None = None
     backend_cpu_us_per_req: float | None = None
-    # Whole-CPU time split from /proc/stat (percent of the run's wall time), and the proxy
-    # CPU's busy time not charged to the proxy tree (other processes, uncharged interrupts).
+    # Whole-CPU time split from /proc/stat (percent of the run's wall time); the proxy CPU's
+    # interrupt time (irq + softirq: packet processing, charged to no process); its other
+    # busy time not charged to the proxy tree (other processes).
     proxy_cpu_stat: dict[str, float] = field(default_factory=dict)
     loadgen_cpu_stat: dict[str, float] = field(default_factory=dict)
+    irq_on_proxy_cpu_pct: float | None = None
     others_on_proxy_cpu_pct: float | None = None
     p50_ms: float | None = None
     p75_ms: float | None = None
@@ -653,17 +827,53 @@ class Result:
     wrk_command: str = ""
     wrk_output: str = ""
     notes: list[str] = field(default_factory=list)
+    proxy_log_tail: str = ""  # the proxy's own log lines, kept when wrk reported errors
+    # with --repeat: CPU per request of every measured run (the row is the median run)
+    repeat_cpu_us_per_req: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.scenario}/{self.proxy}/{self.mode}/{self.size}"
 
 
 @dataclass
 class ProxyState:
-    name: str
+    variant: Variant
     item: Managed
-    port: int
+    port: int  # the port measured (the HTTPS one in the tls scenario)
+    ports: list[int]  # every port it listens on
+    scheme: str
+    prefix: str  # path prefix of the files: "" or CACHED_PREFIX
     logs: list[Path]
-    access_log: Path | None = None
-    requests_sent: int = 0  # sanity + warm-up + measured requests completed
+    access_logs: list[Path] = field(default_factory=list)
+    requests_sent: int = 0  # test + warm-up + measured requests completed
     rotation: list[str] = field(default_factory=list)
+    check: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant.scenario}/{self.variant.name}"
+
+    def url(self, size: str) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}{self.prefix}/{size}"
+
+
+class SkipVariant(BenchError):
+    """This proxy cannot be set up for this scenario here; it is skipped, not failed."""
+
+
+def build_plan(args: argparse.Namespace) -> list[tuple[Variant, list[str]]]:
+    """(variant, connection modes) in run order, after --scenarios and --proxies."""
+    return [
+        (variant, args.modes_for[scenario])
+        for scenario in args.scenarios
+        for variant in SCENARIOS[scenario]
+        if variant.name in args.proxies
+    ]
 
 
 class Bench:
@@ -674,11 +884,15 @@ class Bench:
         self.pm = ProcessManager()
         self.results: list[Result] = []
         self.failures: list[dict[str, str]] = []
+        self.skipped: list[dict[str, str]] = []
         self.logs_info: dict[str, Any] = {}
+        self.setups: dict[str, dict[str, Any]] = {}
         self.backend: Managed | None = None
         self.backend_ports = [args.base_port + o for o in BACKEND_OFFSETS]
+        self.next_port = args.base_port + PROXY_PORT_OFFSET
         self.deadline = 0.0
         self.pibl_configs: dict[str, dict[str, Any]] = {}
+        self.tls_files: TLSFiles | None = None
         self._pibl_has_cache: bool | None = None
 
     def pibl_has_cache(self) -> bool:
@@ -694,26 +908,39 @@ class Bench:
     def pin(self, cpu: int) -> list[str]:
         return [self.tools["taskset"], "-c", str(cpu)]
 
-    def http_get(self, port: int, path: str) -> tuple[int, int, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    def client_tls(self) -> ssl.SSLContext:
+        """Verifies the proxies' certificate against the CA made for this run."""
+        assert self.tls_files is not None
+        return ssl.create_default_context(cafile=str(self.tls_files.ca))
+
+    def http_get(
+        self, port: int, path: str, scheme: str = "http"
+    ) -> tuple[int, int, dict[str, str]]:
+        """(status, body length, headers with lower-case names) of one GET."""
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", port, timeout=10, context=self.client_tls()
+            )
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
             conn.request("GET", path, headers={"Connection": "close"})
             response = conn.getresponse()
             body = response.read()
-            return response.status, len(body), response.getheader("X-Backend") or "?"
+            headers = {k.lower(): v for k, v in response.getheaders()}
+            return response.status, len(body), headers
         finally:
             conn.close()
 
-    def check_responses(self, name: str, port: int) -> list[str]:
-        """Right status and body size for every size; returns the backends seen in order."""
-        for size, nbytes in SIZES.items():
-            status, length, _ = self.http_get(port, f"/{size}")
-            if status != 200 or length != nbytes:
-                raise BenchError(
-                    f"{name}: GET /{size} on port {port} gave status {status} and {length} "
-                    f"bytes, expected 200 and {nbytes}"
-                )
-        return [self.http_get(port, "/1k")[2] for _ in range(6)]
+    def tls_session(self, port: int) -> str:
+        """Protocol and cipher negotiated by Python's OpenSSL client (wrk's is alike)."""
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            self.client_tls().wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            cipher = tls.cipher()
+            return f"{tls.version()} {cipher[0] if cipher else '?'}"
 
     def free_ports(self, ports: Sequence[int]) -> None:
         busy = [p for p in ports if not port_is_free(p)]
@@ -723,7 +950,42 @@ class Bench:
                 "stop whatever listens there or choose another --base-port"
             )
 
-    # -- backends ---
+    def take_ports(self, count: int) -> list[int]:
+        ports = list(range(self.next_port, self.next_port + count))
+        self.next_port += count
+        self.free_ports(ports)
+        return ports
+
+    # -- certificates, backends ---
+
+    def make_certs(self) -> TLSFiles:
+        """A development CA and a server certificate from ``python -m pibl.certs``."""
+        directory = self.tmp / "certs"
+        argv = [self.args.python, "-m", "pibl.certs", "--dir", str(directory)]
+        try:
+            result = subprocess.run(
+                argv, cwd=self.tmp, env=pibl_env(), capture_output=True, text=True, timeout=120
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BenchError(f"{' '.join(argv)}: {exc}") from None
+        files = TLSFiles(
+            directory / "cert.pem",
+            directory / "key.pem",
+            directory / "ca.pem",
+            directory / "haproxy.pem",
+        )
+        if result.returncode != 0 or not all(
+            p.is_file() for p in (files.cert, files.key, files.ca)
+        ):
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+            raise BenchError(f"{' '.join(argv)} failed (status {result.returncode}):\n{tail}")
+        cert = files.cert.read_bytes()
+        files.combined.write_bytes(
+            cert + (b"" if cert.endswith(b"\n") else b"\n") + files.key.read_bytes()
+        )
+        files.combined.chmod(0o600)
+        say(f"certificates: {directory} (python -m pibl.certs)")
+        return files
 
     def start_backends(self) -> None:
         www = self.tmp / "www"
@@ -746,13 +1008,16 @@ class Bench:
         self.backend = self.pm.start("backend nginx", argv, prefix / "logs" / "stdout.log")
         wait_listening(self.backend, self.backend_ports, [prefix / "logs" / "error.log"])
         for port in self.backend_ports:
-            for size, nbytes in SIZES.items():
-                status, length, _ = self.http_get(port, f"/{size}")
-                if status != 200 or length != nbytes:
-                    raise BenchError(
-                        f"backend 127.0.0.1:{port}/{size}: status {status}, {length} bytes\n"
-                        + log_tail(prefix / "logs" / "error.log")
-                    )
+            for path in ("", CACHED_PREFIX):
+                for size, nbytes in SIZES.items():
+                    status, length, headers = self.http_get(port, f"{path}/{size}")
+                    cacheable = "max-age" in headers.get("cache-control", "")
+                    if status != 200 or length != nbytes or cacheable != bool(path):
+                        raise BenchError(
+                            f"backend 127.0.0.1:{port}{path}/{size}: status {status}, "
+                            f"{length} bytes, Cache-Control {headers.get('cache-control')!r}\n"
+                            + log_tail(prefix / "logs" / "error.log")
+                        )
 
     def nginx_argv(self, prefix: Path, conf: Path) -> list[str]:
         argv = [self.tools["nginx"], "-p", f"{prefix}/", "-c", str(conf)]
@@ -762,70 +1027,180 @@ class Bench:
 
     # -- proxies ---
 
-    def start_proxy(self, name: str) -> ProxyState:
-        port = self.args.base_port + PROXY_OFFSETS[name]
-        self.free_ports([port])
+    def start_proxy(self, v: Variant) -> ProxyState:
+        key = f"{v.scenario}/{v.name}"
+        d = self.tmp / v.scenario / v.name
+        d.mkdir(parents=True)
         cpu = self.pin(self.args.proxy_cpu)
-        if name in ("pibl", "pibl-nolog"):
-            d = self.tmp / name
-            d.mkdir()
-            access = d / "access.log" if name == "pibl" else None
+        tls = self.tls_files if v.tls else None
+        if v.tls and tls is None:
+            raise BenchError("no certificates")
+        access_logs: list[Path] = []
+        setup: dict[str, Any] = {"kind": v.kind, "description": v.describe}
+        if v.kind == "pibl":
+            ports = self.take_ports(2 if v.tls else 1)
+            access = d / "access.log" if v.log in ("file", "file+stdout") else None
             conf = d / "pibl.toml"
             conf.write_text(
                 pibl_conf(
-                    port,
+                    ports[0],
                     self.backend_ports,
                     str(access) if access else "",
                     no_cache=self.pibl_has_cache(),
+                    log_stdout=v.log == "file+stdout",
+                    cache_dir=d / "cache" if v.cache else None,
+                    tls=tls,
+                    tls_port=ports[-1],
                 )
             )
-            self.pibl_configs[name] = pibl_effective_config(self.args.python, conf)
+            self.pibl_configs[key] = pibl_effective_config(self.args.python, conf)
             argv = [*cpu, self.args.python, "-m", "pibl", "run", "--config", str(conf)]
+            argv += ["--workers", "1"]
             # Run in its own directory so that relative paths stay out of the work tree.
-            item = self.pm.start(name, argv, d / "stdout.log", cwd=d, env=pibl_env())
+            item = self.pm.start(key, argv, d / "stdout.log", cwd=d, env=pibl_env())
             logs = [d / "stdout.log"] + ([access] if access else [])
-        elif name == "nginx":
-            prefix = self.tmp / "nginx"
-            (prefix / "logs").mkdir(parents=True)
-            (prefix / "temp").mkdir()
-            conf = prefix / "nginx.conf"
-            conf.write_text(nginx_proxy_conf(prefix, port, self.backend_ports))
-            item = self.pm.start(
-                name, [*cpu, *self.nginx_argv(prefix, conf)], prefix / "logs" / "stdout.log"
+            access_logs = ([access] if access else []) + (
+                [d / "stdout.log"] if v.log == "file+stdout" else []
             )
-            access = prefix / "logs" / "access.log"
-            logs = [prefix / "logs" / "stdout.log", prefix / "logs" / "error.log"]
-        elif name == "haproxy":
-            d = self.tmp / "haproxy"
-            d.mkdir()
+        elif v.kind == "nginx":
+            ports = self.take_ports(1)
+            (d / "logs").mkdir()
+            (d / "temp").mkdir()
+            conf = d / "nginx.conf"
+            conf.write_text(
+                nginx_proxy_conf(
+                    d,
+                    ports[0],
+                    self.backend_ports,
+                    access_log=v.log == "file",
+                    cache_dir=d / "cache" if v.cache else None,
+                    tls=tls,
+                )
+            )
+            argv = [*cpu, *self.nginx_argv(d, conf)]
+            item = self.pm.start(key, argv, d / "logs" / "stdout.log")
+            logs = [d / "logs" / "stdout.log", d / "logs" / "error.log"]
+            access_logs = [d / "logs" / "access.log"] if v.log == "file" else []
+        elif v.kind == "haproxy":
+            ports = self.take_ports(1)
             conf = d / "haproxy.cfg"
-            conf.write_text(haproxy_conf(port, self.backend_ports))
-            item = self.pm.start(
-                name, [*cpu, self.tools["haproxy"], "-db", "-f", str(conf)], d / "stdout.log"
+            conf.write_text(
+                haproxy_conf(
+                    ports[0], self.backend_ports, log=v.log == "stdout", cache=v.cache, tls=tls
+                )
             )
-            access = None
+            check = subprocess.run(
+                [self.tools["haproxy"], "-c", "-f", str(conf)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if check.returncode != 0:
+                message = f"haproxy -c -f {conf} failed:\n{(check.stdout + check.stderr).strip()}"
+                raise SkipVariant(message) if v.cache else BenchError(message)
+            argv = [*cpu, self.tools["haproxy"], "-db", "-f", str(conf)]
+            item = self.pm.start(key, argv, d / "stdout.log")
             logs = [d / "stdout.log"]
+            access_logs = [d / "stdout.log"] if v.log == "stdout" else []
         else:
-            raise BenchError(f"unknown proxy {name!r}")
-        state = ProxyState(name, item, port, logs, access)
-        wait_listening(item, [port], logs[1:])
-        try:
-            state.rotation = self.check_responses(name, port)
-        except (OSError, http.client.HTTPException) as exc:
-            raise BenchError(f"{name}: test request failed: {exc}\n{log_tail(*logs)}") from None
-        state.requests_sent += len(SIZES) + 6
-        seen = set(state.rotation)
-        expected = {str(p) for p in self.backend_ports}
-        note = "round robin ok" if seen == expected else "NOT all three backends used"
-        say(
-            f"{name}: pid {item.pid}, port {port}, CPU {self.args.proxy_cpu}; "
-            f"backends for 6 requests: {' '.join(state.rotation)} ({note})"
+            raise BenchError(f"unknown proxy kind {v.kind!r}")
+        state = ProxyState(
+            v,
+            item,
+            ports[-1],
+            ports,
+            "https" if v.tls else "http",
+            CACHED_PREFIX if v.cache else "",
+            logs,
+            access_logs,
         )
+        wait_listening(item, ports, logs[1:])
+        try:
+            self.check_proxy(state)
+        except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+            raise BenchError(f"{key}: test request failed: {exc}\n{log_tail(*logs)}") from None
+        setup.update(
+            config=str(conf),
+            ports=ports,
+            urls=[state.url(size) for size in self.args.sizes],
+            check=state.check,
+            rotation=state.rotation,
+            processes_at_start=len(process_tree(item.pid)),
+        )
+        self.setups[key] = setup
+        if state.rotation:
+            seen = set(state.rotation)
+            expected = {str(p) for p in self.backend_ports}
+            note = "round robin ok" if seen == expected else "NOT all three backends used"
+            rotation = f"; backends for 6 requests: {' '.join(state.rotation)} ({note})"
+        else:
+            rotation = ""
+        say(
+            f"{key}: {v.describe}; pid {item.pid}, port {state.port}, "
+            f"CPU {self.args.proxy_cpu}{rotation}"
+        )
+        if state.check:
+            say(f"  checked: {state.check}")
         return state
+
+    def check_proxy(self, state: ProxyState) -> None:
+        """Right status and body size for every size; round robin, cache hits, TLS."""
+        v = state.variant
+        for size, nbytes in SIZES.items():
+            status, length, _ = self.http_get(state.port, f"{state.prefix}/{size}", state.scheme)
+            state.requests_sent += 1
+            if status != 200 or length != nbytes:
+                raise BenchError(
+                    f"{state.key}: GET {state.prefix}/{size} on port {state.port} gave status "
+                    f"{status} and {length} bytes, expected 200 and {nbytes}\n"
+                    + log_tail(*state.logs)
+                )
+        checks = []
+        if v.cache:
+            checks.append(self.check_cache_hits(state))
+        else:
+            # responses from a cache would all name one backend, so only checked without it
+            for _ in range(6):
+                state.rotation.append(
+                    self.http_get(state.port, "/1k", state.scheme)[2].get("x-backend", "?")
+                )
+                state.requests_sent += 1
+        if v.tls:
+            checks.append(f"https: {self.tls_session(state.port)}, certificate verified")
+        state.check = "; ".join(checks)
+
+    def check_cache_hits(self, state: ProxyState) -> str:
+        """Asks for every size until the proxy says it answered from its cache."""
+        v = state.variant
+        header = "cache-status" if v.kind == "pibl" else "x-cache-status"
+        seen = []
+        for size in SIZES:
+            path = f"{state.prefix}/{size}"
+            value = None
+            for _ in range(50):
+                status, _, headers = self.http_get(state.port, path, state.scheme)
+                state.requests_sent += 1
+                value = headers.get(header)
+                hit = value is not None and (
+                    value.startswith("pibl; hit") if v.kind == "pibl" else value == "HIT"
+                )
+                if status == 200 and hit:
+                    break
+                time.sleep(0.1)
+            else:
+                message = (
+                    f"{state.key}: no cache hit for GET {path} after 50 requests "
+                    f"(last status {status}, {header}: {value!r})"
+                )
+                if v.kind == "haproxy":
+                    raise SkipVariant(message)
+                raise BenchError(message + "\n" + log_tail(*state.logs))
+            seen.append(f"{path} {header.title()}: {value}")
+        return "; ".join(seen)
 
     # -- one measurement ---
 
-    def wrk(self, port: int, size: str, mode: str, duration: int) -> tuple[str, list[str]]:
+    def wrk(self, url: str, mode: str, duration: int) -> tuple[str, list[str]]:
         argv = [
             *self.pin(self.args.loadgen_cpu),
             self.tools["wrk"],
@@ -836,7 +1211,7 @@ class Bench:
         ]
         if mode == "close":
             argv += ["-H", "Connection: close"]
-        argv.append(f"http://127.0.0.1:{port}/{size}")
+        argv.append(url)
         log = self.tmp / "wrk.log"
         log.write_bytes(b"")
         item = self.pm.start("wrk", argv, log)
@@ -851,12 +1226,46 @@ class Bench:
             raise BenchError(f"wrk exited with status {item.proc.returncode}:\n{text}")
         return text, argv
 
-    def measure(self, state: ProxyState, mode: str, size: str) -> Result:
+    def measure_median(self, state: ProxyState, mode: str, size: str) -> Result:
+        """``--repeat`` measured runs (one warm-up); the run with the median CPU per request."""
+        runs = []
+        for i in range(self.args.repeat):
+            if i and (time.monotonic() > self.deadline or state.item.proc.poll() is not None):
+                break
+            runs.append(self.measure(state, mode, size, warmup=i == 0))
+            if not runs[-1].ok:
+                return runs[-1]
+        if len(runs) == 1:
+            return runs[0]
+        values = [r.cpu_us_per_req or 0.0 for r in runs]
+        chosen = sorted(runs, key=lambda r: r.cpu_us_per_req or 0.0)[(len(runs) - 1) // 2]
+        chosen.repeat_cpu_us_per_req = values
+        chosen.warmup_requests = runs[0].warmup_requests
+        chosen.non2xx = sum(r.non2xx for r in runs)
+        chosen.socket_errors = (
+            {
+                k: sum(r.socket_errors.get(k, 0) for r in runs)
+                for k in ("connect", "read", "write", "timeout")
+            }
+            if any(r.socket_errors for r in runs)
+            else {}
+        )
+        chosen.notes = [f"run {i + 1}: {n}" for i, r in enumerate(runs) for n in r.notes]
+        if chosen.non2xx or any(chosen.socket_errors.values()):
+            errored = next(r for r in runs if r.non2xx or any(r.socket_errors.values()))
+            chosen.proxy_log_tail = errored.proxy_log_tail
+            if errored is not chosen:
+                chosen.wrk_output += "\n--- run with errors ---\n" + errored.wrk_output
+        return chosen
+
+    def measure(self, state: ProxyState, mode: str, size: str, *, warmup: bool = True) -> Result:
         args = self.args
-        result = Result(state.name, mode, size)
+        result = Result(state.variant.scenario, state.name, mode, size)
+        result.url = state.url(size)
+        result.check = state.check
         assert self.backend is not None
-        if args.warmup > 0:
-            text, _ = self.wrk(state.port, size, mode, args.warmup)
+        if warmup and args.warmup > 0:
+            text, _ = self.wrk(result.url, mode, args.warmup)
             warm = parse_wrk(text)
             result.warmup_requests = warm.get("requests", 0)
             state.requests_sent += result.warmup_requests
@@ -867,10 +1276,11 @@ class Bench:
                 )
         if state.item.proc.poll() is not None:
             raise BenchError(
-                f"{state.name} exited (status {state.item.proc.returncode}) during warm-up\n"
+                f"{state.key} exited (status {state.item.proc.returncode}) during warm-up\n"
                 + log_tail(*state.logs)
             )
         state.item.remember_tree()
+        result.processes = len(process_tree(state.item.pid))
         sampler = MemorySampler(state.item.pid, 0.2)
         cpu_before = tree_cpu_seconds(state.item.pid)
         backend_before = tree_cpu_seconds(self.backend.pid)
@@ -879,7 +1289,7 @@ class Bench:
         sampler.start()
         started = time.monotonic()
         try:
-            text, argv = self.wrk(state.port, size, mode, args.duration)
+            text, argv = self.wrk(result.url, mode, args.duration)
         finally:
             wall = time.monotonic() - started
             cpu_after = tree_cpu_seconds(state.item.pid)
@@ -911,17 +1321,27 @@ class Bench:
         result.loadgen_cpu_stat = cpu_stat_pct(stat_before[lcpu], stat_after[lcpu], wall)
         pstat = result.proxy_cpu_stat
         if pstat:
+            # Interrupt time (mostly the loopback network stack) is charged to no process.
             busy = 100.0 - pstat["idle"] - pstat["iowait"] - pstat["steal"]
-            result.others_on_proxy_cpu_pct = round(max(0.0, busy - result.proxy_cpu_pct), 1)
+            result.irq_on_proxy_cpu_pct = round(pstat["irq"] + pstat["softirq"], 1)
+            others = busy - result.irq_on_proxy_cpu_pct - result.proxy_cpu_pct
+            result.others_on_proxy_cpu_pct = round(max(0.0, others), 1)
         result.peak_rss_mb = round(sampler.peak_rss_kb / 1024, 1)
         result.peak_pss_mb = round(sampler.peak_pss_kb / 1024, 1) if sampler.peak_pss_kb else None
         result.rss_samples = sampler.samples
         if result.requests > 0:
             result.cpu_us_per_req = round(1e6 * (cpu_after - cpu_before) / result.requests, 2)
             result.backend_cpu_us_per_req = round(1e6 * backend_cpu / result.requests, 2)
+            if state.variant.cache and result.backend_cpu_us_per_req > 2:
+                result.notes.append(
+                    f"backends used {result.backend_cpu_us_per_req} us per request during a "
+                    "cache run: some requests were not cache hits"
+                )
+        if result.non2xx or any(result.socket_errors.values()):
+            result.proxy_log_tail = log_tail(*state.logs)
         if state.item.proc.poll() is not None:
             result.error = (
-                f"{state.name} exited (status {state.item.proc.returncode}) during the run\n"
+                f"{state.key} exited (status {state.item.proc.returncode}) during the run\n"
                 + log_tail(*state.logs)
             )
         elif result.requests == 0:
@@ -934,62 +1354,83 @@ class Bench:
 
     def run(self) -> None:
         args = self.args
-        per_run = args.warmup + args.duration + 5
-        budget = len(args.proxies) * (len(args.modes) * len(args.sizes) * per_run + 45) + 60
+        plan = build_plan(args)
+        runs = sum(len(modes) * len(args.sizes) for _, modes in plan) * args.repeat
+        per_run = args.warmup / args.repeat + args.duration + 5
+        budget = int(runs * per_run + 45 * len(plan) + 60)
         self.deadline = time.monotonic() + budget
-        runs = len(args.proxies) * len(args.modes) * len(args.sizes)
-        estimate = runs * (args.warmup + args.duration + 1) + 5 * len(args.proxies)
-        say(f"estimated time: about {estimate} s (hard limit {budget} s)")
+        estimate = int(runs * (args.warmup / args.repeat + args.duration + 1) + 5 * len(plan))
+        say(f"{runs} measured runs; estimated time: about {estimate} s (hard limit {budget} s)")
+        if any(v.tls for v, _ in plan):
+            self.tls_files = self.make_certs()
         self.start_backends()
-        for name in args.proxies:
+        scenario = None
+        for variant, modes in plan:
+            key = f"{variant.scenario}/{variant.name}"
+            if variant.scenario != scenario:
+                scenario = variant.scenario
+                say()
+                say(f"== {scenario}: {SCENARIO_TEXT[scenario]}")
             if time.monotonic() > self.deadline:
-                self.fail(name, "-", "-", "time limit reached; skipped")
+                self.fail(variant.scenario, variant.name, "-", "-", "time limit reached; skipped")
                 continue
-            say()
             try:
-                state = self.start_proxy(name)
+                state = self.start_proxy(variant)
+            except SkipVariant as exc:
+                self.skip(variant, str(exc))
+                self.stop_named(key)
+                continue
             except BenchError as exc:
-                self.fail(name, "-", "-", f"failed to start: {exc}")
-                self.stop_named(name)
+                self.fail(variant.scenario, variant.name, "-", "-", f"failed to start: {exc}")
+                self.stop_named(key)
                 continue
             try:
-                self.measure_proxy(state)
+                self.measure_proxy(state, modes)
             finally:
-                lines_before = count_lines(state.access_log)
+                lines_before = [count_lines(p) for p in state.access_logs]
                 stopping = time.monotonic()
                 rc = self.pm.stop(state.item)
                 stop_s = time.monotonic() - stopping
                 if rc not in (0, None, -signal.SIGTERM):
-                    say(f"  {name} exit status after SIGTERM: {rc}")
-                self.record_log(state)
-                self.logs_info[name].update(
-                    lines_before_stop=lines_before, exit_status=rc, stop_seconds=round(stop_s, 2)
-                )
+                    say(f"  {key} exit status after SIGTERM: {rc}")
+                self.record_log(state, lines_before)
+                self.logs_info[key].update(exit_status=rc, stop_seconds=round(stop_s, 2))
 
-    def measure_proxy(self, state: ProxyState) -> None:
+    def measure_proxy(self, state: ProxyState, modes: Sequence[str]) -> None:
         args = self.args
-        for mode in args.modes:
+        scenario = state.variant.scenario
+        for mode in modes:
             for size in args.sizes:
                 if time.monotonic() > self.deadline:
-                    self.fail(state.name, mode, size, "time limit reached; skipped")
+                    self.fail(scenario, state.name, mode, size, "time limit reached; skipped")
                     continue
                 if state.item.proc.poll() is not None:
-                    self.fail(state.name, mode, size, "proxy is no longer running; skipped")
+                    self.fail(
+                        scenario, state.name, mode, size, "proxy is no longer running; skipped"
+                    )
                     continue
                 say(
-                    f"  {state.name} {mode} /{size}: warm-up {args.warmup} s, "
-                    f"measure {args.duration} s, {args.connections} connections"
+                    f"  {state.key} {mode} {state.prefix}/{size}: warm-up {args.warmup} s, "
+                    f"measure {args.duration} s"
+                    + (f" x {args.repeat}" if args.repeat > 1 else "")
+                    + f", {args.connections} connections"
                 )
                 try:
-                    result = self.measure(state, mode, size)
+                    result = self.measure_median(state, mode, size)
                 except BenchError as exc:
-                    self.fail(state.name, mode, size, str(exc))
+                    self.fail(scenario, state.name, mode, size, str(exc))
                     continue
                 self.results.append(result)
                 self.print_result(result)
                 if not result.ok:
                     self.failures.append(
-                        {"proxy": state.name, "mode": mode, "size": size, "error": result.error}
+                        {
+                            "scenario": scenario,
+                            "proxy": state.name,
+                            "mode": mode,
+                            "size": size,
+                            "error": result.error,
+                        }
                     )
 
     def stop_named(self, name: str) -> None:
@@ -997,41 +1438,61 @@ class Bench:
             if item.name == name:
                 self.pm.stop(item)
 
-    def fail(self, proxy: str, mode: str, size: str, message: str) -> None:
-        say(f"  ERROR {proxy} {mode} {size}: {message}")
-        self.failures.append({"proxy": proxy, "mode": mode, "size": size, "error": message})
+    def fail(self, scenario: str, proxy: str, mode: str, size: str, message: str) -> None:
+        say(f"  ERROR {scenario} {proxy} {mode} {size}: {message}")
+        self.failures.append(
+            {"scenario": scenario, "proxy": proxy, "mode": mode, "size": size, "error": message}
+        )
+
+    def skip(self, variant: Variant, message: str) -> None:
+        say(f"  SKIPPED {variant.scenario}/{variant.name}: {message}")
+        self.skipped.append(
+            {"scenario": variant.scenario, "proxy": variant.name, "reason": message}
+        )
 
     def print_result(self, r: Result) -> None:
         if r.ok:
             say(
                 f"    {r.requests} requests, {r.rps:.0f} req/s, {fmt(r.cpu_us_per_req)} us/req, "
                 f"proxy CPU {r.proxy_cpu_pct}%, load side CPU {r.loadgen_cpu_pct}%, "
-                f"p50 {fmt_ms(r.p50_ms)}, p99 {fmt_ms(r.p99_ms)}, peak RSS {r.peak_rss_mb} MB"
+                f"p50 {fmt_ms(r.p50_ms)}, p99 {fmt_ms(r.p99_ms)}, peak RSS {r.peak_rss_mb} MB, "
+                f"{r.processes} process(es)"
             )
         else:
             say(f"    FAILED: {r.error}")
+        if r.repeat_cpu_us_per_req:
+            say(
+                "    us/req of the runs: "
+                + ", ".join(f"{v:.1f}" for v in r.repeat_cpu_us_per_req)
+                + " (the row is the median run)"
+            )
         for note in r.notes:
             say(f"    wrk: {note}")
 
-    def record_log(self, state: ProxyState) -> None:
-        path = state.access_log
-        info: dict[str, Any] = {"requests_completed_by_wrk": state.requests_sent}
-        if path is None:
-            info["access_log"] = None
-        else:
-            info["access_log"] = str(path)
-            info["lines"] = count_lines(path)
-            info["bytes"] = path.stat().st_size if path.exists() else 0
-        self.logs_info[state.name] = info
+    def record_log(self, state: ProxyState, lines_before: Sequence[int | None]) -> None:
+        files = []
+        for path, before in zip(state.access_logs, lines_before, strict=True):
+            files.append(
+                {
+                    "path": str(path),
+                    "lines": count_lines(path),
+                    "lines_before_stop": before,
+                    "bytes": path.stat().st_size if path.exists() else 0,
+                }
+            )
+        self.logs_info[state.key] = {
+            "requests_completed_by_wrk": state.requests_sent,
+            "access_logs": files,
+        }
 
 
 def count_lines(path: Path | None) -> int | None:
-    """Access-log lines (``] "GET ``) in the file; PIBL's file also holds event lines."""
+    """Access-log lines (with ``"GET /``) in the file; PIBL's file also holds event lines."""
     if path is None:
         return None
     try:
         with open(path, "rb") as fh:
-            return sum(1 for line in fh if b'] "GET ' in line)
+            return sum(1 for line in fh if b'"GET /' in line)
     except OSError:
         return None
 
@@ -1053,16 +1514,45 @@ def fmt_ms(value: float | None) -> str:
     return f"{value / 1000:.2f}s"
 
 
+def reference_proxy(proxy: str) -> str:
+    """The nginx row a row is compared with: ``*-nolog`` rows with nginx-nolog."""
+    return "nginx-nolog" if proxy.endswith("-nolog") else "nginx"
+
+
 def add_ratios(results: list[Result]) -> None:
-    base = {(r.mode, r.size): r.cpu_us_per_req for r in results if r.proxy == "nginx" and r.ok}
+    base = {
+        (r.scenario, r.proxy, r.mode, r.size): r.cpu_us_per_req
+        for r in results
+        if r.proxy in ("nginx", "nginx-nolog") and r.ok
+    }
     for r in results:
-        ref = base.get((r.mode, r.size))
+        ref = base.get((r.scenario, reference_proxy(r.proxy), r.mode, r.size))
+        if ref is None:
+            ref = base.get((r.scenario, "nginx", r.mode, r.size))
         if r.ok and ref and r.cpu_us_per_req is not None:
             r.cpu_ratio_vs_nginx = round(r.cpu_us_per_req / ref, 2)
 
 
+def _order(values: Sequence[str], value: str) -> int:
+    return values.index(value) if value in values else len(values)
+
+
+def sorted_results(results: list[Result]) -> list[Result]:
+    """Grouped by scenario, mode and size, proxies in a fixed order within a group."""
+    return sorted(
+        results,
+        key=lambda r: (
+            _order(ALL_SCENARIOS, r.scenario),
+            _order(MODES, r.mode),
+            _order(tuple(SIZES), r.size),
+            _order(ALL_PROXIES, r.proxy),
+        ),
+    )
+
+
 def table(results: list[Result]) -> str:
     head = (
+        "scenario",
         "proxy",
         "mode",
         "size",
@@ -1071,17 +1561,24 @@ def table(results: list[Result]) -> str:
         "vs nginx",
         "proxy CPU%",
         "load CPU%",
+        "softirq%",
         "others CPU%",
         "p50",
         "p99",
         "peak RSS MB",
         "errors",
     )
-    rows = []
-    for r in results:
+    rows: list[tuple[str, ...] | None] = []
+    previous = None
+    for r in sorted_results(results):
+        group = (r.scenario, r.mode, r.size)
+        if previous is not None and group != previous:
+            rows.append(None)  # a blank line between groups
+        previous = group
         errors = r.non2xx + sum(r.socket_errors.values())
         rows.append(
             (
+                r.scenario,
                 r.proxy,
                 r.mode,
                 r.size,
@@ -1090,6 +1587,7 @@ def table(results: list[Result]) -> str:
                 "-" if r.cpu_ratio_vs_nginx is None else f"{r.cpu_ratio_vs_nginx:.2f}x",
                 fmt(r.proxy_cpu_pct, 0),
                 fmt(r.loadgen_cpu_pct, 0),
+                fmt(r.irq_on_proxy_cpu_pct, 0),
                 fmt(r.others_on_proxy_cpu_pct, 0),
                 fmt_ms(r.p50_ms),
                 fmt_ms(r.p99_ms),
@@ -1097,50 +1595,211 @@ def table(results: list[Result]) -> str:
                 str(errors),
             )
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    filled = [row for row in rows if row is not None]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *filled, strict=True)]
     lines = []
     for i, row in enumerate([head, *rows]):
+        if row is None:
+            lines.append("")
+            continue
         cells = [
-            str(c).ljust(w) if j < 3 else str(c).rjust(w)
+            str(c).ljust(w) if j < 4 else str(c).rjust(w)
             for j, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
-        lines.append("  ".join(cells))
+        lines.append("  ".join(cells).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def draw_chart(results: list[Result], path: Path) -> bool:
+def logging_costs(results: list[Result]) -> list[str]:
+    """CPU per request added by the access log, PIBL and nginx, from the logging scenario."""
+    value = {
+        (r.proxy, r.mode, r.size): r.cpu_us_per_req
+        for r in results
+        if r.scenario == "logging" and r.ok and r.cpu_us_per_req is not None
+    }
+    out = []
+    for mode in MODES:
+        for size in SIZES:
+            parts = []
+            for proxy in ("pibl", "nginx"):
+                on, off = value.get((proxy, mode, size)), value.get((f"{proxy}-nolog", mode, size))
+                if on is not None and off is not None:
+                    parts.append(f"{proxy} {on - off:+.1f} us ({100 * (on - off) / off:+.0f}%)")
+            if parts:
+                out.append(f"access log cost, {mode} /{size}: " + ", ".join(parts))
+    return out
+
+
+CHART_COLORS = {
+    "pibl": "#d9534f",
+    "pibl-nolog": "#f0a8a6",
+    "nginx": "#2e8b57",
+    "nginx-nolog": "#9fd3b4",
+    "haproxy": "#3a6fb0",
+}
+CHART_NAMES = {
+    "pibl": "PIBL",
+    "pibl-nolog": "PIBL, no access log",
+    "nginx": "nginx",
+    "nginx-nolog": "nginx, no access log",
+    "haproxy": "HAProxy",
+}
+
+
+def draw_chart(results: list[Result], path: Path, subtitle: str) -> bool:
     try:
-        import matplotlib  # type: ignore[import-not-found]
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
-        say("matplotlib is not importable; chart skipped")
+        say("matplotlib is not importable; chart skipped (install it to get one)")
         return False
-    ok = [r for r in results if r.ok and r.cpu_us_per_req is not None]
+    ok = [r for r in sorted_results(results) if r.ok and r.cpu_us_per_req is not None]
     if not ok:
+        say("no successful rows; chart skipped")
         return False
-    groups = list(dict.fromkeys((r.mode, r.size) for r in ok))
-    proxies = list(dict.fromkeys(r.proxy for r in ok))
-    value = {(r.proxy, r.mode, r.size): r.cpu_us_per_req for r in ok}
-    width = 0.8 / len(proxies)
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.5))
-    for i, proxy in enumerate(proxies):
-        xs = [g + (i - (len(proxies) - 1) / 2) * width for g in range(len(groups))]
-        ys = [value.get((proxy, m, s), 0) for m, s in groups]
-        bars = ax.bar(xs, ys, width, label=proxy)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"/{s}\n{m}" for m, s in groups])
-    ax.set_ylabel("proxy CPU microseconds per request")
-    ax.set_title("CPU cost per request (lower is better)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    groups = list(dict.fromkeys((r.scenario, r.mode, r.size) for r in ok))
+    by_group: dict[tuple[str, str, str], list[Result]] = {}
+    for r in ok:
+        by_group.setdefault((r.scenario, r.mode, r.size), []).append(r)
+    # Every bar has the same width; a group is as wide as its bars, plus a gap.
+    width, gap = 0.24, 0.4
+    centers: list[float] = []
+    left = 0.0
+    for group in groups:
+        span = width * len(by_group[group])
+        centers.append(left + span / 2)
+        left += span + gap
+    top = max(r.cpu_us_per_req or 0 for r in ok)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.05 * left + 1.5), 6.8))
+    labelled: set[str] = set()
+    for g, group in enumerate(groups):
+        rows = by_group[group]
+        for i, r in enumerate(rows):
+            x = centers[g] + (i - (len(rows) - 1) / 2) * width
+            y = r.cpu_us_per_req or 0
+            name = CHART_NAMES.get(r.proxy, r.proxy)
+            ax.bar(
+                x,
+                y,
+                width * 0.94,
+                color=CHART_COLORS.get(r.proxy, "grey"),
+                label=None if r.proxy in labelled else name,
+                edgecolor="black",
+                linewidth=0.4,
+            )
+            labelled.add(r.proxy)
+            text = f"{y:.0f}"
+            if r.proxy.startswith("pibl") and r.cpu_ratio_vs_nginx is not None:
+                ratio = f"{r.cpu_ratio_vs_nginx:.1f}\u00d7"
+                if y > top * 0.12:  # inside the top of the bar, so neighbours never collide
+                    ax.text(
+                        x,
+                        y - top * 0.015,
+                        ratio,
+                        ha="center",
+                        va="top",
+                        rotation=90,
+                        fontsize=9,
+                        fontweight="bold",
+                        color="white" if r.proxy == "pibl" else "black",
+                    )
+                else:
+                    text += f"\n{ratio}"
+            ax.text(
+                x,
+                y + top * 0.01,
+                text,
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                fontweight="bold" if r.proxy.startswith("pibl") else "normal",
+            )
+    for g in range(1, len(groups)):
+        if groups[g][0] != groups[g - 1][0]:
+            ax.axvline(
+                (centers[g - 1] + centers[g]) / 2, color="grey", linewidth=0.8, linestyle=":"
+            )
+    ax.set_xticks(centers)
+    ax.set_xticklabels(
+        [f"{s}\n/{size}\n{'keep-alive' if m == 'keepalive' else 'close'}" for s, m, size in groups],
+        fontsize=9,
+    )
+    ax.set_xlim(-gap / 2 - 0.1, left - gap / 2 + 0.1)
+    ax.set_ylim(0, top * 1.18)
+    ax.set_ylabel("proxy CPU time per request (µs, lower is better)")
+    ax.set_xlabel("scenario / response size / client connections")
+    ax.set_title(
+        "Proxy CPU time per request: PIBL vs nginx vs HAProxy, one worker each\n"
+        "above the bars: µs per request; inside PIBL's bars: the ratio to nginx in the same "
+        "group\n(PIBL without access log: ratio to nginx without access log)",
+        fontsize=11,
+        pad=22,
+    )
+    ax.grid(axis="y", linewidth=0.4, alpha=0.6)
+    ax.set_axisbelow(True)
+    handles, names = ax.get_legend_handles_labels()
+    order = sorted(range(len(names)), key=lambda i: list(CHART_NAMES.values()).index(names[i]))
+    ax.legend(
+        [handles[i] for i in order],
+        [names[i] for i in order],
+        fontsize=8,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncols=len(order),
+        frameon=False,
+    )
+    fig.text(0.01, 0.01, subtitle, fontsize=7, color="dimgrey", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
     return True
+
+
+def chart_subtitle(stamp: str, info: dict[str, Any], params: dict[str, Any]) -> str:
+    haproxy = (info.get("haproxy") or "").split()
+    repeat = params.get("repeat") or 1
+    median = f" (median of {repeat} runs)" if repeat > 1 else ""
+    return (
+        f"{stamp} | {info.get('pibl_version')} (commit {str(info.get('git_commit'))[:8]}), "
+        f"{(info.get('nginx') or '-').replace('nginx version: ', '')}, "
+        f"HAProxy {haproxy[2] if len(haproxy) > 2 else '-'} | "
+        f"wrk -t1 -c{params.get('connections')} -d{params.get('duration_s')}s"
+        f"{median}"
+        "\nproxy alone on "
+        f"CPU {params.get('proxy_cpu')}, backends + wrk on CPU {params.get('loadgen_cpu')} | "
+        f"{info.get('cpu_model')}"
+    )
+
+
+def replot(source: Path, chart: Path) -> int:
+    """Table and chart again from a saved results file, without measuring."""
+    try:
+        payload = json.loads(source.read_text())
+    except (OSError, ValueError) as exc:
+        say(f"cannot read {source}: {exc}")
+        return 2
+    names = {f.name for f in fields(Result)}
+    results = []
+    for row in payload.get("results", []):
+        row = {k: v for k, v in row.items() if k in names}
+        row.setdefault("scenario", "proxy")  # files written before scenarios existed
+        results.append(Result(**row))
+    add_ratios(results)
+    say(table(results))
+    for line in logging_costs(results):
+        say(line)
+    subtitle = chart_subtitle(
+        payload.get("timestamp", "?"), payload.get("machine", {}), payload.get("parameters", {})
+    )
+    if draw_chart(results, chart, subtitle):
+        say(f"chart: {chart}")
+        return 0
+    return 1
 
 
 def pibl_tree_digest() -> str:
@@ -1153,6 +1812,22 @@ def pibl_tree_digest() -> str:
             continue
         entries.append(f"{path.relative_to(REPO)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def pibl_differs(commit_a: str, commit_b: str) -> bool:
+    """Whether pibl/ differs between two commits (read-only ``git diff``); commits made
+    during a run that touch other directories do not matter here."""
+    if commit_a == commit_b:
+        return False
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(REPO), "diff", "--quiet", commit_a, commit_b, "--", "pibl"],
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return result.returncode != 0
 
 
 def git_status_pibl() -> list[str] | None:
@@ -1199,13 +1874,16 @@ def machine_info(args: argparse.Namespace, tools: dict[str, str]) -> dict[str, A
 # -- command line ---------------------------------------------------------------------------
 
 
-def _list(choices: Sequence[str]) -> Any:
+def _list(choices: Sequence[str], *, allow_none: bool = False) -> Any:
     def parse(text: str) -> list[str]:
+        if allow_none and text.strip() in ("", "none"):
+            return []
         items = [x.strip() for x in text.split(",") if x.strip()]
         bad = [x for x in items if x not in choices]
         if bad or not items:
             raise argparse.ArgumentTypeError(
                 f"expected a comma-separated list of {', '.join(choices)}"
+                + (" (or none)" if allow_none else "")
             )
         return list(dict.fromkeys(items))
 
@@ -1218,10 +1896,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="CPU cost per request of PIBL vs nginx vs HAProxy (loopback, pinned CPUs)."
     )
     p.add_argument(
+        "--scenarios",
+        type=_list(ALL_SCENARIOS),
+        default=list(ALL_SCENARIOS),
+        help=f"comma-separated subset of {','.join(ALL_SCENARIOS)} (default: all)",
+    )
+    p.add_argument(
         "--proxies",
         type=_list(ALL_PROXIES),
         default=list(ALL_PROXIES),
-        help=f"comma-separated subset of {','.join(ALL_PROXIES)} (default: all)",
+        help=f"comma-separated subset of {','.join(ALL_PROXIES)} (default: all); the "
+        "-nolog variants exist in the logging scenario only",
     )
     p.add_argument(
         "--sizes",
@@ -1232,13 +1917,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--mode",
         choices=(*MODES, "both"),
-        default="keepalive",
-        help="client connections: keep-alive, 'Connection: close' on every "
-        "request, or both passes (default keepalive)",
+        default=None,
+        help="client connections for every scenario: keep-alive, 'Connection: close' on "
+        "every request, or both passes (default: both for the --close-scenarios, keep-alive "
+        "for the others)",
+    )
+    p.add_argument(
+        "--close-scenarios",
+        type=_list(ALL_SCENARIOS, allow_none=True),
+        default=["proxy"],
+        help="without --mode: scenarios that get a 'Connection: close' pass after the "
+        "keep-alive one (default: proxy; 'none' for none)",
     )
     p.add_argument("--duration", type=int, default=None, help="seconds per measured run (10)")
     p.add_argument("--warmup", type=int, default=None, help="seconds of warm-up per run (2)")
     p.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measured runs per row (one warm-up); the row is the run with the median CPU "
+        "per request (1)",
+    )
     p.add_argument("--quick", action="store_true", help="3 s runs with 1 s warm-up")
     p.add_argument("--loadgen-cpu", type=int, default=0, help="CPU for backends and wrk (0)")
     p.add_argument("--proxy-cpu", type=int, default=1, help="CPU for the proxy under test (1)")
@@ -1246,12 +1946,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--base-port",
         type=int,
         default=18000,
-        help="backends listen on BASE+1..3, proxies on BASE+80..83 (18000)",
+        help="backends listen on BASE+1..3, proxies on BASE+80 upward (18000)",
     )
     p.add_argument(
         "--python",
         default=str(default_python if default_python.exists() else Path(sys.executable)),
         help="interpreter that runs PIBL (default: the project's .venv)",
+    )
+    p.add_argument(
+        "--chart",
+        type=Path,
+        default=REPO / "docs" / "bench.png",
+        help="where to write the PNG chart when matplotlib is available (docs/bench.png)",
+    )
+    p.add_argument("--no-chart", action="store_true", help="do not draw the chart")
+    p.add_argument(
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="print the table and draw the chart from a saved results file, then exit",
     )
     p.add_argument(
         "--keep-tmp", action="store_true", help="keep the temporary directory with configs and logs"
@@ -1260,11 +1973,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (3 if args.quick else 10)
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
-    args.modes = list(MODES) if args.mode == "both" else [args.mode]
-    if args.duration < 1 or args.warmup < 0 or args.connections < 1:
-        p.error("--duration and --connections must be positive, --warmup not negative")
+    args.modes_for = {
+        scenario: (
+            list(MODES)
+            if args.mode == "both" or (args.mode is None and scenario in args.close_scenarios)
+            else [args.mode or "keepalive"]
+        )
+        for scenario in args.scenarios
+    }
+    args.modes = [m for m in MODES if any(m in ms for ms in args.modes_for.values())]
+    if args.duration < 1 or args.warmup < 0 or args.connections < 1 or args.repeat < 1:
+        p.error("--duration, --connections, --repeat must be positive, --warmup not negative")
     if not 1024 < args.base_port < 65000:
         p.error("--base-port must be between 1025 and 64999")
+    if not build_plan(args):
+        p.error(
+            f"no proxy of --proxies {','.join(args.proxies)} runs in --scenarios "
+            f"{','.join(args.scenarios)} (the -nolog variants exist in the logging scenario only)"
+        )
     return args
 
 
@@ -1274,6 +2000,8 @@ def _on_signal(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        return replot(args.replot, args.chart.resolve())
     if not sys.platform.startswith("linux"):
         say("this benchmark reads /proc and needs Linux")
         return 2
@@ -1293,7 +2021,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
 
-    needed = ["nginx", "wrk"] + (["haproxy"] if "haproxy" in args.proxies else [])
+    plan = build_plan(args)
+    unused = [p for p in args.proxies if p not in {v.name for v, _ in plan}]
+    if unused and args.proxies != list(ALL_PROXIES):
+        say(f"note: {', '.join(unused)} not part of the chosen scenarios; not run")
+    needed = ["nginx", "wrk"] + (["haproxy"] if any(v.kind == "haproxy" for v, _ in plan) else [])
     try:
         tools = ensure_tools(needed)
     except BenchError as exc:
@@ -1312,12 +2044,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{info['pibl_version']} | {info['nginx']} | {info['haproxy'] or 'haproxy not used'}"
         f" | {info['wrk']}"
     )
+    say(
+        "scenarios: "
+        + ", ".join(f"{s} ({'+'.join(args.modes_for[s])})" for s in args.scenarios)
+        + f"; sizes: {', '.join(args.sizes)}"
+    )
     bench = Bench(args, tools, tmp)
     interrupted = False
     try:
         bench.run()
     except BenchError as exc:
-        bench.fail("-", "-", "-", str(exc))
+        bench.fail("-", "-", "-", "-", str(exc))
     except KeyboardInterrupt:
         interrupted = True
         say("\ninterrupted; stopping processes")
@@ -1325,56 +2062,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.pm.stop_all()
 
     add_ratios(bench.results)
-    code_after = (
-        tool_version(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
-        git_status_pibl(),
-        pibl_tree_digest(),
+    commit_after = tool_version(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    code_changed = (
+        pibl_tree_digest() != code_before
+        or git_status_pibl() != info["git_status_pibl"]
+        or pibl_differs(info["git_commit"], commit_after)
     )
-    code_changed = code_after != (info["git_commit"], info["git_status_pibl"], code_before)
     say()
     say(
-        f"wrk -t1 -c{args.connections} -d{args.duration}s --latency, warm-up {args.warmup} s; "
-        f"proxy on CPU {args.proxy_cpu}, backends + wrk on CPU {args.loadgen_cpu}"
+        f"wrk -t1 -c{args.connections} -d{args.duration}s --latency, warm-up {args.warmup} s"
+        + (f", median of {args.repeat} runs per row" if args.repeat > 1 else "")
+        + "; "
+        f"proxy on CPU {args.proxy_cpu}, backends + wrk on CPU {args.loadgen_cpu}; "
+        "PIBL --workers 1 (worker + master), nginx worker_processes 1 (worker + master), "
+        "HAProxy nbthread 1"
     )
     say(
         "CPU us/req = (utime+stime of the proxy process tree) / requests completed; "
-        "'load CPU%' = backends + wrk on the load CPU; "
-        "'others CPU%' = time on the proxy CPU used by other processes"
+        "'vs nginx' = CPU us/req / nginx's in the same scenario, mode and size (-nolog rows: "
+        "nginx-nolog's); 'load CPU%' = backends + wrk on the load CPU; "
+        "'softirq%' = interrupt time on the proxy CPU (network stack, charged to no "
+        "process); 'others CPU%' = time on the proxy CPU used by other processes"
     )
     say(table(bench.results))
-    for r in bench.results:
+    for line in logging_costs(bench.results):
+        say(line)
+    for r in sorted_results(bench.results):
         if r.non2xx or any(r.socket_errors.values()):
-            say(f"errors in {r.proxy}/{r.mode}/{r.size}: wrk reported " + "; ".join(r.notes))
+            say(f"errors in {r.label}: wrk reported " + "; ".join(r.notes))
+            say(f"--- wrk output ({r.wrk_command}) ---\n{r.wrk_output.rstrip()}")
+            if r.proxy_log_tail:
+                say(r.proxy_log_tail)
+        elif r.notes:
+            say(f"notes for {r.label}: " + "; ".join(r.notes))
     disturbed = [r for r in bench.results if r.ok and (r.others_on_proxy_cpu_pct or 0) >= 5]
     if disturbed:
         say(
             f"note: other processes used >= 5% of CPU {args.proxy_cpu} during "
-            + ", ".join(f"{r.proxy}/{r.mode}/{r.size}" for r in disturbed)
+            + ", ".join(r.label for r in disturbed)
             + "; those rows may be disturbed, run again on a quiet machine"
         )
     saturated = [r for r in bench.results if r.ok and (r.loadgen_cpu_pct or 0) >= 90]
     if saturated:
         say(
             "note: the load CPU was >= 90% busy in "
-            + ", ".join(f"{r.proxy}/{r.mode}/{r.size}" for r in saturated)
+            + ", ".join(r.label for r in saturated)
             + "; req/s there is limited by wrk + backends, not by the proxy"
         )
     had_errors = any(r.non2xx or any(r.socket_errors.values()) for r in bench.results)
     keep = args.keep_tmp or bool(bench.failures) or had_errors
     kept = "" if keep else " (removed at exit; --keep-tmp keeps it)"
-    for name, log in bench.logs_info.items():
-        if log.get("access_log"):
+    for key, log in bench.logs_info.items():
+        for f in log.get("access_logs", []):
             say(
-                f"{name} access log: {log['access_log']}: {log.get('lines', '?')} lines "
-                f"({log.get('lines_before_stop', '?')} before SIGTERM), "
-                f"{log.get('bytes', 0) / 1e6:.1f} MB, for {log['requests_completed_by_wrk']} "
-                f"requests completed by wrk{kept}"
+                f"{key} access log {f['path']}: {f['lines']} lines "
+                f"({f['lines_before_stop']} before SIGTERM), {f['bytes'] / 1e6:.1f} MB, for "
+                f"{log['requests_completed_by_wrk']} requests completed by wrk{kept}"
             )
-    for name, log in bench.logs_info.items():
+    for key, log in bench.logs_info.items():
         normal = (0, None, -signal.SIGTERM)
         if log.get("exit_status") not in normal or (log.get("stop_seconds") or 0) > 3:
             say(
-                f"{name}: exit status {log.get('exit_status')} "
+                f"{key}: exit status {log.get('exit_status')} "
                 f"{log.get('stop_seconds')} s after SIGTERM"
             )
     if code_changed:
@@ -1382,31 +2131,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warning: the files under pibl/ changed while the benchmark ran; PIBL rows may "
             "come from different versions of the code"
         )
+    for item in bench.skipped:
+        say(f"SKIPPED {item['scenario']}/{item['proxy']}: {item['reason'].splitlines()[0]}")
     for failure in bench.failures:
         say(
-            f"FAILED {failure['proxy']} {failure['mode']} {failure['size']}: "
-            f"{failure['error'].splitlines()[0] if failure['error'] else ''}"
+            f"FAILED {failure['scenario']} {failure['proxy']} {failure['mode']} "
+            f"{failure['size']}: {failure['error'].splitlines()[0] if failure['error'] else ''}"
         )
 
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"{stamp}.json"
-    payload = {
+    chart = None if args.no_chart else args.chart.resolve()
+    payload: dict[str, Any] = {
         "timestamp": stamp,
         "parameters": {
+            "scenarios": args.scenarios,
             "proxies": args.proxies,
             "sizes": args.sizes,
             "modes": args.modes,
+            "modes_per_scenario": args.modes_for,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "connections": args.connections,
+            "repeat": args.repeat,
             "wrk_threads": 1,
+            "pibl_workers": 1,
             "loadgen_cpu": args.loadgen_cpu,
             "proxy_cpu": args.proxy_cpu,
             "base_port": args.base_port,
+            "chart": str(chart) if chart else None,
         },
         "machine": info,
         "results": [asdict(r) for r in bench.results],
         "failures": bench.failures,
+        "skipped": bench.skipped,
+        "setups": bench.setups,
         "access_logs": bench.logs_info,
         "pibl_effective_config": bench.pibl_configs,
         "interrupted": interrupted,
@@ -1414,8 +2173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
     say(f"results: {out}")
-    chart = RESULTS_DIR / f"{stamp}.png"
-    if draw_chart(bench.results, chart):
+    if chart is not None and draw_chart(
+        bench.results, chart, chart_subtitle(stamp, info, payload["parameters"])
+    ):
         say(f"chart: {chart}")
     if keep:
         say(f"kept {tmp} (configs and logs)")

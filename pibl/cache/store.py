@@ -399,6 +399,10 @@ class DiskStore:
             self._remember(entry, data)
         return data
 
+    def verified(self, entry: Entry) -> bool:
+        """Whether this body was already CRC-checked by this process."""
+        return str(entry.body_path) in self._verified
+
     def verify_body(self, entry: Entry) -> bool:
         """CRC check of a large body, once per process (blocking: run it in a thread)."""
         name = str(entry.body_path)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pibl.cache import policy
 from pibl.cache.key import primary_key
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 CONDITIONALS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"}
 )
-SENDFILE_MIN = 64 * 1024  # larger bodies go out with sendfile (checked once per process)
+SENDFILE_MIN = 1024 * 1024  # larger bodies go out with sendfile (checked once per process)
 
 
 class _StoreHook(ResponseHook):
@@ -497,13 +498,24 @@ class CacheLayer:
             return keep_alive
         # A large body: checked once per process, then sent by the kernel.
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, store.verify_body, entry):
+        if not store.verified(entry) and not await loop.run_in_executor(
+            None, store.verify_body, entry
+        ):
             record.response_started = False
             return None
-        conn.write(b"".join(out))
         assert conn.transport is not None
-        with open(entry.body_path, "rb") as fh:
-            await loop.sendfile(conn.transport, fh, 0, entry.body_length)
+        # Cork the socket so the head leaves in the same segment as the first body bytes
+        # (nginx's tcp_nopush); a lone small head segment can wait for a delayed ACK.
+        tls = conn.transport.get_extra_info("sslcontext") is not None
+        sock = None if tls else conn.transport.get_extra_info("socket")
+        corked = _cork(sock, True)
+        try:
+            conn.write(b"".join(out))
+            with open(entry.body_path, "rb") as fh:
+                await loop.sendfile(conn.transport, fh, 0, entry.body_length)
+        finally:
+            if corked:
+                _cork(sock, False)
         record.bytes_out = entry.body_length
         if conn.write_paused:
             await conn.drain()
@@ -535,6 +547,17 @@ class CacheLayer:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+
+def _cork(sock: Any, on: bool) -> bool:
+    """Set TCP_CORK on the transport's TCP socket; False where it does not apply."""
+    if sock is None or not hasattr(socket, "TCP_CORK") or not hasattr(sock, "setsockopt"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+    except OSError:
+        return False
+    return True
 
 
 class _Tracker(ResponseHook):
