@@ -37,6 +37,8 @@ class ServerConfig(_Section):
     # Name used in the Via header (RFC 9110 section 7.6.3).
     via: str = "pibl"
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    # "auto": use uvloop for the workers' event loops when it is installed
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
 
 class TimeoutsConfig(_Section):

@@ -321,6 +321,19 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def use_event_loop(choice: str, log: AccessLog) -> None:
+    """Install uvloop's policy when asked for (or "auto" and installed)."""
+    if choice == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            log.warning("event_loop = uvloop but uvloop is not installed; using asyncio")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def _worker_main(
     config: Config,
     sock: list[socket.socket],
@@ -334,6 +347,7 @@ def _worker_main(
         os.write(ready_fd, b"R")
         os.close(ready_fd)
 
+    use_event_loop(config.server.event_loop, log)
     try:
         asyncio.run(
             run_worker(config, log, sock=sock, on_ready=ready, announce=False, shared=rotation)

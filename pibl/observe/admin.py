@@ -35,7 +35,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
 from pibl.errors import ProtocolError
@@ -269,10 +269,10 @@ class AdminConnection(asyncio.Protocol):
     # -- asyncio callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop transports implement the interface without subclassing asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
         if len(self.connections) >= MAX_CONNECTIONS:
-            transport.abort()
+            self.transport.abort()
             return
         self.connections.add(self)
         self.set_timer(IDLE_TIMEOUT)

@@ -21,6 +21,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
+from typing import cast
 
 from pibl.config import BackendConfig, resolve_path
 from pibl.errors import ProtocolError, UpstreamError
@@ -78,8 +79,8 @@ class UpstreamConnection(WriteFlow):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop transports implement the interface without subclassing asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
