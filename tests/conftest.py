@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from tests.support import Backend, ProxyThread, start_backend
+
 # Property tests must not fail on a busy machine because one example was slow.
 settings.register_profile("pibl", deadline=None)
 settings.load_profile("pibl")
-
-from tests.support import Backend, ProxyThread, start_backend
 
 
 @pytest.fixture
