@@ -74,12 +74,9 @@ NS_CLIENT=${PREFIX}client
 NS_APPS=("${PREFIX}app1" "${PREFIX}app2" "${PREFIX}app3")
 ALL_NS=("$NS_CLIENT" "${PREFIX}lb1" "${PREFIX}lb2" "${NS_APPS[@]}" "$NS_SW")
 
-log() { printf '%s\n' "$*"; }
 err() { printf 'ha-topology: %s\n' "$*" >&2; }
-die() {
-    err "$*"
-    exit 1
-}
+# shellcheck source=deploy/lib/topology-common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/topology-common.sh"
 
 usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
@@ -94,7 +91,6 @@ preflight() {
 }
 
 ns_of() { printf '%s%s' "$PREFIX" "$1"; }
-ns_exists() { [[ -e /run/netns/$1 ]]; }
 
 # -- keepalived -----------------------------------------------------------------------
 
@@ -130,23 +126,6 @@ ensure_keepalived() {
     }
 }
 
-# -- processes ------------------------------------------------------------------------
-
-# alive PID: the process exists and is not a zombie
-alive() {
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]]
-}
-
-# ours PID: its command line mentions our state directory (guards against PID reuse)
-ours() {
-    local cmdline
-    cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
-    [[ $cmdline == *"$STATE/"* ]]
-}
-
 # pid_from FILE: the PID in FILE if it is a live process of ours, else nothing
 pid_from() {
     local pid
@@ -155,45 +134,6 @@ pid_from() {
     pid=${pid//[[:space:]]/}
     if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" && ours "$pid"; then
         printf '%s' "$pid"
-    fi
-}
-
-# start NAME NS CMD...: run CMD detached in namespace NS, output in $STATE/NAME.out
-start() {
-    local name=$1 ns=$2
-    shift 2
-    (cd "$STATE" && exec ip netns exec "$ns" setsid "$@" >"$STATE/$name.out" 2>&1 </dev/null) &
-    echo "$!" >"$STATE/$name.pid"
-}
-
-# stop_pid PID LABEL: SIGTERM, wait up to 15 s, then SIGKILL
-stop_pid() {
-    local pid=$1 label=$2 i rc
-    alive "$pid" || {
-        wait "$pid" 2>/dev/null || true
-        return 0
-    }
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 150; i++)); do
-        alive "$pid" || break
-        sleep 0.1
-    done
-    if alive "$pid"; then
-        err "$label (PID $pid) did not stop after SIGTERM; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        sleep 0.2
-    fi
-    if wait "$pid" 2>/dev/null; then
-        log "  stopped $label (PID $pid, exit 0)"
-    else
-        rc=$?
-        if ((rc == 127)); then
-            log "  stopped $label (PID $pid)"
-        elif ((rc > 128)); then
-            log "  stopped $label (PID $pid, ended by signal $((rc - 128)))"
-        else
-            log "  stopped $label (PID $pid, exit $rc)"
-        fi
     fi
 }
 
@@ -237,16 +177,6 @@ show_logs() {
         err "---- ${f##*/} (last 20 lines) ----"
         tail -n 20 "$f" >&2
     done
-}
-
-link_host() { # link_host NS IP SHORT: veth from the bridge to NS, address IP/24 on eth0
-    local ns=$1 ip=$2 short=$3
-    ip netns add "$ns"
-    ip -n "$ns" link set lo up
-    ip -n "$NS_SW" link add "to-$short" type veth peer name eth0 netns "$ns"
-    ip -n "$NS_SW" link set "to-$short" master br0 up
-    ip -n "$ns" addr add "$ip/24" dev eth0
-    ip -n "$ns" link set eth0 up
 }
 
 write_pibl_config() { # write_pibl_config LB
@@ -461,7 +391,6 @@ host, port, path, kill_file, log_file = sys.argv[1:6]
 limit = float(sys.argv[6])
 RATE, CAP, SETTLE, TIMEOUT = 10.0, 30.0, 2.0, 1.0
 
-
 def request():
     conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
     try:
@@ -476,7 +405,6 @@ def request():
         return False, "-", type(exc).__name__
     finally:
         conn.close()
-
 
 records = []  # (start, end, ok, via, detail)
 killed_at = None
@@ -684,16 +612,6 @@ do_status() {
 }
 
 # -- main -----------------------------------------------------------------------------
-
-on_failed_up() {
-    show_logs
-    if [[ ${PIBL_NS_KEEP:-0} == 1 ]]; then
-        err "up failed; kept everything for inspection (run '$0 down' to remove it)"
-    else
-        err "up failed; removing what was created"
-        do_down >&2 || true
-    fi
-}
 
 main() {
     local cmd=${1:-}

@@ -52,12 +52,9 @@ NS_CLIENT=${PREFIX}client
 NS_APPS=("${PREFIX}app1" "${PREFIX}app2" "${PREFIX}app3")
 ALL_NS=("$NS_CLIENT" "$NS_LB" "${NS_APPS[@]}" "$NS_SW")
 
-log() { printf '%s\n' "$*"; }
 err() { printf 'netns-topology: %s\n' "$*" >&2; }
-die() {
-    err "$*"
-    exit 1
-}
+# shellcheck source=deploy/lib/topology-common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/topology-common.sh"
 
 usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
@@ -68,65 +65,6 @@ preflight() {
         die "PIBL_NS_PREFIX must be 1-40 characters of A-Z a-z 0-9 _ . - (got '$PREFIX')"
     ((EUID == 0)) || die "must run as root (network namespaces need CAP_SYS_ADMIN)"
     command -v ip >/dev/null || die "'ip' (iproute2) not found"
-}
-
-ns_exists() { [[ -e /run/netns/$1 ]]; }
-
-# -- processes ------------------------------------------------------------------------
-
-# alive PID: the process exists and is not a zombie
-alive() {
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]]
-}
-
-# ours PID: its command line mentions our state directory (guards against PID reuse)
-ours() {
-    local cmdline
-    cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
-    [[ $cmdline == *"$STATE/"* ]]
-}
-
-# start NAME NS CMD...: run CMD detached in namespace NS, output in $STATE/NAME.out
-start() {
-    local name=$1 ns=$2
-    shift 2
-    (cd "$STATE" && exec ip netns exec "$ns" setsid "$@" >"$STATE/$name.out" 2>&1 </dev/null) &
-    echo "$!" >"$STATE/$name.pid"
-}
-
-# stop_pid PID LABEL: SIGTERM, wait up to 15 s, then SIGKILL
-stop_pid() {
-    local pid=$1 label=$2 i rc
-    alive "$pid" || {
-        wait "$pid" 2>/dev/null || true
-        return 0
-    }
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 150; i++)); do
-        alive "$pid" || break
-        sleep 0.1
-    done
-    if alive "$pid"; then
-        err "$label (PID $pid) did not stop after SIGTERM; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        sleep 0.2
-    fi
-    # When the process is our child (subcommand `all`), report how it ended.
-    if wait "$pid" 2>/dev/null; then
-        log "  stopped $label (PID $pid, exit 0)"
-    else
-        rc=$?
-        if ((rc == 127)); then
-            log "  stopped $label (PID $pid)"
-        elif ((rc > 128)); then
-            log "  stopped $label (PID $pid, ended by signal $((rc - 128)))"
-        else
-            log "  stopped $label (PID $pid, exit $rc)"
-        fi
-    fi
 }
 
 # -- HTTP -----------------------------------------------------------------------------
@@ -196,16 +134,6 @@ show_logs() {
         err "---- ${f##*/} (last 20 lines) ----"
         tail -n 20 "$f" >&2
     done
-}
-
-link_host() { # link_host NS IP SHORT: veth from the bridge to NS, address IP/24 on eth0
-    local ns=$1 ip=$2 short=$3
-    ip netns add "$ns"
-    ip -n "$ns" link set lo up
-    ip -n "$NS_SW" link add "to-$short" type veth peer name eth0 netns "$ns"
-    ip -n "$NS_SW" link set "to-$short" master br0 up
-    ip -n "$ns" addr add "$ip/24" dev eth0
-    ip -n "$ns" link set eth0 up
 }
 
 write_config() {
@@ -428,17 +356,6 @@ do_status() {
 }
 
 # -- main -----------------------------------------------------------------------------
-
-# on_failed_up: after a failed `up`, show the logs and remove what was created
-on_failed_up() {
-    show_logs
-    if [[ ${PIBL_NS_KEEP:-0} == 1 ]]; then
-        err "up failed; kept everything for inspection (run '$0 down' to remove it)"
-    else
-        err "up failed; removing what was created"
-        do_down >&2 || true
-    fi
-}
 
 main() {
     local cmd=${1:-}
