@@ -30,7 +30,7 @@ import email.utils
 import re
 from dataclasses import dataclass
 
-from pibl.http.message import HeaderList
+from pibl.http.message import HeaderList, get_all, get_header
 
 # RFC 9110 section 15.1: status codes heuristically cacheable by default.
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -98,17 +98,6 @@ def _split_directives(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def header(headers: HeaderList, name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
-def header_all(headers: HeaderList, name: bytes) -> list[bytes]:
-    return [v for k, v in headers if k.lower() == name]
-
-
 _ASCTIME = re.compile(rb"^[A-Za-z]{3} [A-Za-z]{3} [ 0-9][0-9] [0-9:]{8} [0-9]{4}$")
 
 
@@ -140,7 +129,7 @@ def parse_http_date(value: bytes | None) -> float | None:
 def vary_names(headers: HeaderList) -> list[str]:
     """Lower-case field names listed in Vary; ``["*"]`` for Vary: *."""
     names: list[str] = []
-    for value in header_all(headers, b"vary"):
+    for value in get_all(headers, b"vary"):
         for token in value.decode("latin-1").split(","):
             token = token.strip().lower()
             if token and token not in names:
@@ -167,31 +156,33 @@ def storable(
     req_cc = parse_cache_control(request_headers)
     if req_cc.has("no-store"):
         return False, "request no-store"
-    if header(request_headers, b"range") is not None:
+    if get_header(request_headers, b"range") is not None:
         return False, "range request"
     cc = parse_cache_control(response_headers)
     if cc.has("no-store"):
         return False, "no-store"
     if cc.has("private"):
         return False, "private"
-    if header(request_headers, b"authorization") is not None and not (
+    if get_header(request_headers, b"authorization") is not None and not (
         cc.has("public") or cc.has("s-maxage") or cc.has("must-revalidate")
     ):
         return False, "authorization"
-    if header(response_headers, b"set-cookie") is not None:
+    if get_header(response_headers, b"set-cookie") is not None:
         return False, "set-cookie"
     if vary_names(response_headers) == ["*"]:
         return False, "vary *"
-    if header(response_headers, b"content-range") is not None:
+    if get_header(response_headers, b"content-range") is not None:
         return False, "partial content"
     explicit = (
-        cc.has("s-maxage") or cc.has("max-age") or header(response_headers, b"expires") is not None
+        cc.has("s-maxage")
+        or cc.has("max-age")
+        or get_header(response_headers, b"expires") is not None
     )
     if explicit or cc.has("public"):
         return True, ""
     # A heuristically cacheable status may be stored; PIBL only bothers when it can be
     # fresh (a default TTL or Last-Modified) or must be revalidated anyway (no-cache).
-    heuristic = default_ttl > 0 or header(response_headers, b"last-modified") is not None
+    heuristic = default_ttl > 0 or get_header(response_headers, b"last-modified") is not None
     if status in HEURISTIC_STATUSES and (heuristic or cc.has("no-cache")):
         return True, ""
     return False, "no freshness information"
@@ -211,18 +202,18 @@ def freshness_lifetime(status: int, headers: HeaderList, *, default_ttl: float) 
         return float(max_age)
     if cc.has("max-age") or cc.has("s-maxage"):
         return 0.0  # present but invalid: treat as stale (section 4.2.1)
-    expires_raw = header(headers, b"expires")
+    expires_raw = get_header(headers, b"expires")
     if expires_raw is not None:
         expires = parse_http_date(expires_raw)
-        date = parse_http_date(header(headers, b"date"))
+        date = parse_http_date(get_header(headers, b"date"))
         if expires is None or date is None:
             return 0.0  # an invalid Expires (such as "0") means already expired
         return max(0.0, expires - date)
     if default_ttl > 0:
         return float(default_ttl)
     if status in HEURISTIC_STATUSES or cc.has("public"):
-        last_modified = parse_http_date(header(headers, b"last-modified"))
-        date = parse_http_date(header(headers, b"date"))
+        last_modified = parse_http_date(get_header(headers, b"last-modified"))
+        date = parse_http_date(get_header(headers, b"date"))
         if last_modified is not None and date is not None and date > last_modified:
             return min(HEURISTIC_MAX, (date - last_modified) * HEURISTIC_FRACTION)
     return 0.0
@@ -230,11 +221,11 @@ def freshness_lifetime(status: int, headers: HeaderList, *, default_ttl: float) 
 
 def initial_age(headers: HeaderList, request_time: float, response_time: float) -> float:
     """``corrected_initial_age`` of section 4.2.3, fixed when the response is received."""
-    age_raw = header(headers, b"age")
+    age_raw = get_header(headers, b"age")
     age_value = 0.0
     if age_raw is not None and age_raw.strip().isdigit():
         age_value = float(int(age_raw.strip()))
-    date = parse_http_date(header(headers, b"date"))
+    date = parse_http_date(get_header(headers, b"date"))
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     response_delay = max(0.0, response_time - request_time)
     corrected_age_value = age_value + response_delay
@@ -287,7 +278,7 @@ def usable(
         sie_req = req.seconds("stale-if-error")
         sie = float(max(max_stale_on_error, sie_res or 0, sie_req or 0))
     pragma_no_cache = not req.directives and any(
-        b"no-cache" in v.lower() for v in header_all(request_headers, b"pragma")
+        b"no-cache" in v.lower() for v in get_all(request_headers, b"pragma")
     )
     if res.has("no-cache"):
         # Never used without a successful validation, not even when the origin fails.
@@ -322,7 +313,7 @@ def bypass_reason(method: bytes, request_headers: HeaderList) -> str | None:
     """Requests that never use the cache (the response may still invalidate it)."""
     if method not in (b"GET", b"HEAD"):
         return "method"
-    if header(request_headers, b"range") is not None:
+    if get_header(request_headers, b"range") is not None:
         return "range"
     if parse_cache_control(request_headers).has("no-store"):
         return "no-store"
@@ -331,7 +322,7 @@ def bypass_reason(method: bytes, request_headers: HeaderList) -> str | None:
 
 def may_serve_with_authorization(request_headers: HeaderList, stored_headers: HeaderList) -> bool:
     """Section 3.5: a request with Authorization may only get a response marked shareable."""
-    if header(request_headers, b"authorization") is None:
+    if get_header(request_headers, b"authorization") is None:
         return True
     cc = parse_cache_control(stored_headers)
     return cc.has("public") or cc.has("s-maxage") or cc.has("must-revalidate")
@@ -354,23 +345,23 @@ def _weak_equal(a: bytes, b: bytes) -> bool:
 
 def not_modified(request_headers: HeaderList, stored_headers: HeaderList) -> bool:
     """Whether a GET/HEAD conditional request is answered 304 by the stored response."""
-    inm = header_all(request_headers, b"if-none-match")
+    inm = get_all(request_headers, b"if-none-match")
     if inm:
-        etag = header(stored_headers, b"etag")
+        etag = get_header(stored_headers, b"etag")
         tags = [t for v in inm for t in _etags(v)]
         if b"*" in tags:
             return True
         return etag is not None and any(_weak_equal(etag.strip(), t) for t in tags)
-    ims_values = header_all(request_headers, b"if-modified-since")
+    ims_values = get_all(request_headers, b"if-modified-since")
     # RFC 9110 section 13.1.3: a field with more than one member is ignored.
     if len(ims_values) != 1 or ims_values[0].count(b",") > 1:
         return False
     ims = parse_http_date(ims_values[0])
     if ims is None:
         return False
-    last = parse_http_date(header(stored_headers, b"last-modified"))
+    last = parse_http_date(get_header(stored_headers, b"last-modified"))
     if last is None:
-        last = parse_http_date(header(stored_headers, b"date"))
+        last = parse_http_date(get_header(stored_headers, b"date"))
     return last is not None and last <= ims
 
 
@@ -387,10 +378,10 @@ def not_modified_headers(stored_headers: HeaderList) -> HeaderList:
 def validators(stored_headers: HeaderList) -> HeaderList:
     """Conditional headers to revalidate a stored response with its origin."""
     out: HeaderList = []
-    etag = header(stored_headers, b"etag")
+    etag = get_header(stored_headers, b"etag")
     if etag is not None:
         out.append((b"If-None-Match", etag))
-    last = header(stored_headers, b"last-modified")
+    last = get_header(stored_headers, b"last-modified")
     if last is not None:
         out.append((b"If-Modified-Since", last))
     return out
@@ -422,7 +413,7 @@ def invalidated_targets(host: bytes, response_headers: HeaderList) -> list[bytes
     """Same-origin ``Location`` / ``Content-Location`` targets, as origin-form paths."""
     out: list[bytes] = []
     for name in (b"location", b"content-location"):
-        value = header(response_headers, name)
+        value = get_header(response_headers, name)
         if value is None:
             continue
         value = value.strip()

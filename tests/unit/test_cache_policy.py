@@ -1098,6 +1098,6 @@ def test_no_vary() -> None:
 
 def test_header_helpers_are_case_insensitive() -> None:
     headers = [(b"X-A", b"1"), (b"x-a", b"2")]
-    assert policy.header(headers, b"x-a") == b"1"
-    assert policy.header_all(headers, b"x-a") == [b"1", b"2"]
-    assert policy.header(headers, b"x-b") is None
+    assert policy.get_header(headers, b"x-a") == b"1"
+    assert policy.get_all(headers, b"x-a") == [b"1", b"2"]
+    assert policy.get_header(headers, b"x-b") is None
