@@ -201,12 +201,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if parts.path.startswith("/cache"):
             self._cache_endpoint(query)
             return
-        if parts.path == "/headers":
-            self._send(
-                200,
-                b"x",
-                headers={"Set-Cookie": "a=1", "X-Multi": "one", "Connection": "X-Private"},
-            )
+        if parts.path == "/headers":  # repeated fields and hop-by-hop ones, in this order
+            self.send_response(200)
+            for name, value in (
+                ("Set-Cookie", "a=1"),
+                ("X-Private", "secret"),
+                ("Set-Cookie", "b=2"),
+                ("Keep-Alive", "timeout=5"),
+                ("Connection", "X-Private"),
+                ("Content-Length", "1"),
+            ):
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(b"x")
             return
         body = f"{self.backend.name} {self.command} {self.path}".encode()
         if record.body:
