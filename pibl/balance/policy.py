@@ -57,8 +57,3 @@ class SmoothWeighted:
             return None
         current[best] -= total
         return best
-
-    def set_weight(self, index: int, weight: int) -> None:
-        if weight <= 0:
-            raise ValueError("weight must be positive")
-        self._weights[index] = weight

@@ -88,7 +88,6 @@ class Stats:
     entries: int = 0
     bytes: int = 0
     hits: int = 0
-    misses: int = 0
     stored: int = 0
     evictions: int = 0
     discarded: int = 0  # torn, foreign or corrupt files found and removed
@@ -112,6 +111,10 @@ def _decode_meta(data: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+class _Replaced(Exception):
+    """The entry being read was replaced by a newer commit while it was read."""
 
 
 class BodyWriter:
@@ -321,7 +324,12 @@ class DiskStore:
         is discarded, never served and never allowed to raise.
         """
         try:
-            return self._lookup(primary, request_headers)
+            for _ in range(2):  # once more if a newer version replaced it while reading
+                try:
+                    return self._lookup(primary, request_headers)
+                except _Replaced:
+                    continue
+            return None, "uri-miss"
         except (TypeError, ValueError, OverflowError, AttributeError, KeyError):
             with contextlib.suppress(Exception):
                 self._discard(self.meta_path(digest(primary)))
@@ -380,7 +388,8 @@ class DiskStore:
         except OSError:
             size = -1
         if size < 0 or size != entry.body_length or "/" in str(meta["body_file"]):
-            self._discard(path)
+            if not self._discard(path, str(meta["body_file"])):
+                raise _Replaced  # a newer version was committed meanwhile: read it instead
             return None
         return entry
 
@@ -393,7 +402,7 @@ class DiskStore:
         except OSError:
             return None
         if len(data) != entry.body_length or zlib.crc32(data) != entry.body_crc:
-            self._discard(entry.meta_path)
+            self._discard(entry.meta_path, entry.body_path.name)
             return None
         if len(data) <= self.memory_entry_max:
             self._remember(entry, data)
@@ -418,7 +427,7 @@ class DiskStore:
         except OSError:
             return False
         if crc != entry.body_crc or length != entry.body_length:
-            self._discard(entry.meta_path)
+            self._discard(entry.meta_path, entry.body_path.name)
             return False
         self._verified.add(name)
         return True
@@ -589,10 +598,20 @@ class DiskStore:
             for variant in meta.get("variants", []):
                 self._remove_meta(self.meta_path(str(variant)))
 
-    def _discard(self, path: Path) -> None:
-        """A torn, foreign or corrupt entry: never served, removed."""
+    def _discard(self, path: Path, body_file: str | None = None) -> bool:
+        """A torn, foreign or corrupt entry: never served, removed.
+
+        With ``body_file`` the metadata is removed only if it still names that body: when
+        another request or process committed a new version in the meantime (and removed the
+        old body), the new version is left alone. Returns whether anything was removed.
+        """
+        if body_file is not None:
+            current = self._read_meta(path)
+            if current is not None and str(current.get("body_file")) != body_file:
+                return False
         self.stats.discarded += 1
         self._remove_meta(path)
+        return True
 
     def invalidate(self, primary: bytes) -> bool:
         path = self.meta_path(digest(primary))

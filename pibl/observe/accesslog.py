@@ -120,7 +120,6 @@ class AccessLog:
         self._file: TextIO | None = None
         self._next_open = 0.0
         self.dropped = 0
-        self.written = 0
         self._threaded = threaded
         self._thread = threading.Thread(target=self._run, name="pibl-log", daemon=True)
         if threaded:
@@ -229,7 +228,6 @@ class AccessLog:
             try:
                 self._file.write(text)
                 self._file.flush()
-                self.written += len(batch)
             except OSError:
                 self.dropped += len(batch)
                 self._close_file()

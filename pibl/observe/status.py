@@ -108,6 +108,7 @@ class StatusTracker:
             "started": self.started,
             "connections": len(proxy.connections),
             "in_flight": proxy.in_flight,
+            "log_dropped": proxy.log.dropped,  # lines lost to a full or unwritable log file
             "requests": self.requests,
             "by_class": self.by_class,
             "cache": self.cache,
@@ -178,6 +179,7 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "time": max(s["time"] for s in snapshots),
         "connections": sum(s["connections"] for s in snapshots),
         "in_flight": sum(s["in_flight"] for s in snapshots),
+        "log_dropped": sum(s.get("log_dropped", 0) for s in snapshots),
         "requests": sum(s["requests"] for s in snapshots),
         "by_class": _sum_dicts([s["by_class"] for s in snapshots]),
         "cache": _sum_dicts([s["cache"] for s in snapshots]),

@@ -222,18 +222,26 @@ class CacheLayer:
             return await self.handle(conn, incoming, head, rid, record, collapsed=True)
         if policy.only_if_cached(head.headers):
             return self._only_if_cached(conn, head, rid, record)
+        # From here this request leads for this worker: later ones wait on its event.
+        event = asyncio.Event()
+        self._inflight.setdefault(primary, event)  # (after a collapsed wait, one may exist)
         locked = False
         if remote is not None and not collapsed:
             # Across the fleet too: one node fetches, the others wait for it in Redis.
-            ms = int(self.config.lock_timeout * 1000)
-            got = await remote.lock(primary, ms)
-            if got is False and await remote.wait_for(
-                primary, head.headers, self.config.lock_timeout
-            ):
+            try:
+                got = await remote.lock(primary, int(self.config.lock_timeout * 1000))
+                hydrated = got is False and await remote.wait_for(
+                    primary, head.headers, self.config.lock_timeout
+                )
+            except BaseException:
+                self._wake(primary, event)
+                raise
+            if hydrated:
+                self._wake(primary, event)
                 return await self.handle(conn, incoming, head, rid, record, collapsed=True)
             locked = got is True
         fwd = "vary-miss" if found == "vary-miss" else "miss"
-        return await self._fetch(conn, incoming, head, rid, record, primary, fwd, locked)
+        return await self._fetch(conn, incoming, head, rid, record, primary, fwd, event, locked)
 
     # -- misses -------------------------------------------------------------------------
 
@@ -246,21 +254,21 @@ class CacheLayer:
         record: AccessRecord,
         primary: bytes,
         fwd: str,
+        event: asyncio.Event,
         locked: bool = False,
     ) -> bool:
+        """Forward a miss as the leader for ``primary`` (``event`` wakes the followers)."""
         record.cache = "MISS"
-        leader = primary not in self._inflight
-        event = asyncio.Event()
-        if leader:
-            self._inflight[primary] = event
         hook = _StoreHook(self, primary, head, fwd)
         try:
             return await self.proxy.forward(conn, incoming, head, rid, record, hook=hook)
         finally:
-            if leader:
-                self._release(primary, event, hook, locked)
-            elif locked and self.remote is not None:
-                self.remote.spawn(self.remote.unlock(primary))
+            self._release(primary, event, hook, locked)
+
+    def _wake(self, primary: bytes, event: asyncio.Event) -> None:
+        if self._inflight.get(primary) is event:
+            del self._inflight[primary]
+        event.set()
 
     def _release(
         self, primary: bytes, event: asyncio.Event, hook: _StoreHook, locked: bool = False
@@ -272,9 +280,7 @@ class CacheLayer:
         """
 
         def done(fut: asyncio.Future[Entry | None] | None = None) -> None:
-            if self._inflight.get(primary) is event:
-                del self._inflight[primary]
-            event.set()
+            self._wake(primary, event)
             if self.remote is not None:
                 entry = None
                 if fut is not None and not fut.cancelled() and fut.exception() is None:
@@ -331,7 +337,9 @@ class CacheLayer:
             served = await self.serve(conn, head, refreshed, now_age, rid, record, label)
             if served is not None:
                 return served and keep
-            return await self._fetch(conn, incoming, head, rid, record, primary, "miss")
+            event = asyncio.Event()
+            self._inflight.setdefault(primary, event)
+            return await self._fetch(conn, incoming, head, rid, record, primary, "miss", event)
         return await self._serve_stale_on_error(conn, head, entry, age, rid, record, resp.status)
 
     def _refresh(self, entry: Entry, resp: ResponseHead, request_time: float) -> Entry:

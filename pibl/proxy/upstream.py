@@ -249,10 +249,6 @@ class Pool:
     def __repr__(self) -> str:
         return f"<Pool {self.backend.label} idle={len(self._idle)} active={self.active}>"
 
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
-
     async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection ready for a request, and whether it was reused from the pool."""
         if not fresh:

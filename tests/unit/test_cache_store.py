@@ -905,3 +905,21 @@ def test_file_names_contain_no_request_text(store: DiskStore, cache_dir: Path) -
     meta = meta_of(store, secret)
     assert meta.name == digest(secret) + ".meta"
     assert meta.parent.name == digest(secret)[:2]
+
+
+def test_an_entry_replaced_while_it_is_read_is_not_discarded(store: DiskStore) -> None:
+    """Two writers of one URL (concurrent hydrations, two workers): a reader that saw the old
+    metadata finds its body gone; it must read the new version, not remove it."""
+    key = b"http://h/replaced"
+    first = put(store, key, b"first version")
+    old_meta = store._read_meta(first.meta_path)
+    assert old_meta is not None
+    second = put(store, key, b"second, longer version")
+    assert not first.body_path.exists()  # the commit of the second removed the first body
+    # What a reader holding the old metadata does next:
+    with pytest.raises(Exception) as raised:
+        store._entry(old_meta, first.meta_path)
+    assert type(raised.value).__name__ == "_Replaced"
+    assert second.meta_path.exists() and second.body_path.exists()  # left alone
+    entry = get(store, key)
+    assert entry is not None and store.read_body(entry) == b"second, longer version"

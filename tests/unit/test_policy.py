@@ -110,19 +110,5 @@ def test_invalid_weights_raise(weights: list[int]) -> None:
         SmoothWeighted(weights)
 
 
-def test_set_weight_changes_distribution() -> None:
-    policy = SmoothWeighted([1, 1])
-    policy.set_weight(0, 3)
-    assert picks(policy, 8) == picks(SmoothWeighted([3, 1]), 8)
-    assert Counter(picks(policy, 8)) == Counter({0: 6, 1: 2})
-
-
-@pytest.mark.parametrize("weight", [0, -5])
-def test_set_weight_rejects_non_positive(weight: int) -> None:
-    policy = SmoothWeighted([1, 1])
-    with pytest.raises(ValueError):
-        policy.set_weight(1, weight)
-
-
 def test_repr_shows_weights() -> None:
     assert "weights=[2, 1]" in repr(SmoothWeighted([2, 1]))
