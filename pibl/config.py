@@ -153,6 +153,16 @@ class CacheConfig(_Section):
     max_stale_on_error: float = Field(default=3600.0, ge=0)  # serve stale when backends fail
     lock_timeout: float = Field(default=5.0, gt=0)  # how long concurrent misses wait (coalescing)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("has no host")
+        return value
+
     @field_validator("max_size", "max_entry_size", "memory_max", "memory_entry_max", mode="before")
     @classmethod
     def _sizes(cls, value: object) -> int:

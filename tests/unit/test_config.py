@@ -324,3 +324,16 @@ def test_resolve_path() -> None:
     assert resolve_path("logs/a.log", base) == base / "logs/a.log"
     assert resolve_path("/var/log/a.log", base) == Path("/var/log/a.log")
     assert resolve_path("a.log") == Path.cwd() / "a.log"
+
+
+def test_redis_url_is_checked() -> None:
+    with pytest.raises(ConfigError) as raised:
+        validate(
+            {"backends": [{"url": "http://a:1"}], "cache": {"redis_url": "localhost:6379"}},
+            "x.toml",
+        )
+    assert "x.toml: cache.redis_url: must be a redis://" in str(raised.value)
+    config = validate(
+        {"backends": [{"url": "http://a:1"}], "cache": {"redis_url": "rediss://r:6380/1"}}, "x.toml"
+    )
+    assert config.cache.redis_url == "rediss://r:6380/1"
