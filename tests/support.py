@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,6 +361,16 @@ def start_pibl_process(config: Path, cwd: Path, *args: str) -> subprocess.Popen[
         stderr=subprocess.STDOUT,
         env=env,
     )
+
+
+def wait_for(check: Callable[[], object], timeout: float = 2.0) -> bool:
+    """Poll ``check`` (the backends record things from their own threads)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -120,11 +120,12 @@ class _Replaced(Exception):
 class BodyWriter:
     """Collects a response body into a temporary file while it streams to the client."""
 
-    __slots__ = ("_fd", "_tmp", "crc", "entry", "failed", "length", "limit", "store")
+    __slots__ = ("_fd", "_tmp", "crc", "entry", "failed", "length", "limit", "started", "store")
 
     def __init__(self, store: DiskStore, entry: Entry, limit: int) -> None:
         self.store = store
         self.entry = entry
+        self.started = time.time_ns()
         self._tmp = store.tmp_dir / f"{secrets.token_hex(8)}.body"
         self._fd: int | None = os.open(
             self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
@@ -166,6 +167,9 @@ class BodyWriter:
             self.abort()
             return None
         store = self.store
+        if store.purged_since(self.started):  # a purge of everything came while it streamed
+            self.abort()
+            return None
         try:
             if store.fsync:
                 os.fsync(self._fd)
@@ -202,6 +206,8 @@ class DiskStore:
         self.dir = directory
         self.normalize = normalize
         self.tmp_dir = directory / "tmp"
+        # touched by every purge of everything, in any process sharing the directory
+        self.purge_marker = directory / "purged"
         self.max_size = max_size
         self.fsync = fsync
         self.memory_max = memory_max
@@ -619,7 +625,17 @@ class DiskStore:
         self._remove_meta(path)
         return existed
 
+    def purged_since(self, started_ns: int) -> bool:
+        """Whether a purge of everything happened after ``started_ns`` (wall clock, ns)."""
+        try:
+            return self.purge_marker.stat().st_mtime_ns >= started_ns
+        except OSError:
+            return False
+
     def purge_all(self) -> int:
+        """Remove every entry; bodies still being stored when it happens are dropped too."""
+        self.purge_marker.touch()
+        os.utime(self.purge_marker)
         count = 0
         for sub in list(self.dir.iterdir()):
             if sub.is_dir() and sub.name != "tmp":

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pibl.observe import admin as admin_module
 from pibl.observe.admin import MAX_BODY, NO_TOKEN, format_status, start_admin
 from pibl.observe.status import ProxyAdmin
-from tests.support import Backend, ProxyThread
+from tests.support import Backend, ProxyThread, wait_for
 
 TOKEN = "s3cret-token"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -566,6 +566,8 @@ def test_purge_a_real_cache(
         assert r.json()["purged"] == 0
         assert _post(admin, "/api/cache/purge", json={"url": "/cache/a"}).status_code == 400
 
+        # the refetched entry is committed to disk just after its response was delivered
+        assert wait_for(lambda: admin.get("/api/status").json()["cache_store"]["entries"] == 2)
         r = _post(admin, "/api/cache/purge", json={"all": True})
         assert r.status_code == 200
         assert r.json()["purged"] == 2

@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import pytest
 import trustme
 
 from pibl.certs import create_dev_ca_and_cert
-from tests.support import Backend, ProxyThread, free_port
+from tests.support import Backend, ProxyThread, free_port, wait_for
 
 TIMEOUT = 5.0
 HSTS_AGE = 31536000
@@ -228,16 +227,6 @@ def tls_backends() -> Iterator[Callable[..., TLSBackend]]:
     yield factory
     for backend in started:
         backend.stop()
-
-
-def wait_for(check: Callable[[], object], timeout: float = 2.0) -> bool:
-    """Poll ``check`` (the backends record things from their own threads)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def get_through(proxy: ProxyThread, path: str, count: int = 1) -> list[httpx.Response]:

@@ -634,9 +634,24 @@ def test_purge_all(store: DiskStore, cache_dir: Path) -> None:
     assert store.purge_all() == 4  # three entries and one Vary pointer
     for primary, req in ((A, []), (B, []), (C, GZIP)):
         assert get(store, primary, req) is None
-    assert [p.name for p in cache_dir.iterdir()] == ["tmp"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["purged", "tmp"]
     assert (store.stats.entries, store.stats.bytes) == (0, 0)
     put(store, A, b"again")
+    assert get(store, A) is not None
+
+
+def test_purge_all_drops_bodies_still_being_stored(cache_dir: Path) -> None:
+    store = make_store(cache_dir)
+    other = make_store(cache_dir)  # another process sharing the directory
+    writer = begin(store, A)
+    writer.write(b"streaming while the purge comes")
+    other.purge_all()
+    assert writer.commit() is None
+    assert get(store, A) is None
+    assert list(store.tmp_dir.iterdir()) == []
+    after = begin(store, A)  # what starts after the purge is stored as usual
+    after.write(b"new")
+    assert after.commit() is not None
     assert get(store, A) is not None
 
 
