@@ -343,6 +343,34 @@ def raw_request(port: int, data: bytes, *, timeout: float = 5.0, read_all: bool 
         return b"".join(chunks)
 
 
+def read_responses(
+    sock: socket.socket, count: int, heads: frozenset[int] = frozenset()
+) -> list[bytes]:
+    """Read ``count`` responses (Content-Length framed; those in ``heads`` answer HEAD)."""
+    data = b""
+    out: list[bytes] = []
+    while len(out) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = 0 if len(out) in heads else int(value)
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            rest += chunk
+        out.append(head + b"\r\n\r\n" + rest[:length])
+        data = rest[length:]
+    return out
+
+
 def write_config(path: Path, port: int, backends: list[str], extra: str = "") -> Path:
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", ""]
     lines.append(extra)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ from tests.support import (
     free_port,
     start_pibl_process,
     stop_process,
+    wait_for,
     wait_port,
     write_config,
 )
@@ -40,9 +40,14 @@ def test_cache_stats_and_purge(tmp_path: Path, backends: list[Backend]) -> None:
         wait_port(port)
         for name in ("a", "b", "c"):
             httpx.get(f"{base}/cache/{name}?cc=max-age=600")
-        time.sleep(0.5)
-        stats = json.loads(pibl("cache", "stats", cwd=tmp_path).stdout)
-        assert stats["entries"] == 3 and stats["bytes"] > 0
+
+        def stats() -> dict[str, int]:
+            result: dict[str, int] = json.loads(pibl("cache", "stats", cwd=tmp_path).stdout)
+            return result
+
+        # entries are committed just after their responses are delivered
+        assert wait_for(lambda: stats()["entries"] == 3, timeout=5.0)
+        assert stats()["bytes"] > 0
         # purge one URL while PIBL runs: the next request is a miss again
         out = pibl("cache", "purge", f"{base}/cache/a?cc=max-age=600", cwd=tmp_path)
         assert out.returncode == 0 and out.stdout.startswith("purged")

@@ -17,6 +17,7 @@ from tests.support import (
     free_port,
     raw_request,
     start_pibl_process,
+    wait_for,
     wait_port,
     write_config,
 )
@@ -61,7 +62,8 @@ def test_one_record_per_exchange_on_stdout_and_file(
                 r = c.get(f"/plain/{i}", headers={"X-Request-ID": f"req-{i}"})
                 sent.append((f"GET /plain/{i} HTTP/1.1", r.status_code))
             c.get("/cache/x?cc=max-age=60", headers={"X-Request-ID": "miss-1"})
-            time.sleep(0.3)
+            # committed to disk just after the response: then the other worker finds it too
+            assert wait_for(lambda: any((tmp_path / "cache").glob("*/*.meta")), timeout=5.0)
             r = c.get("/cache/x?cc=max-age=60", headers={"X-Request-ID": "hit-1"})
             assert "hit" in r.headers["cache-status"]
             c.post("/post", content=b"12345", headers={"X-Request-ID": "post-1"})
@@ -106,17 +108,15 @@ def test_sigusr1_reopens_a_deleted_log_file(tmp_path: Path, backends: list[Backe
     log = tmp_path / "pibl.log"
     try:
         httpx.get(f"http://127.0.0.1:{port}/before")
-        time.sleep(0.3)
-        assert "/before" in log.read_text()
+        assert wait_for(lambda: "/before" in log.read_text())
         log.rename(tmp_path / "pibl.log.1")  # what logrotate does
         proc.send_signal(signal.SIGUSR1)
         time.sleep(0.5)
         for i in range(4):  # reach both workers
             httpx.get(f"http://127.0.0.1:{port}/after/{i}")
-        time.sleep(1.5)
-        assert log.exists()
-        text = log.read_text()
-        assert "/after/" in text and "/before" not in text
+        assert wait_for(lambda: log.exists() and log.read_text().count("/after/") == 4, 5.0)
+        assert "/before" not in log.read_text()
+        assert "/after/" not in (tmp_path / "pibl.log.1").read_text()
         assert "/before" in (tmp_path / "pibl.log.1").read_text()
     finally:
         stop(proc)

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pibl.observe import admin as admin_module
 from pibl.observe.admin import MAX_BODY, NO_TOKEN, format_status, start_admin
 from pibl.observe.status import ProxyAdmin
-from tests.support import Backend, ProxyThread, wait_for
+from tests.support import Backend, ProxyThread, read_responses, wait_for
 
 TOKEN = "s3cret-token"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -243,29 +243,6 @@ async def test_purge_bodies() -> None:
         server.close()
 
 
-def _read_responses(sock: socket.socket, count: int, heads: frozenset[int]) -> list[bytes]:
-    """Read ``count`` responses (Content-Length framed; those in ``heads`` answer HEAD)."""
-    data = b""
-    out: list[bytes] = []
-    while len(out) < count:
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return out
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.lower() == b"content-length":
-                length = 0 if len(out) in heads else int(value)
-        while len(rest) < length:
-            rest += sock.recv(65536)
-        out.append(head + b"\r\n\r\n" + rest[:length])
-        data = rest[length:]
-    return out
-
-
 def _recv_all(sock: socket.socket) -> bytes:
     chunks = []
     while chunk := sock.recv(65536):
@@ -285,7 +262,7 @@ async def test_keep_alive_pipelining_and_limits() -> None:
                 b"GET /api/status HTTP/1.1\r\nHost: a\r\n\r\n"
                 b"HEAD /metrics HTTP/1.1\r\nHost: a\r\n\r\n"
             )
-            first, second, third = _read_responses(s, 3, frozenset({2}))
+            first, second, third = read_responses(s, 3, frozenset({2}))
             assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"ok\n")
             assert b"Connection: keep-alive" in first
             assert json.loads(second.split(b"\r\n\r\n", 1)[1])["workers"] == 2

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Backend, ProxyThread
+from tests.support import Backend, ProxyThread, wait_for
 
 
 class Clock:
@@ -215,18 +215,18 @@ def test_stale_entry_revalidated_with_304(
 
 
 def test_stale_while_revalidate(cached: Callable[..., Any], backends: list[Backend]) -> None:
-    _, clock, client = cached()
+    proxy, clock, client = cached()
+    store = proxy.worker.proxy.cache.store
     url = "/cache/swr?cc=max-age=10,stale-while-revalidate=60"
     first = client.get(url).text
+    assert wait_for(lambda: store.stats.stored == 1)  # committed just after the response
     clock.advance(15)
     r = client.get(url)
     assert r.text == first
     assert "detail=stale-while-revalidate" in r.headers["cache-status"]
-    deadline = time.monotonic() + 5
-    while backends[0].hits < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert backends[0].hits == 2  # refreshed in the background
-    time.sleep(0.2)
+    # refreshed in the background: fetched once more and stored
+    assert wait_for(lambda: store.stats.stored == 2, timeout=5.0)
+    assert backends[0].hits == 2
     r = client.get(url)
     assert "hit" in r.headers["cache-status"] and r.text != first
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from pibl.observe.status import ProxyAdmin
-from tests.support import Backend, ProxyThread, free_port, wait_port
+from tests.support import Backend, ProxyThread, free_port, wait_for, wait_port
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
@@ -58,6 +58,14 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def wait_published(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``count`` entries' metadata is in Redis (published after a local commit)."""
+        import redis as redis_client
+
+        with redis_client.Redis.from_url(self.url) as client:
+            ok = wait_for(lambda: len(client.keys("pibl:m:*")) >= count, timeout)
+        assert ok, f"fewer than {count} entries published to Redis"
+
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
@@ -95,12 +103,12 @@ def get(proxy: ProxyThread, path: str, **kw: Any) -> httpx.Response:
 
 
 def test_fetched_through_a_is_a_hit_on_b(
-    nodes: tuple[ProxyThread, ProxyThread], backends: list[Backend]
+    nodes: tuple[ProxyThread, ProxyThread], backends: list[Backend], redis: RedisServer
 ) -> None:
     a, b = nodes
     first = get(a, "/cache/shared?cc=max-age=60&size=700000")
     assert "stored" in first.headers["cache-status"]
-    time.sleep(0.5)  # published to Redis after the local commit
+    redis.wait_published()
     second = get(b, "/cache/shared?cc=max-age=60&size=700000")
     assert second.headers["cache-status"].startswith("pibl; hit")
     assert second.content == first.content
@@ -124,12 +132,12 @@ def test_50_concurrent_cold_requests_over_both_nodes_reach_the_backend_once(
 
 
 def test_purge_on_a_is_honoured_by_b(
-    nodes: tuple[ProxyThread, ProxyThread], backends: list[Backend]
+    nodes: tuple[ProxyThread, ProxyThread], backends: list[Backend], redis: RedisServer
 ) -> None:
     a, b = nodes
     url = "/cache/purged?cc=max-age=600"
     get(a, url)
-    time.sleep(0.5)
+    redis.wait_published()
     assert "hit" in get(b, url).headers["cache-status"]  # b has its own local copy now
     assert a.worker is not None
     admin = ProxyAdmin(a.worker.proxy)  # as the admin listener calls it, on a's loop
@@ -144,14 +152,14 @@ def test_purge_on_a_is_honoured_by_b(
 
 
 def test_unsafe_request_on_a_invalidates_b(
-    nodes: tuple[ProxyThread, ProxyThread], backends: list[Backend]
+    nodes: tuple[ProxyThread, ProxyThread], backends: list[Backend], redis: RedisServer
 ) -> None:
     a, b = nodes
     # both nodes see the same Host, as behind one virtual IP
     headers = {"Host": "shop.test"}
     url = "/cache/inv?cc=max-age=600"
     get(a, url, headers=headers)
-    time.sleep(0.5)
+    redis.wait_published()
     assert "hit" in get(b, url, headers=headers).headers["cache-status"]
     httpx.post(a.url + url, headers=headers)  # through a only
     deadline = time.monotonic() + 3
