@@ -137,6 +137,7 @@ class ClientConnection(WriteFlow):
         self._reading: Incoming | None = None  # request whose body is still arriving
         self._task: asyncio.Task[None] | None = None
         self._stop_reading = False  # after an error or upgrade nothing more is parsed
+        self._client_eof = False  # the client half-closed: nothing more will come
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.client_ip} queued={len(self._queue)} closed={self.closed}>"
@@ -206,6 +207,7 @@ class ClientConnection(WriteFlow):
         if not self._queue or self.scheme == b"https":
             return None  # (TLS cannot stay half-open: answering is not possible anyway)
         self._stop_reading = True
+        self._client_eof = True  # answer what is queued, then close
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -314,7 +316,9 @@ class ClientConnection(WriteFlow):
         finally:
             self._task = None
         if not self.closed and not queue:
-            if self._parser.in_message:
+            if self._client_eof:
+                self.close()
+            elif self._parser.in_message:
                 self._arm("header")
             else:
                 self._arm("idle")

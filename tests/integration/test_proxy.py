@@ -95,6 +95,21 @@ def test_keep_alive_and_pipelining_in_order(backends: list[Backend], proxy: Prox
     assert order == [str(i).encode() for i in range(10)] + [b"last"]
 
 
+def test_half_closed_client_gets_its_answers_then_the_connection_closes(
+    backends: list[Backend], proxy: ProxyThread
+) -> None:
+    """Like ``nc -q``: requests, then EOF; keep-alive answers, then PIBL closes (no idle wait)."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as s:
+        s.sendall(b"GET /h1 HTTP/1.1\r\nHost: x\r\n\r\nGET /h2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        data = b""
+        while chunk := s.recv(65536):  # TimeoutError if PIBL waits for more
+            data += chunk
+    assert time.monotonic() - started < 2
+    assert data.count(b"HTTP/1.1 200") == 2 and data.endswith(b"GET /h2")
+
+
 def test_http10_client(backends: list[Backend], proxy: ProxyThread) -> None:
     raw = raw_request(proxy.port, b"GET /old HTTP/1.0\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200")
