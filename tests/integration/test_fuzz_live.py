@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -117,3 +118,92 @@ def test_still_serving_after_fuzzing(live: Any) -> None:
     with httpx.Client(base_url=proxy.url, timeout=5) as client:
         assert [client.get(f"/after/{i}").status_code for i in range(3)] == [200, 200, 200]
     assert errors == []
+
+
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b'HTTP/1.1 304 Not Modified\r\nETag: "e"\r\n\r\n',
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 3\r\n\r\nabc",
+    b"HTTP/1.1 301 Moved\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n",
+]
+
+
+class RawBackend:
+    """Answers every connection with the bytes set in ``reply``, then closes."""
+
+    def __init__(self) -> None:
+        self.reply = RESPONSES[0]
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+                    head += chunk
+                conn.sendall(self.reply)
+                conn.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_live(make_proxy: Callable[..., ProxyThread]) -> Iterator[Any]:
+    backend = RawBackend()
+    proxy = make_proxy(
+        [f"http://127.0.0.1:{backend.port}"],
+        timeouts={"upstream_response": 2},
+        retries={"tries": 1},
+        health={"enabled": False, "max_fails": 1000},
+    )
+    errors: list[dict[str, Any]] = []
+    proxy.loop.call_soon_threadsafe(
+        proxy.loop.set_exception_handler, lambda loop, context: errors.append(context)
+    )
+    yield proxy, backend, errors
+    backend.close()
+
+
+@st.composite
+def mutated_response(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(RESPONSES)))
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["flip", "insert", "delete", "cut"]))
+        if op == "flip" and where < len(data):
+            data[where] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[where:where] = draw(st.sampled_from(SPECIAL) | st.binary(max_size=8))
+        elif op == "delete":
+            del data[where : where + draw(st.integers(1, 6))]
+        elif op == "cut":
+            del data[where:]
+    return bytes(data)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(reply=mutated_response())
+def test_mutated_backend_responses_give_http_answers(raw_live: Any, reply: bytes) -> None:
+    proxy, backend, errors = raw_live
+    backend.reply = reply
+    answer = exchange(proxy.port, b"GET /r HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 "), (reply, answer[:80])
+    assert 200 <= int(answer[9:12]) <= 599
+    assert errors == [], errors[0]
