@@ -11,7 +11,9 @@ import asyncio
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Callable
+from typing import Any
 
 from pibl import compress
 from pibl.balance.checker import run_checks
@@ -285,6 +287,16 @@ class Worker:
             proxy.status.tick()
 
 
+def log_loop_error(log: AccessLog, context: dict[str, Any]) -> None:
+    """What the event loop could not hand to anyone goes to PIBL's own log, not to stderr."""
+    message = str(context.get("message") or "unexpected error in the event loop")
+    exc = context.get("exception")
+    if isinstance(exc, BaseException):
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+        message = f"{message}\n{trace}"
+    log.error(message)
+
+
 async def run_worker(
     config: Config,
     log: AccessLog,
@@ -295,6 +307,7 @@ async def run_worker(
     shared: SharedRotation | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: log_loop_error(log, context))
     if announce:
         await announce_backends(config, log)
     worker = Worker(config, log, shared)
