@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pibl.balance.health import SharedRotation
+from pibl.balance.health import SharedBalance
 from pibl.config import Config, load_config, resolve_path
 from pibl.discovery import Watcher, expanded_config, make_resolver, needs_discovery
 from pibl.errors import ConfigError
@@ -70,7 +70,7 @@ class Master:
     workers: dict[int, WorkerProc] = field(default_factory=dict)
     generation: int = 0
     stopping: bool = False
-    rotation: SharedRotation | None = None
+    rotation: SharedBalance | None = None
     configured: Config | None = None  # as written in the file (before discovery)
     watcher: Watcher | None = None
     state_dir: Path | None = None
@@ -188,7 +188,7 @@ class Master:
         config = self.config
         asyncio.run(announce_backends(config, self.log))
         self.sockets = self.open_sockets(config)
-        self.rotation = SharedRotation.create(len(config.backends))
+        self.rotation = SharedBalance.create(len(config.backends))
         self.state_dir = Path(tempfile.mkdtemp(prefix="pibl-state-"))
         prepare_multiprocess(self.state_dir)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
@@ -260,7 +260,7 @@ class Master:
             return False
         self.generation += 1
         old_rotation = self.rotation
-        self.rotation = SharedRotation.create(len(new_config.backends))
+        self.rotation = SharedBalance.create(len(new_config.backends))
         procs = [self.spawn(i, new_config, sockets) for i in range(new_config.server.workers)]
         if not self.wait_ready(procs):
             self.log.error("reload failed: new workers did not start; keeping the old ones")
@@ -339,7 +339,7 @@ def _worker_main(
     sock: list[socket.socket],
     ready_fd: int,
     make_log: Callable[[Config], AccessLog],
-    rotation: SharedRotation | None,
+    rotation: SharedBalance | None,
 ) -> int:
     log = make_log(config)
 

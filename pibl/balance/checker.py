@@ -2,8 +2,8 @@
 
 A probe opens its own connection (never a pooled one, so a check cannot disturb or be
 disturbed by client traffic), sends ``Connection: close``, reads the status line within
-the timeout, and feeds the verdict to the backend's ``BackendState``. Changes of state are
-logged; the probe's own failures are not, to keep the log readable.
+the timeout, and feeds the verdict to ``record`` (the balancer's, for that backend).
+Changes of state are logged; the probe's own failures are not, to keep the log readable.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import ssl
 import time
 from collections.abc import Callable
 
-from pibl.balance.health import BackendState
 from pibl.config import BackendConfig
 
 
@@ -62,7 +61,7 @@ async def probe_once(
 
 async def run_checks(
     backend: BackendConfig,
-    state: BackendState,
+    record: Callable[[bool, float], str | None],
     *,
     path: str,
     interval: float,
@@ -75,7 +74,7 @@ async def run_checks(
     """Probe forever (until cancelled), logging every change of state."""
     while True:
         ok, reason = await probe_once(backend, path, timeout, status_range, ssl_context)
-        change = state.record_check(ok, clock())
+        change = record(ok, clock())
         if change == "down":
             log(f"backend {backend.label} is DOWN (health check {path}: {reason})")
         elif change == "up":

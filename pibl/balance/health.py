@@ -124,27 +124,37 @@ class BackendState:
             return "ejected"
         return None
 
+    def adopt_ejection(self, until: float) -> None:
+        """Another worker ejected this backend until ``until``."""
+        self.ejected_until = until
+        self.recovered_at = until
+        self._recent.clear()
+
     def record_success(self, now: float) -> None:
         self.requests += 1
 
 
 @dataclass(frozen=True)
-class SharedRotation:
-    """Round-robin scores in memory shared by the worker processes, and their lock.
+class SharedBalance:
+    """Balancing state in memory shared by the worker processes, and its lock.
 
-    Made by the master before it forks, so that b1, b2, b3 rotate across all workers as
-    they would in one process (nginx's ``zone`` directive does the same for upstreams).
+    Made by the master before it forks (nginx's ``zone`` directive does the same for
+    upstreams): the round-robin scores, so that b1, b2, b3 rotate across all workers as
+    they would in one process, and each backend's passive ejection deadline (monotonic
+    clock, the same in every process), so that a backend one worker ejected is out of
+    rotation in all of them.
     """
 
     scores: MutableSequence[int]
+    ejected_until: MutableSequence[float]
     lock: AbstractContextManager[object]
 
     @classmethod
-    def create(cls, n: int) -> SharedRotation:
+    def create(cls, n: int) -> SharedBalance:
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
-        return cls(ctx.RawArray("q", n), ctx.Lock())
+        return cls(ctx.RawArray("q", n), ctx.RawArray("d", n), ctx.Lock())
 
 
 class Balancer:
@@ -155,16 +165,18 @@ class Balancer:
         states: Sequence[BackendState],
         *,
         policy: str = "round_robin",
-        shared: SharedRotation | None = None,
+        shared: SharedBalance | None = None,
     ) -> None:
         if policy not in ("round_robin", "least_conn"):
             raise ValueError(f"unknown policy {policy!r}")
         self.states = list(states)
         self.policy = policy
         weights = [s.weight * 1000 for s in states]
+        self._ejected: MutableSequence[float] | None = None
         if shared is not None and len(shared.scores) == len(states):
             self._rotation = SmoothWeighted(weights, state=shared.scores)
             self._lock: AbstractContextManager[object] = shared.lock
+            self._ejected = shared.ejected_until
         else:
             self._rotation = SmoothWeighted(weights)
             self._lock = contextlib.nullcontext()
@@ -185,7 +197,28 @@ class Balancer:
         sticky session's backend, used when it is available.
         """
         with self._lock:
+            ejected = self._ejected
+            if ejected is not None:  # ejections made by the other workers
+                for i, state in enumerate(self.states):
+                    if ejected[i] > state.ejected_until:
+                        state.adopt_ejection(ejected[i])
             return self._pick(now, exclude, prefer)
+
+    def record_failure(self, index: int, now: float) -> str | None:
+        """A failure of real traffic on backend ``index``; an ejection reaches every worker."""
+        change = self.states[index].record_failure(now)
+        if change == "ejected" and self._ejected is not None:
+            with self._lock:
+                self._ejected[index] = self.states[index].ejected_until
+        return change
+
+    def record_check(self, index: int, ok: bool, now: float) -> str | None:
+        """An active probe result on backend ``index``; coming back up ends its ejection."""
+        change = self.states[index].record_check(ok, now)
+        if change == "up" and self._ejected is not None:
+            with self._lock:
+                self._ejected[index] = 0.0
+        return change
 
     def _pick(
         self, now: float, exclude: frozenset[int] | set[int], prefer: int | None

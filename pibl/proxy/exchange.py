@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pibl import compress
-from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedRotation
+from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedBalance
 from pibl.cache.store import BodyWriter
 from pibl.compress import CompressionSettings, Compressor
 from pibl.config import Config
@@ -97,9 +97,7 @@ class ResponseHook:
 class Proxy:
     """Per-worker state shared by all client connections."""
 
-    def __init__(
-        self, config: Config, log: AccessLog, shared: SharedRotation | None = None
-    ) -> None:
+    def __init__(self, config: Config, log: AccessLog, shared: SharedBalance | None = None) -> None:
         self.config = config
         self.log = log
         self.via = config.server.via.encode()
@@ -312,7 +310,7 @@ class Proxy:
             except UpstreamError as exc:
                 last_error = exc
                 now = time.monotonic()
-                change = state.record_failure(now)
+                change = self.balancer.record_failure(index, now)
                 self.metrics.backend_errors.labels(state.name).inc()
                 if change == "ejected":
                     self.metrics.ejections.labels(state.name).inc()
@@ -484,7 +482,7 @@ class Proxy:
             record.status = resp.status
             state = self.states[index]
             if resp.status in config.health.fail_statuses:
-                if state.record_failure(time.monotonic()) == "ejected":
+                if self.balancer.record_failure(index, time.monotonic()) == "ejected":
                     self.log.warning(f"backend {state.name} ejected after {resp.status} answers")
             else:
                 state.record_success(time.monotonic())

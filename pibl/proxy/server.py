@@ -8,6 +8,7 @@ close the upstream pools; flush the log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import socket
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 from pibl import compress
 from pibl.balance.checker import run_checks
-from pibl.balance.health import SharedRotation
+from pibl.balance.health import SharedBalance
 from pibl.cache.key import Normalizer
 from pibl.cache.store import DiskStore
 from pibl.compress import CompressionSettings
@@ -138,9 +139,7 @@ def make_cache(proxy: Proxy, config: Config, log: AccessLog) -> CacheLayer:
 class Worker:
     """One event loop serving the configured listeners."""
 
-    def __init__(
-        self, config: Config, log: AccessLog, shared: SharedRotation | None = None
-    ) -> None:
+    def __init__(self, config: Config, log: AccessLog, shared: SharedBalance | None = None) -> None:
         self.config = config
         self.log = log
         self.proxy = Proxy(config, log, shared)
@@ -200,8 +199,9 @@ class Worker:
         if not health.enabled:
             return
         loop = asyncio.get_running_loop()
-        for backend, state, pool in zip(
-            self.config.backends, self.proxy.states, self.proxy.pools, strict=True
+        balancer = self.proxy.balancer
+        for index, (backend, pool) in enumerate(
+            zip(self.config.backends, self.proxy.pools, strict=True)
         ):
             if backend.health_check is False:
                 continue
@@ -209,7 +209,7 @@ class Worker:
                 loop.create_task(
                     run_checks(
                         backend,
-                        state,
+                        functools.partial(balancer.record_check, index),
                         path=backend.health_path or health.path,
                         interval=health.interval,
                         timeout=health.timeout,
@@ -304,7 +304,7 @@ async def run_worker(
     sock: list[socket.socket] | None = None,
     on_ready: Callable[[Worker], None] | None = None,
     announce: bool = True,
-    shared: SharedRotation | None = None,
+    shared: SharedBalance | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: log_loop_error(log, context))

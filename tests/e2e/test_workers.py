@@ -232,3 +232,48 @@ def test_10000_idle_keepalive_connections(tmp_path: Path, backends: list[Backend
         for s in sockets:
             s.close()
         stop_process(proc)
+
+
+def test_a_passive_ejection_reaches_every_worker(tmp_path: Path, backends: list[Backend]) -> None:
+    import http.server
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        hits = 0
+
+        def do_GET(self) -> None:
+            Failing.hits += 1
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    bad = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=bad.serve_forever, daemon=True).start()
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "pibl.toml",
+        port,
+        [backends[0].url, f"http://127.0.0.1:{bad.server_address[1]}"],
+        "[cache]\nenabled = false\n[log]\nstdout = false\n[retries]\ntries = 1\n"
+        "[health]\nenabled = false\nfail_statuses = [503]\nmax_fails = 2\ncooldown = 60\n",
+    )
+    proc = start_pibl_process(cfg, tmp_path, "--workers", "2")
+    log = tmp_path / "pibl.log"
+    try:
+        wait_port(port)
+        for _ in range(60):  # a new connection each time: both workers take some
+            httpx.get(f"http://127.0.0.1:{port}/e", timeout=10)
+            if "ejected" in log.read_text():
+                break
+        assert wait_for(lambda: "ejected after 503 answers" in log.read_text())
+        hits = Failing.hits
+        after = [httpx.get(f"http://127.0.0.1:{port}/a", timeout=10).status_code for _ in range(40)]
+    finally:
+        stop_process(proc)
+        bad.shutdown()
+    assert hits >= 2
+    # the worker that did not eject it has not seen two failures itself, yet sends it nothing
+    assert Failing.hits == hits
+    assert after == [200] * 40

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pibl.balance.health import BackendState, Balancer, HealthSettings
+from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedBalance
 
 
 def backend(name: str = "b", weight: int = 1, **health: Any) -> BackendState:
@@ -681,3 +681,39 @@ def test_prefer_ignored_when_not_available(reason: str) -> None:
 def test_prefer_out_of_range_is_ignored(prefer: int) -> None:
     bal = Balancer(backends(1, 1, 1))
     assert picks(bal, 0.0, 3, prefer=prefer) == [0, 1, 2]
+
+
+# -- shared between worker processes ------------------------------------------------------
+
+
+def test_an_ejection_by_one_worker_takes_the_backend_out_in_every_worker() -> None:
+    shared = SharedBalance.create(2)
+    workers = [Balancer(backends(1, 1, max_fails=2, cooldown=10.0), shared=shared) for _ in "ab"]
+    a, b = workers
+    assert a.record_failure(1, 0.0) is None
+    assert a.record_failure(1, 0.5) == "ejected"
+    assert b.states[1].ejected_until == 0.0  # b has seen no failure itself
+    assert [b.pick(1.0 + t) for t in range(4)] == [0, 0, 0, 0]
+    assert b.states[1].state(1.0) == "ejected"
+    assert b.states[1].ejections == 0  # counted once, by the worker that ejected
+    picks = {b.pick(10.5 + t / 10) for t in range(4)}  # after the cooldown: back for both
+    assert picks == {0, 1}
+
+
+def test_recovery_seen_by_active_checks_ends_the_shared_ejection() -> None:
+    shared = SharedBalance.create(2)
+    a, b = (
+        Balancer(backends(1, 1, max_fails=1, cooldown=100.0, fall=1, rise=1), shared=shared)
+        for _ in "ab"
+    )
+    assert a.record_failure(1, 0.0) == "ejected"
+    assert a.record_check(1, False, 1.0) == "down"
+    assert a.record_check(1, True, 2.0) == "up"
+    assert {a.pick(3.0 + t) for t in range(4)} == {0, 1}
+    assert b.pick(3.0) is not None and b.states[1].ejected_until == 0.0  # nothing left to adopt
+
+
+def test_without_shared_memory_ejections_stay_local() -> None:
+    a, b = (Balancer(backends(1, 1, max_fails=1, cooldown=10.0)) for _ in "ab")
+    assert a.record_failure(1, 0.0) == "ejected"
+    assert {b.pick(1.0 + t) for t in range(4)} == {0, 1}
