@@ -59,6 +59,9 @@ class LimitsConfig(_Section):
     max_target_bytes: int = Field(default=8 * 1024, ge=256)  # nginx: 8 KiB request line
     max_body_bytes: int = Field(default=1024**3, ge=0)  # 0 means unlimited
     max_pipelined: int = Field(default=16, ge=1)  # queued requests before reading pauses
+    # bodies up to this size are read whole before a backend is chosen (nginx's
+    # proxy_request_buffering); larger ones stream; 0 streams every body
+    request_buffer: int = Field(default=64 * 1024, ge=0)
 
 
 class UpstreamConfig(_Section):

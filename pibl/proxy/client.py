@@ -61,6 +61,12 @@ class BodyStream:
         self._done = True
         self._wake()
 
+    def unread(self, data: bytes) -> None:
+        """Put back what was read (a body that turned out too large to buffer)."""
+        if data:
+            self._chunks.appendleft(data)
+            self._buffered += len(data)
+
     def check(self) -> None:
         """Raise the body's error now if the parser already refused it."""
         if self._error is not None:

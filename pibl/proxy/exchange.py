@@ -290,6 +290,9 @@ class Proxy:
         # anything reaches a backend. Later bad chunks abort the upstream request instead.
         assert incoming.body is not None
         incoming.body.check()
+        body = None
+        if head.body is not BodyKind.NONE and head.upgrade is None:
+            body = await self._buffer_body(conn, incoming, head, record)
         prefer = self._sticky_backend(head) if config.balance.sticky else None
         tried: set[int] = set()
         last_error: UpstreamError | None = None
@@ -305,7 +308,16 @@ class Proxy:
             state.active += 1
             try:
                 return await self._attempt(
-                    conn, incoming, head, rid, record, index, hook=hook, drop=drop, extra=extra
+                    conn,
+                    incoming,
+                    head,
+                    rid,
+                    record,
+                    index,
+                    body=body,
+                    hook=hook,
+                    drop=drop,
+                    extra=extra,
                 )
             except UpstreamError as exc:
                 last_error = exc
@@ -320,7 +332,7 @@ class Proxy:
                     )
                 never_connected = never_connected and exc.unreachable
                 safe = not exc.connected or (
-                    head.method in IDEMPOTENT and head.body is BodyKind.NONE
+                    head.method in IDEMPOTENT and (head.body is BodyKind.NONE or body is not None)
                 )
                 if record.response_started or not exc.retryable or not safe:
                     raise
@@ -337,6 +349,37 @@ class Proxy:
                 self.log.info(f"retrying {head.request_line} after {state.name}: {exc.reason}")
             finally:
                 state.active -= 1
+
+    async def _buffer_body(
+        self, conn: ClientConnection, incoming: Incoming, head: RequestHead, record: AccessRecord
+    ) -> bytes | None:
+        """The whole request body when it fits ``limits.request_buffer``, else None.
+
+        Like nginx's request buffering: a body that is malformed, too large or too slow is
+        refused before anything reaches a backend, a slow client never holds a backend
+        connection, and the request can be replayed on another backend. A body that turns
+        out larger than the buffer is put back and streams.
+        """
+        cap = self.config.limits.request_buffer
+        if not cap or (head.body is BodyKind.LENGTH and head.content_length > cap):
+            return None
+        assert incoming.body is not None
+        if head.expect_continue and not record.continued:
+            record.continued = True
+            conn.write(CONTINUE)
+        timeout = self.config.timeouts.client_body
+        limit = self.config.limits.max_body_bytes
+        parts: list[bytes] = []
+        size = 0
+        while data := await incoming.body.read(timeout):
+            parts.append(data)
+            size += len(data)
+            if limit and size > limit:
+                raise ProtocolError(413, "request body too large")
+            if size > cap:
+                incoming.body.unread(b"".join(parts))
+                return None
+        return b"".join(parts)
 
     def _redirect_to_https(
         self, conn: ClientConnection, head: RequestHead, rid: bytes, record: AccessRecord
@@ -415,11 +458,12 @@ class Proxy:
         record: AccessRecord,
         index: int,
         *,
+        body: bytes | None,
         hook: ResponseHook | None,
         drop: frozenset[bytes],
         extra: list[tuple[bytes, bytes]] | None,
     ) -> bool:
-        """One try on one backend."""
+        """One try on one backend; ``body`` is the request body when it was buffered."""
         config = self.config
         pool = self.pools[index]
         record.backend = pool.backend.label
@@ -430,11 +474,13 @@ class Proxy:
             rid=rid,
             via=self.via,
             default_host=self._default_hosts[index],
-            body=head.body,
-            content_length=head.content_length,
+            body=head.body if body is None else BodyKind.LENGTH,
+            content_length=head.content_length if body is None else len(body),
             drop=drop,
             extra=extra,
         )
+        if body:
+            request_bytes += body
         sticky: list[tuple[bytes, bytes]] = []
         if config.balance.sticky:
             cookie = config.balance.sticky_cookie.encode()
@@ -442,7 +488,8 @@ class Proxy:
                 (b"Set-Cookie", b"%s=%s; Path=/; HttpOnly" % (cookie, self._sticky_id[index]))
             )
         head_request = head.method == b"HEAD"
-        has_body = head.body is not BodyKind.NONE
+        has_body = head.body is not BodyKind.NONE and body is None  # a body that streams
+        replayable = not has_body and (body is None or head.method in IDEMPOTENT)
         upstream, reused = await pool.acquire()
         upstream_started = time.monotonic()
         ok = False
@@ -462,7 +509,7 @@ class Proxy:
                 if not (
                     exc.retryable
                     and reused
-                    and not has_body
+                    and replayable
                     and not upstream.got_bytes
                     and config.upstream.retry_reused
                 ):

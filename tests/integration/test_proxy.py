@@ -160,7 +160,47 @@ def test_request_bodies_length_and_chunked(backends: list[Backend], proxy: Proxy
 
         r = client.post("/chunk", content=gen())
         assert r.text.endswith("body=hello world")
-    assert any(("Transfer-Encoding", "chunked") in s.headers for b in backends for s in b.seen)
+        big = [b"x" * 50_000, b"y" * 50_000]  # more than limits.request_buffer (64 KiB)
+        r = client.post("/big", content=iter(big))
+        assert r.text.endswith("body=" + "x" * 50_000 + "y" * 50_000)
+    seen = {s.path: s for b in backends for s in b.seen}
+    # a small chunked body is read whole first and sent with its length (as nginx does)
+    assert ("Content-Length", "11") in seen["/chunk"].headers
+    assert not any(k.lower() == "transfer-encoding" for k, _ in seen["/chunk"].headers)
+    # a large one streams, framed as the client framed it
+    assert ("Transfer-Encoding", "chunked") in seen["/big"].headers
+
+
+def test_small_request_bodies_are_read_whole_before_a_backend_is_chosen(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    head = b"POST /%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+
+    def send_in_two_parts(port: int, path: bytes, between: Callable[[], object]) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(head % path)
+            between()
+            s.sendall(b"zz\r\nboom\r\n0\r\n\r\n")  # a bad chunk size, after good ones
+            return s.recv(65536)
+
+    seen = lambda path: any(s.path == path for b in backends for s in b.seen)  # noqa: E731
+    proxy = make_proxy(backends, timeouts={"client_body": 1})
+    answer = send_in_two_parts(proxy.port, b"bad", lambda: time.sleep(0.3))
+    assert answer.startswith(b"HTTP/1.1 400")
+    # a client that stops in the middle of its body: 408, and no backend was kept waiting
+    raw = raw_request(
+        proxy.port,
+        b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf",
+    )
+    assert raw.startswith(b"HTTP/1.1 408")
+    assert not seen("/bad") and not seen("/slow")
+    # with buffering off the head and first chunk reach a backend before the bad chunk comes
+    streaming = make_proxy(backends, limits={"request_buffer": 0})
+    answer = send_in_two_parts(
+        streaming.port, b"streamed", lambda: wait_for(lambda: seen("/streamed"))
+    )
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert seen("/streamed")
 
 
 def test_expect_100_continue(backends: list[Backend], proxy: ProxyThread) -> None:
