@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -465,3 +466,48 @@ def test_least_connections_prefers_the_idle_backend(
     slow.join()
     busy_name = next(b.name for b in backends if any(s.path.startswith("/slow") for s in b.seen))
     assert busy_name not in names
+
+
+def test_retries_replay_buffered_bodies_of_idempotent_requests_only(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    """A backend that takes the request and closes without answering, then a good one."""
+    closing = socket.create_server(("127.0.0.1", 0))
+    taken: list[bytes] = []
+
+    def take_and_close() -> None:
+        while True:
+            try:
+                conn, _ = closing.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                taken.append(conn.recv(65536).split(b"\r\n", 1)[0])
+
+    threading.Thread(target=take_and_close, daemon=True).start()
+    proxy = make_proxy(
+        [
+            {"url": f"http://127.0.0.1:{closing.getsockname()[1]}", "weight": 1000},
+            {"url": backends[0].url, "weight": 1},
+        ],
+        health={"enabled": False, "max_fails": 1000},
+    )
+    try:
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            assert client.get("/g").status_code == 200
+            r = client.put("/p", content=b"small body")
+            assert r.status_code == 200 and r.text.endswith("body=small body")
+            assert client.post("/once", content=b"not idempotent").status_code == 502
+            big = b"z" * 100_000  # streams (more than request_buffer): cannot be replayed
+            assert client.put("/big", content=big).status_code == 502
+    finally:
+        closing.close()
+    assert taken == [
+        b"GET /g HTTP/1.1",
+        b"PUT /p HTTP/1.1",
+        b"POST /once HTTP/1.1",
+        b"PUT /big HTTP/1.1",
+    ]
+    assert [s.path for s in backends[0].seen] == ["/g", "/p"]
+    assert "retrying PUT /p HTTP/1.1" in proxy.stream.getvalue()
