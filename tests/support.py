@@ -320,6 +320,19 @@ class ProxyThread:
         time.sleep(0.1)
         return [line for line in self.stream.getvalue().splitlines() if '"' in line]
 
+    def record_loop_errors(self) -> list[dict[str, Any]]:
+        """What the event loop would report as unhandled (e.g. never-retrieved exceptions)."""
+        errors: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def install() -> None:
+            self.loop.set_exception_handler(lambda _loop, context: errors.append(context))
+            done.set()
+
+        self.loop.call_soon_threadsafe(install)
+        done.wait(5)
+        return errors
+
     def stop(self) -> None:
         if self.worker is not None:
             self.loop.call_soon_threadsafe(self.worker.request_stop)

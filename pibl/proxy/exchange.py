@@ -582,6 +582,8 @@ class Proxy:
                 pump.cancel()
                 with contextlib.suppress(BaseException):
                     await pump
+            elif pump is not None and not pump.cancelled():
+                pump.exception()  # seen: the error reported is the response's, if any
             upstream.finish(reusable=ok)
             pool.release(upstream)
 
@@ -594,13 +596,16 @@ class Proxy:
                 if pump is None:
                     return await upstream.read()
                 reader = asyncio.ensure_future(upstream.read())
-                await asyncio.wait((reader, pump), return_when=asyncio.FIRST_COMPLETED)
-                if not reader.done():
-                    if pump.exception() is not None:  # the client's body failed first
+                try:
+                    await asyncio.wait((reader, pump), return_when=asyncio.FIRST_COMPLETED)
+                    if not reader.done():
+                        if pump.exception() is not None:  # the client's body failed first
+                            pump.result()
+                        return await reader
+                    return reader.result()
+                finally:
+                    if not reader.done():  # timed out, or the body failed: stop reading
                         reader.cancel()
-                        pump.result()
-                    return await reader
-                return reader.result()
         except TimeoutError:
             raise UpstreamError(504, "backend timed out", retryable=False) from None
 

@@ -6,7 +6,6 @@ the event loop, never hangs, and keeps serving well-formed clients afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import threading
@@ -84,13 +83,7 @@ def exchange(port: int, data: bytes) -> bytes:
 @pytest.fixture
 def live(backends: list[Backend], make_proxy: Callable[..., ProxyThread]) -> Any:
     proxy = make_proxy(backends, timeouts={"client_header": 2, "client_body": 2})
-    errors: list[dict[str, Any]] = []
-
-    def record(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        errors.append(context)
-
-    proxy.loop.call_soon_threadsafe(proxy.loop.set_exception_handler, record)
-    return proxy, errors
+    return proxy, proxy.record_loop_errors()
 
 
 @settings(
@@ -169,11 +162,7 @@ def raw_live(make_proxy: Callable[..., ProxyThread]) -> Iterator[Any]:
         retries={"tries": 1},
         health={"enabled": False, "max_fails": 1000},
     )
-    errors: list[dict[str, Any]] = []
-    proxy.loop.call_soon_threadsafe(
-        proxy.loop.set_exception_handler, lambda loop, context: errors.append(context)
-    )
-    yield proxy, backend, errors
+    yield proxy, backend, proxy.record_loop_errors()
     backend.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 import threading
 import time
@@ -493,6 +494,7 @@ def test_retries_replay_buffered_bodies_of_idempotent_requests_only(
         ],
         health={"enabled": False, "max_fails": 1000},
     )
+    errors = proxy.record_loop_errors()
     try:
         with httpx.Client(base_url=proxy.url, timeout=10) as client:
             assert client.get("/g").status_code == 200
@@ -511,3 +513,44 @@ def test_retries_replay_buffered_bodies_of_idempotent_requests_only(
     ]
     assert [s.path for s in backends[0].seen] == ["/g", "/p"]
     assert "retrying PUT /p HTTP/1.1" in proxy.stream.getvalue()
+    gc.collect()  # a task whose exception nobody retrieved reports it when collected
+    assert errors == []
+
+
+def test_a_streamed_body_to_a_backend_that_never_answers_gets_504(
+    make_proxy: Callable[..., ProxyThread],
+) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_read() -> None:
+        while True:
+            try:
+                conn, _ = silent.accept()
+            except OSError:
+                return
+            held.append(conn)
+            threading.Thread(target=lambda c=conn: _drain(c), daemon=True).start()
+
+    def _drain(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    threading.Thread(target=accept_and_read, daemon=True).start()
+    proxy = make_proxy(
+        [f"http://127.0.0.1:{silent.getsockname()[1]}"],
+        timeouts={"upstream_response": 0.5},
+        health={"enabled": False},
+    )
+    errors = proxy.record_loop_errors()
+    try:
+        r = httpx.put(proxy.url + "/up", content=iter([b"q" * 100_000]), timeout=10)
+        assert r.status_code == 504
+        time.sleep(0.3)  # the upstream connection is closed after the answer
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()
+    gc.collect()
+    assert errors == []
