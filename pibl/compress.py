@@ -74,7 +74,7 @@ import importlib
 import re
 import zlib
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from types import ModuleType
 from typing import Final, Protocol
 
@@ -277,11 +277,13 @@ def _no_transform(headers: HeaderList) -> bool:
     )
 
 
-def _media_type_matches(headers: HeaderList, patterns: tuple[str, ...]) -> bool:
-    values = {v.strip().lower() for v in get_all(headers, b"content-type")}
-    if len(values) != 1:
-        return False  # missing, or conflicting values: do not guess
-    media = values.pop().split(b";", 1)[0].strip().decode("latin-1")
+_TYPE_CACHE_MAX = 512
+
+
+@lru_cache(maxsize=_TYPE_CACHE_MAX)  # a site serves few distinct Content-Type values
+def _type_matches(value: bytes, patterns: tuple[str, ...]) -> bool:
+    """Whether one Content-Type value (lower case) matches one of ``patterns``."""
+    media = value.split(b";", 1)[0].strip().decode("latin-1")
     main, slash, sub = media.partition("/")
     if not slash or not main or not sub:
         return False
@@ -315,14 +317,33 @@ def compressible(
         return False
     if content_length is not None and content_length < max(settings.min_size, 1):
         return False
-    lowered = {name.lower() for name, _ in response_headers}
-    if b"content-range" in lowered or any(f in lowered for f in _DIGEST_FIELDS):
-        return False
-    if any(c != b"identity" for c in header_tokens(response_headers, b"content-encoding")):
-        return False
-    if _no_transform(response_headers):
-        return False
-    return _media_type_matches(response_headers, settings.types)
+    # one pass over the fields (this runs for every response)
+    content_type: bytes | None = None
+    for name, value in response_headers:
+        lname = name.lower()
+        if lname == b"content-type":
+            value = value.strip().lower()
+            if content_type is not None and value != content_type:
+                return False  # conflicting values: do not guess
+            content_type = value
+        elif _rules_out(lname, value):
+            return False
+    return content_type is not None and _type_matches(content_type, settings.types)
+
+
+def _rules_out(lname: bytes, value: bytes) -> bool:
+    """Whether this response field forbids compressing the body."""
+    if lname == b"content-range" or lname in _DIGEST_FIELDS:
+        return True
+    if lname == b"content-encoding":
+        return any(c != b"identity" for c in _tokens(value))
+    if lname == b"cache-control":
+        return any(t.partition(b"=")[0].strip() == b"no-transform" for t in _tokens(value))
+    return False
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
 def plan(
@@ -342,6 +363,15 @@ def plan(
     if method == b"HEAD":
         return None
     if not compressible(status, response_headers, settings, content_length=content_length):
+        return None
+    return request_coding(method, request_headers, settings)
+
+
+def request_coding(
+    method: bytes, request_headers: HeaderList, settings: CompressionSettings
+) -> str | None:
+    """The request's side of ``plan()``, for a response already known to be compressible."""
+    if method == b"HEAD":
         return None
     if any(name.lower() == b"range" for name, _ in request_headers):
         return None

@@ -416,12 +416,11 @@ class Proxy:
         settings = self.compression
         assert settings is not None
         length = resp.content_length if resp.body is BodyKind.LENGTH else None
-        encoding = compress.plan(
-            head.method, resp.status, head.headers, resp.headers, settings, content_length=length
-        )
-        if encoding is None:
-            if compress.compressible(resp.status, resp.headers, settings, content_length=length):
-                resp.headers = compress.add_vary_accept_encoding(resp.headers)
+        if not compress.compressible(resp.status, resp.headers, settings, content_length=length):
+            return resp, None, False
+        encoding = compress.request_coding(head.method, head.headers, settings)
+        if encoding is None:  # the answer still depends on Accept-Encoding
+            resp.headers = compress.add_vary_accept_encoding(resp.headers)
             return resp, None, False
         transformed = ResponseHead(
             status=resp.status,
