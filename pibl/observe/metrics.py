@@ -10,8 +10,10 @@ each one. The master wipes the directory at start so a restart begins from zero.
 
 from __future__ import annotations
 
+import bisect
 import os
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -46,8 +48,49 @@ def worker_exited(pid: int) -> None:
         mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+class Batch:
+    """Per-request metric updates added up in plain Python, handed to the library in one go.
+
+    With worker processes every library update takes a lock, calls ``getpid()`` and writes
+    a memory-mapped file; per request that cost a fifth of PIBL's CPU (bench/compare.py:
+    149 against 117 us per 1 KB request). The exchange records here; the worker flushes
+    once a second and before it answers ``/metrics``, so a scrape sees its own worker's
+    traffic at once and the other workers' within a second.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[Any, float] = {}
+        self._histograms: dict[Any, list[float]] = {}  # child -> [sum, count per bucket...]
+
+    def inc(self, child: Any, amount: float = 1.0) -> None:
+        counts = self._counts
+        counts[child] = counts.get(child, 0.0) + amount
+
+    def observe(self, child: Any, value: float) -> None:
+        acc = self._histograms.get(child)
+        if acc is None:
+            acc = self._histograms[child] = [0.0] * (len(child._upper_bounds) + 1)
+        acc[0] += value
+        # the library's bucket for a value is the first bound >= value (the last is +Inf)
+        acc[1 + bisect.bisect_left(child._upper_bounds, value)] += 1
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        histograms, self._histograms = self._histograms, {}
+        for child, amount in counts.items():
+            child.inc(amount)
+        for child, acc in histograms.items():
+            # Histogram.observe() per value would redo the per-update cost; its sum and
+            # bucket values take the totals directly (the same values observe() updates).
+            child._sum.inc(acc[0])
+            for bucket, n in zip(child._buckets, acc[1:], strict=True):
+                if n:
+                    bucket.inc(n)
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.batch = Batch()
         if multiprocess_dir() is not None and values.ValueClass is values.MutexValue:
             # The library picks its value class when first imported; a worker forked from
             # a master that imported it before setting the directory must switch here.
@@ -135,6 +178,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text format, merged over every worker when there are several."""
+        self.batch.flush()
         directory = multiprocess_dir()
         if directory is None:
             return generate_latest(self.registry)

@@ -243,24 +243,25 @@ class Proxy:
     def observe(self, record: AccessRecord) -> None:
         """Metrics and live status for one finished exchange."""
         m = self.metrics
+        batch = m.batch
         status = record.status
         key = (status // 100, record.backend)
         counter = self._request_counters.get(key)
         if counter is None:
             klass = f"{status // 100}xx" if status else "aborted"
             counter = self._request_counters[key] = m.requests.labels(klass, record.backend)
-        counter.inc()
-        m.latency.observe(record.total)
+        batch.inc(counter)
+        batch.observe(m.latency, record.total)
         if record.bytes_out:
-            m.bytes_out.inc(record.bytes_out)
+            batch.inc(m.bytes_out, record.bytes_out)
         if record.bytes_in:
-            m.bytes_in.inc(record.bytes_in)
+            batch.inc(m.bytes_in, record.bytes_in)
         if record.cache != "-":
-            m.cache.labels(record.cache).inc()
+            batch.inc(m.cache.labels(record.cache))
         if record.retries:
-            m.retries.inc(record.retries)
+            batch.inc(m.retries, record.retries)
         if record.upstream >= 0 and record.backend:
-            m.upstream_latency.labels(record.backend).observe(record.upstream)
+            batch.observe(m.upstream_latency.labels(record.backend), record.upstream)
         self.status.record(status, record.total, record.backend, record.upstream, record.cache)
 
     async def forward(
@@ -798,3 +799,4 @@ class Proxy:
     def close(self) -> None:
         for pool in self.pools:
             pool.close_all()
+        self.metrics.batch.flush()  # the last second's traffic counts too

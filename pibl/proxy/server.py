@@ -284,6 +284,7 @@ class Worker:
                 stored, evictions = stats.stored, stats.evictions
                 metrics.cache_size.set(stats.bytes)
                 metrics.cache_entries.set(stats.entries)
+            metrics.batch.flush()
             proxy.status.tick()
 
 
