@@ -86,16 +86,14 @@ class _RequestIds:
     """
 
     def __init__(self) -> None:
-        self._pid = -1
-        self._prefix = b""
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16].encode()
         self._counter = itertools.count(1)
 
     def next(self) -> bytes:
-        pid = os.getpid()
-        if pid != self._pid:
-            self._pid = pid
-            self._prefix = uuid.uuid4().hex[:16].encode()
-            self._counter = itertools.count(1)
         return b"%s%016x" % (self._prefix, next(self._counter))
 
 

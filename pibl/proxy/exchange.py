@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_STATUS_CLASSES = ("aborted", "1xx", "2xx", "3xx", "4xx", "5xx")
 _ERROR_TEXT = {
     502: "the backend failed",
     503: "no backend available",
@@ -145,7 +146,7 @@ class Proxy:
         self.cache: CacheLayer | None = None
         self.compression = compression_settings(config)
         self.metrics = Metrics()
-        self._request_counters: dict[tuple[int, str], Any] = {}
+        self._metric_children: dict[tuple[Any, ...], Any] = {}
         self.verbose = config.log.verbose
         self.status = StatusTracker(self, multiprocess_dir())
 
@@ -244,25 +245,30 @@ class Proxy:
         """Metrics and live status for one finished exchange."""
         m = self.metrics
         batch = m.batch
+        labelled = self._labelled
         status = record.status
-        key = (status // 100, record.backend)
-        counter = self._request_counters.get(key)
-        if counter is None:
-            klass = f"{status // 100}xx" if status else "aborted"
-            counter = self._request_counters[key] = m.requests.labels(klass, record.backend)
-        batch.inc(counter)
+        klass = _STATUS_CLASSES[status // 100] if 0 < status < 600 else "aborted"
+        batch.inc(labelled(m.requests, klass, record.backend))
         batch.observe(m.latency, record.total)
         if record.bytes_out:
             batch.inc(m.bytes_out, record.bytes_out)
         if record.bytes_in:
             batch.inc(m.bytes_in, record.bytes_in)
         if record.cache != "-":
-            batch.inc(m.cache.labels(record.cache))
+            batch.inc(labelled(m.cache, record.cache))
         if record.retries:
             batch.inc(m.retries, record.retries)
         if record.upstream >= 0 and record.backend:
-            batch.observe(m.upstream_latency.labels(record.backend), record.upstream)
+            batch.observe(labelled(m.upstream_latency, record.backend), record.upstream)
         self.status.record(status, record.total, record.backend, record.upstream, record.cache)
+
+    def _labelled(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once (the library's lookup costs per call)."""
+        key = (metric, *labels)
+        child = self._metric_children.get(key)
+        if child is None:
+            child = self._metric_children[key] = metric.labels(*labels)
+        return child
 
     async def forward(
         self,
@@ -466,7 +472,7 @@ class Proxy:
         """One try on one backend; ``body`` is the request body when it was buffered."""
         config = self.config
         pool = self.pools[index]
-        record.backend = pool.backend.label
+        record.backend = self.states[index].name  # the backend's label, computed once
         request_bytes = upstream_request(
             head,
             client_ip=conn.client_ip,
