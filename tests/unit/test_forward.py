@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -776,3 +777,20 @@ def test_insane_request_id_replaced(value: bytes | None) -> None:
 def test_new_request_ids_are_unique() -> None:
     ids = {request_id(None) for _ in range(200)}
     assert len(ids) == 200
+
+
+def test_request_ids_are_unique_and_differ_in_a_forked_child() -> None:
+    ids = {request_id(None) for _ in range(1000)}
+    assert len(ids) == 1000 and all(HEX32.match(i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id must not collide with the parent's
+        os.write(write, request_id(None))
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64)
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = request_id(None)
+    assert HEX32.match(child)
+    assert child[:16] != parent[:16]  # a new random prefix after the fork
