@@ -187,8 +187,12 @@ def available_encodings() -> tuple[str, ...]:
 
 
 def _offered(settings: CompressionSettings) -> tuple[str, ...]:
-    available = available_encodings()
-    return tuple(e for e in settings.encodings if e in available)
+    return _intersect(settings.encodings, available_encodings())
+
+
+@lru_cache(maxsize=64)
+def _intersect(wanted: tuple[str, ...], available: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(e for e in wanted if e in available)
 
 
 # --- negotiation --------------------------------------------------------------------------
