@@ -83,6 +83,8 @@ def parse_cache_control(headers: HeaderList) -> CacheControl:
 
 def _split_directives(text: str) -> list[str]:
     """Split on commas outside quoted strings (``no-cache="a, b"`` is one directive)."""
+    if '"' not in text:  # the usual case, without walking every character
+        return [p.strip() for p in text.split(",") if p.strip()]
     parts: list[str] = []
     current: list[str] = []
     quoted = False

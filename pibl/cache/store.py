@@ -204,6 +204,7 @@ class DiskStore:
         normalize: Normalizer | None = None,
     ) -> None:
         self.dir = directory
+        self._dir_str = str(directory)
         self.normalize = normalize
         self.tmp_dir = directory / "tmp"
         # touched by every purge of everything, in any process sharing the directory
@@ -287,7 +288,7 @@ class DiskStore:
                 self.stats.bytes += size
                 self.stats.entries += 1
 
-    def _touch(self, meta_path: Path) -> None:
+    def _touch(self, meta_path: Path | str) -> None:
         with self._lock:
             key = str(meta_path)
             if key in self._sizes:
@@ -308,8 +309,12 @@ class DiskStore:
 
     # -- paths --------------------------------------------------------------------------
 
+    def meta_key(self, hexdigest: str) -> str:
+        """The metadata file's path as a string (the memory tier and LRU index key)."""
+        return f"{self._dir_str}/{hexdigest[:2]}/{hexdigest}.meta"
+
     def meta_path(self, hexdigest: str) -> Path:
-        return self.dir / hexdigest[:2] / f"{hexdigest}.meta"
+        return Path(self.meta_key(hexdigest))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -342,20 +347,22 @@ class DiskStore:
             return None, "uri-miss"
 
     def _lookup(self, primary: bytes, request_headers: HeaderList) -> tuple[Entry | None, str]:
-        path = self.meta_path(digest(primary))
-        cached = self._memory_get(path)
+        key = self.meta_key(digest(primary))
+        cached = self._memory_get(key)
         if cached is not None:
             return cached, "hit"
+        path = Path(key)
         meta = self._read_meta(path)
         if meta is None or meta.get("key") != primary.decode("latin-1"):
             return None, "uri-miss"
         if meta.get("type") == "vary":
             names = [str(n) for n in meta.get("vary", [])]
             secondary = secondary_key(names, request_headers, self.normalize)
-            vpath = self.meta_path(variant_digest(primary, secondary))
-            cached = self._memory_get(vpath)
+            vkey = self.meta_key(variant_digest(primary, secondary))
+            cached = self._memory_get(vkey)
             if cached is not None:
                 return cached, "hit"
+            vpath = Path(vkey)
             vmeta = self._read_meta(vpath)
             if vmeta is None or vmeta.get("secondary") != secondary.decode("latin-1"):
                 return None, "vary-miss"
@@ -438,26 +445,25 @@ class DiskStore:
         self._verified.add(name)
         return True
 
-    def _memory_get(self, path: Path) -> Entry | None:
+    def _memory_get(self, key: str) -> Entry | None:
         """A memory-tier entry, if its metadata file is still the one it was read from.
 
         One ``stat`` per hit keeps the tier honest when another process (a second worker,
         ``pibl cache purge``) removed or replaced the entry on disk.
         """
-        key = str(path)
         cached = self._memory.get(key)
         if cached is None:
             return None
         entry, _, mtime = cached
         try:
-            current = path.stat().st_mtime_ns
+            current = os.stat(key).st_mtime_ns
         except OSError:
             current = -1
         if current != mtime:
-            self._forget(path)
+            self._forget(key)
             return None
         self._memory.move_to_end(key)
-        self._touch(path)  # a memory hit is a use for the LRU bound too
+        self._touch(key)  # a memory hit is a use for the LRU bound too
         return entry
 
     def _remember(self, entry: Entry, body: bytes) -> None:
@@ -476,7 +482,7 @@ class DiskStore:
             _, (_, dropped, _) = self._memory.popitem(last=False)
             self._memory_bytes -= len(dropped)
 
-    def _forget(self, meta_path: Path) -> None:
+    def _forget(self, meta_path: Path | str) -> None:
         old = self._memory.pop(str(meta_path), None)
         if old is not None:
             self._memory_bytes -= len(old[1])

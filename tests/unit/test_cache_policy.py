@@ -1101,3 +1101,23 @@ def test_header_helpers_are_case_insensitive() -> None:
     assert policy.get_header(headers, b"x-a") == b"1"
     assert policy.get_all(headers, b"x-a") == [b"1", b"2"]
     assert policy.get_header(headers, b"x-b") is None
+
+
+@given(st.text(alphabet=' ,="abc-=0123456789\t', max_size=40))
+def test_cache_control_split_respects_quotes(text: str) -> None:
+    """Commas split directives except inside quoted strings, with or without quotes present."""
+    from pibl.cache.policy import _split_directives
+
+    expected: list[str] = []
+    current = ""
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            expected.append(current)
+            current = ""
+        else:
+            current += ch
+    expected.append(current)
+    assert _split_directives(text) == [p.strip() for p in expected if p.strip()]
