@@ -329,7 +329,11 @@ class Proxy:
             except UpstreamError as exc:
                 last_error = exc
                 now = time.monotonic()
-                change = self.balancer.record_failure(index, now)
+                # Like nginx, a failure counts against the backend only before its response
+                # started: a body cut short is one URL's problem, not the server's health.
+                change = None
+                if not record.response_started:
+                    change = self.balancer.record_failure(index, now)
                 self.metrics.backend_errors.labels(state.name).inc()
                 if change == "ejected":
                     self.metrics.ejections.labels(state.name).inc()

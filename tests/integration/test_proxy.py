@@ -554,3 +554,40 @@ def test_a_streamed_body_to_a_backend_that_never_answers_gets_504(
             conn.close()
     gc.collect()
     assert errors == []
+
+
+def test_a_body_cut_short_does_not_count_against_the_backend(
+    make_proxy: Callable[..., ProxyThread],
+) -> None:
+    """One URL whose responses break mid-body must not take the server out of rotation."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                head = conn.recv(65536)
+                if head.startswith(b"GET /cut"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                else:
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    )
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = make_proxy(
+        [f"http://127.0.0.1:{server.getsockname()[1]}"],
+        health={"enabled": False, "max_fails": 2, "cooldown": 60},
+    )
+    try:
+        for _ in range(6):
+            raw = raw_request(proxy.port, b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert raw.startswith(b"HTTP/1.1 200") and len(raw.partition(b"\r\n\r\n")[2]) < 100
+        assert httpx.get(proxy.url + "/ok", timeout=5).text == "ok"
+    finally:
+        server.close()
+    assert "ejected" not in proxy.stream.getvalue()
