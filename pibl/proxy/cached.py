@@ -47,6 +47,10 @@ CONDITIONALS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"}
 )
 SENDFILE_MIN = 1024 * 1024  # larger bodies go out with sendfile (checked once per process)
+# After a response that may not be stored, requests for that URI are not collapsed behind one
+# another for this long (Varnish's "hit-for-miss"): a private API is not serialised.
+PASS_TTL = 120.0
+PASS_MAX = 10_000  # URIs remembered at most
 
 
 class _StoreHook(ResponseHook):
@@ -70,6 +74,7 @@ class _StoreHook(ResponseHook):
         self.response: ResponseHead | None = None
         self.intercepted = False
         self.commit: asyncio.Future[Entry | None] | None = None
+        self.event: asyncio.Event | None = None  # the followers' event, when leading
 
     def on_head(self, resp: ResponseHead) -> bool:
         layer = self.layer
@@ -90,6 +95,9 @@ class _StoreHook(ResponseHook):
         if ok and resp.body is BodyKind.LENGTH and resp.content_length > cfg.max_entry_size:
             ok, why = False, "too large"
         label = f"pibl; fwd={self.fwd}; fwd-status={resp.status}"
+        layer.remember_pass(self.primary, not ok)
+        if not ok and self.event is not None:
+            layer._wake(self.primary, self.event)  # nothing to wait for: followers go now
         if ok:
             lifetime = policy.freshness_lifetime(resp.status, resp.headers, default_ttl=cfg.ttl)
             initial = policy.initial_age(resp.headers, self.request_time, response_time)
@@ -139,6 +147,7 @@ class CacheLayer:
         self.clock = clock
         self._inflight: dict[bytes, asyncio.Event] = {}
         self._refreshing: set[bytes] = set()
+        self._pass: dict[bytes, float] = {}  # URI -> until when its requests are not collapsed
         self._tasks: set[asyncio.Task[None]] = set()
         self.remote: RedisTier | None = None
 
@@ -212,6 +221,12 @@ class CacheLayer:
                 return await self._revalidate(
                     conn, incoming, head, rid, record, primary, entry, age, decision
                 )
+        if self._passing(primary):
+            # Its last response could not be stored: fetch without queueing behind others
+            # (and store this one if it can be stored now).
+            return await self._fetch(
+                conn, incoming, head, rid, record, primary, "miss", asyncio.Event()
+            )
         waiting = None if collapsed else self._inflight.get(primary)
         if waiting is not None:
             # Another request is fetching this URI: wait for it rather than stampede, then
@@ -260,10 +275,32 @@ class CacheLayer:
         """Forward a miss as the leader for ``primary`` (``event`` wakes the followers)."""
         record.cache = "MISS"
         hook = _StoreHook(self, primary, head, fwd)
+        hook.event = event
         try:
             return await self.proxy.forward(conn, incoming, head, rid, record, hook=hook)
         finally:
             self._release(primary, event, hook, locked)
+
+    def remember_pass(self, primary: bytes, uncacheable: bool) -> None:
+        """Note whether the URI's latest response could not be stored."""
+        if not uncacheable:
+            self._pass.pop(primary, None)
+            return
+        if len(self._pass) >= PASS_MAX:
+            now = self.clock()
+            self._pass = {k: v for k, v in self._pass.items() if v > now}
+            while len(self._pass) >= PASS_MAX:
+                del self._pass[next(iter(self._pass))]
+        self._pass[primary] = self.clock() + PASS_TTL
+
+    def _passing(self, primary: bytes) -> bool:
+        until = self._pass.get(primary)
+        if until is None:
+            return False
+        if until > self.clock():
+            return True
+        del self._pass[primary]
+        return False
 
     def _wake(self, primary: bytes, event: asyncio.Event) -> None:
         if self._inflight.get(primary) is event:

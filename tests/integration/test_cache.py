@@ -299,3 +299,26 @@ def test_large_entry_served_with_sendfile(
     r = client.get(url)
     assert "hit" in r.headers["cache-status"]
     assert r.content == first and len(first) == 3_000_000
+
+
+def test_uncacheable_uri_is_not_collapsed_after_its_first_answer(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    """After a response that may not be stored, concurrent requests go to the backend together."""
+    proxy, _, _ = cached()
+    url = f"{proxy.url}/cache/private?cc=private&delay=1"
+
+    def timed(_: int) -> float:
+        started = time.monotonic()
+        with httpx.Client(timeout=20) as c:
+            assert c.get(url).status_code == 200
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(5) as pool:
+        first = list(pool.map(timed, range(5)))
+    # the first burst: followers wait only for the leader's response head, not its whole body
+    assert max(first) < 2.8, first
+    with ThreadPoolExecutor(5) as pool:
+        second = list(pool.map(timed, range(5)))
+    assert max(second) < 1.8, second  # all in parallel: about the backend's one second
+    assert backends[0].hits == 10
