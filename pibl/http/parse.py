@@ -385,6 +385,9 @@ class ResponseParser:
         self._in_head = False
         parser = self._parser
         status: int = parser.get_status_code()
+        if not 100 <= status <= 599:  # RFC 9112 section 4: three digits, 1xx to 5xx
+            self._c.error = ProtocolError(502, "backend sent an invalid status code")
+            raise self._c.error
         if 100 <= status < 200 and status != 101:
             return  # interim response: dropped, the final one follows
         head = build_response_head(
@@ -437,10 +440,12 @@ def build_response_head(
         if content_length is not None and content_length.isdigit():
             length = int(content_length)
     elif te:
-        # RFC 9112 section 6.3: a final coding other than chunked is delimited by close.
-        body = BodyKind.CHUNKED if te[-1] == b"chunked" else BodyKind.CLOSE
+        # Only chunked: any other transfer coding (gzip, ...) would reach the client as
+        # undeclared bytes, since PIBL frames the body again (nginx also answers 502).
+        if te != [b"chunked"]:
+            raise ProtocolError(502, "backend sent an unsupported Transfer-Encoding")
+        body = BodyKind.CHUNKED
         length = 0
-        keep_alive = keep_alive and body is BodyKind.CHUNKED
     elif content_length is not None:
         content_length = content_length.strip()
         if not content_length.isdigit():

@@ -543,7 +543,9 @@ class Proxy:
                     self.log.warning(f"backend {state.name} ejected after {resp.status} answers")
             else:
                 state.record_success(time.monotonic())
-            if resp.status == 101 and head.upgrade is not None:
+            if resp.status == 101 and head.upgrade is None:
+                raise UpstreamError(502, "backend switched protocols unasked", retryable=False)
+            if resp.status == 101:
                 ok = await self._tunnel(conn, incoming, upstream, resp, events, rid)
                 return False
             comp: Compressor | None = None

@@ -399,7 +399,17 @@ def test_stalled_backend_504(
     assert httpx.get(proxy.url + "/ok").status_code == 200
 
 
-def test_malformed_response_502(make_proxy: Callable[..., ProxyThread]) -> None:
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n",
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 5\r\n\r\nabcde",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nabcde",
+    ],
+    ids=["two-lengths", "gzip-transfer-coding", "status-099", "unasked-101"],
+)
+def test_malformed_response_502(make_proxy: Callable[..., ProxyThread], answer: bytes) -> None:
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen()
@@ -407,7 +417,7 @@ def test_malformed_response_502(make_proxy: Callable[..., ProxyThread]) -> None:
     def bad() -> None:
         conn, _ = lsock.accept()
         conn.recv(65536)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde")
+        conn.sendall(answer)
         time.sleep(0.5)
         conn.close()
 
