@@ -426,6 +426,8 @@ class Proxy:
         """The response as the client will see it, and the compressor to get there."""
         settings = self.compression
         assert settings is not None
+        if resp.body is BodyKind.NONE:
+            return resp, None, False  # nothing to compress (Content-Length: 0, 204, 304)
         length = resp.content_length if resp.body is BodyKind.LENGTH else None
         if not compress.compressible(resp.status, resp.headers, settings, content_length=length):
             return resp, None, False

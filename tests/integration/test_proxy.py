@@ -601,3 +601,34 @@ def test_a_body_cut_short_does_not_count_against_the_backend(
     finally:
         server.close()
     assert "ejected" not in proxy.stream.getvalue()
+
+
+def test_an_empty_body_is_not_compressed(make_proxy: Callable[..., ProxyThread]) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n"
+                    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = make_proxy([f"http://127.0.0.1:{server.getsockname()[1]}"])
+    try:
+        raw = raw_request(
+            proxy.port,
+            b"GET /none HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+        )
+    finally:
+        server.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404")
+    assert b"Content-Length: 0" in head and b"Content-Encoding" not in head
+    assert body == b""
