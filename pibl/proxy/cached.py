@@ -492,7 +492,9 @@ class CacheLayer:
         """Answer from a stored entry; None if its body turned out unreadable (a miss)."""
         store = self.store
         keep_alive = head.keep_alive and not self.proxy.stopping
-        if policy.not_modified(head.headers, entry.headers):
+        # RFC 9110 section 13.2.1: preconditions apply to 2xx answers only (a stored 404
+        # is sent as it is, whatever If-None-Match says).
+        if 200 <= entry.status < 300 and policy.not_modified(head.headers, entry.headers):
             status, reason = 304, b"Not Modified"
             headers = policy.not_modified_headers(entry.headers)
             send_body = False

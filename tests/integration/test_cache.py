@@ -196,6 +196,11 @@ def test_client_conditionals_answered_304_from_cache(
     r = client.get(url, headers={"If-None-Match": '"other"'})
     assert r.status_code == 200
     assert backends[0].hits == 1
+    # preconditions apply to 2xx answers only: a stored 404 stays a 404
+    missing = "/cache/gone?cc=max-age=60&status=404"
+    client.get(missing)
+    r = client.get(missing, headers={"If-None-Match": "*"})
+    assert r.status_code == 404 and "hit" in r.headers["cache-status"]
 
 
 def test_stale_entry_revalidated_with_304(
