@@ -399,7 +399,16 @@ def merge_304(stored_headers: HeaderList, fresh_headers: HeaderList) -> HeaderLi
     """Stored headers updated with those of a 304 (section 4.3.4)."""
     replace = {k.lower() for k, _ in fresh_headers if k.lower() not in _NOT_UPDATED}
     merged = [(k, v) for k, v in stored_headers if k.lower() not in replace]
-    merged.extend((k, v) for k, v in fresh_headers if k.lower() in replace)
+    # A weak stored ETag stays weak: PIBL weakens the origin's strong tag on a body it
+    # compressed, and that body must never be offered under the strong tag (RFC 9110 8.8.1).
+    stored_etag = get_header(stored_headers, b"etag")
+    weak = stored_etag is not None and stored_etag.strip().startswith(b"W/")
+    for k, v in fresh_headers:
+        if k.lower() not in replace:
+            continue
+        if weak and k.lower() == b"etag" and not v.strip().startswith(b"W/"):
+            v = b"W/" + v.strip()
+        merged.append((k, v))
     return merged
 
 

@@ -354,7 +354,9 @@ class CacheLayer:
                 rid,
                 record,
                 hook=hook,
-                drop=CONDITIONALS if validators else frozenset(),
+                # The client's own conditionals never go along: a 304 must answer PIBL's
+                # validators (with none, the request is unconditional and a 200 refreshes).
+                drop=CONDITIONALS,
                 extra=validators,
             )
         except UpstreamError as exc:

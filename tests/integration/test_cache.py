@@ -327,3 +327,16 @@ def test_uncacheable_uri_is_not_collapsed_after_its_first_answer(
         second = list(pool.map(timed, range(5)))
     assert max(second) < 1.8, second  # all in parallel: about the backend's one second
     assert backends[0].hits == 10
+
+
+def test_revalidating_an_entry_without_validators_never_sends_the_clients_conditionals(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, clock, client = cached()
+    url = "/cache/novalidators?cc=max-age=10"
+    first = client.get(url).text
+    clock.advance(20)
+    r = client.get(url, headers={"If-None-Match": '"whatever"'})
+    sent = backends[0].seen[-1].headers
+    assert not any(k.lower() == "if-none-match" for k, _ in sent)  # a 304 could not apply
+    assert r.status_code == 200 and r.text != first

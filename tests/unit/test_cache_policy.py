@@ -1121,3 +1121,12 @@ def test_cache_control_split_respects_quotes(text: str) -> None:
             current += ch
     expected.append(current)
     assert _split_directives(text) == [p.strip() for p in expected if p.strip()]
+
+
+def test_merge_304_keeps_a_weak_stored_etag_weak() -> None:
+    """A body PIBL compressed carries W/ of the origin's tag; a 304 must not make it strong."""
+    stored = [(b"ETag", b'W/"big"'), (b"Content-Encoding", b"gzip")]
+    merged = merge_304(stored, [(b"ETag", b'"big"'), (b"Cache-Control", b"max-age=60")])
+    assert (b"ETag", b'W/"big"') in merged
+    strong = merge_304([(b"ETag", b'"a"')], [(b"ETag", b'"a"')])
+    assert strong == [(b"ETag", b'"a"')]
