@@ -219,6 +219,10 @@ class ClientConnection(WriteFlow):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._disarm()
+        if self._task is not None and not self._task.done():
+            # The client went away (not a half-close): stop its exchange, as nginx does,
+            # instead of letting a backend work on an answer nobody will read.
+            self._task.cancel()
         if self.tunnel is not None:
             self.tunnel.close()
             if self.tunnel_done is not None and not self.tunnel_done.done():

@@ -231,6 +231,8 @@ class Proxy:
             keep_alive = False
         except (ConnectionError, asyncio.CancelledError):
             record.detail = "client closed the connection"
+            if not record.response_started:
+                record.status = 499  # nginx's code for a client that left before its answer
             conn.abort()
             keep_alive = False
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -632,3 +633,19 @@ def test_an_empty_body_is_not_compressed(make_proxy: Callable[..., ProxyThread])
     assert head.startswith(b"HTTP/1.1 404")
     assert b"Content-Length: 0" in head and b"Content-Encoding" not in head
     assert body == b""
+
+
+def test_a_client_that_resets_stops_its_exchange_and_is_logged_499(
+    backends: list[Backend], proxy: ProxyThread
+) -> None:
+    """A reset is an abort (a plain FIN may be a half-close still waiting for its answer)."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"GET /slow?s=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert wait_for(lambda: any(r.path.startswith("/slow") for b in backends for r in b.seen))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    left = time.monotonic()
+    # the exchange ends when the client leaves, not when the backend would have answered
+    assert wait_for(lambda: '"GET /slow?s=3 HTTP/1.1" 499' in proxy.stream.getvalue(), 2.0)
+    assert time.monotonic() - left < 2.0
+    # and the same proxy keeps serving
+    assert httpx.get(proxy.url + "/after", timeout=5).status_code == 200
