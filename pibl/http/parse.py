@@ -317,6 +317,7 @@ class ResponseParser:
         "_raw_in_head",
         "_reason",
         "_upgraded",
+        "trailing_junk",
     )
 
     def __init__(self, *, head_request: bool = False, max_head_bytes: int = 64 * 1024) -> None:
@@ -329,12 +330,24 @@ class ResponseParser:
         self._max_head = max_head_bytes
         self._in_head = False
         self._raw_in_head = 0
+        self.trailing_junk = False
 
     def feed(self, data: bytes) -> list[Event]:
         if self._upgraded:
             return [Body(data)] if data else []
         if self._done:
             raise ProtocolError(502, "backend sent data after the response")
+        try:
+            return self._feed(data)
+        except ProtocolError:
+            if self._done and self._c.events and self._c.events[-1] is END:
+                # A complete response followed by junk in the same read (a 204 with a body,
+                # say): the response stands, the connection must not be used again.
+                self.trailing_junk = True
+                return self._c.events
+            raise
+
+    def _feed(self, data: bytes) -> list[Event]:
         c = self._c
         events = c.events = []
         try:

@@ -107,6 +107,8 @@ class UpstreamConnection(WriteFlow):
             self._read_paused = True
             self.transport.pause_reading()
         self._wake()
+        if parser.trailing_junk:
+            self.close()  # the response is complete, the connection is not trustworthy
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost reports it

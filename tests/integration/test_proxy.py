@@ -649,3 +649,34 @@ def test_a_client_that_resets_stops_its_exchange_and_is_logged_499(
     assert time.monotonic() - left < 2.0
     # and the same proxy keeps serving
     assert httpx.get(proxy.url + "/after", timeout=5).status_code == 200
+
+
+def test_a_204_with_a_body_is_delivered_and_its_connection_dropped(
+    make_proxy: Callable[..., ProxyThread],
+) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            threading.Thread(target=keep_answering, args=(conn,), daemon=True).start()
+
+    def keep_answering(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while conn.recv(65536):
+                conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\nnot allowed here")
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = make_proxy([f"http://127.0.0.1:{server.getsockname()[1]}"])
+    try:
+        with httpx.Client(base_url=proxy.url, timeout=5) as client:
+            statuses = [client.get(f"/n/{i}").status_code for i in range(3)]
+    finally:
+        server.close()
+    assert statuses == [204, 204, 204]
+    assert len(accepted) == 3  # never reused after the junk

@@ -1163,9 +1163,12 @@ def test_data_after_a_complete_response_is_refused() -> None:
     assert info.value.status == 502
 
 
-def test_data_after_a_complete_response_in_the_same_read_is_refused() -> None:
-    data = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n\r\n"
-    assert reject_response(data).status == 502
+def test_data_after_a_complete_response_in_the_same_read_is_never_a_second_response() -> None:
+    """The first response stands (as in nginx); what follows is junk and ends the connection."""
+    parser = ResponseParser()
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n\r\n")
+    assert [type(e) for e in events] == [Head, Body, End]
+    assert parser.trailing_junk
 
 
 def test_interim_100_continue_only_final_head_is_reported() -> None:
@@ -1408,3 +1411,20 @@ def test_response_bodies_survive_any_split(body: bytes, chunked: bool, cuts: st.
     assert body_of(events) == body
     assert events[-1] == End()
     assert len(heads(events)) == 1
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_response_without_body_followed_by_junk_stands_but_is_flagged(status: int) -> None:
+    """Like nginx: the 204 goes to the client, the connection is not used again."""
+    parser = ResponseParser()
+    events = parser.feed(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\nunexpected body" % status)
+    assert response_head(events).status == status and events[-1] == End()
+    assert parser.trailing_junk
+    with pytest.raises(ProtocolError):
+        parser.feed(b"more")
+
+
+def test_a_clean_response_is_not_flagged() -> None:
+    parser = ResponseParser()
+    parser.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert not parser.trailing_junk
