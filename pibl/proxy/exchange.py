@@ -736,6 +736,7 @@ class Proxy:
                         parts.append(LAST_CHUNK)
             if parts:
                 conn.write(parts[0] if len(parts) == 1 else b"".join(parts))
+                record.bytes_out = sent  # kept current: a response cut short logs what went
                 if conn.write_paused:
                     await conn.drain()
             if ended:

@@ -602,6 +602,7 @@ def test_a_body_cut_short_does_not_count_against_the_backend(
     finally:
         server.close()
     assert "ejected" not in proxy.stream.getvalue()
+    assert '"GET /cut HTTP/1.1" 200 10 ' in proxy.stream.getvalue()  # the bytes that did go
 
 
 def test_an_empty_body_is_not_compressed(make_proxy: Callable[..., ProxyThread]) -> None:
