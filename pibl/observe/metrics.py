@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ class Batch:
     def __init__(self) -> None:
         self._counts: dict[Any, float] = {}
         self._histograms: dict[Any, list[float]] = {}  # child -> [sum, count per bucket...]
+        self._gauges: list[tuple[Any, Callable[[], float]]] = []
+
+    def track(self, gauge: Any, read: Callable[[], float]) -> None:
+        """Set ``gauge`` to ``read()`` at every flush (instead of an update per event)."""
+        self._gauges.append((gauge, read))
 
     def inc(self, child: Any, amount: float = 1.0) -> None:
         counts = self._counts
@@ -77,6 +83,8 @@ class Batch:
     def flush(self) -> None:
         counts, self._counts = self._counts, {}
         histograms, self._histograms = self._histograms, {}
+        for gauge, read in self._gauges:
+            gauge.set(read())
         for child, amount in counts.items():
             child.inc(amount)
         for child, acc in histograms.items():

@@ -146,6 +146,7 @@ class Proxy:
         self.cache: CacheLayer | None = None
         self.compression = compression_settings(config)
         self.metrics = Metrics()
+        self.metrics.batch.track(self.metrics.connections, lambda: len(self.connections))
         self._metric_children: dict[tuple[Any, ...], Any] = {}
         self.verbose = config.log.verbose
         self.status = StatusTracker(self, multiprocess_dir())
@@ -154,13 +155,11 @@ class Proxy:
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
-        self.metrics.connections.inc()
         if conn.scheme == b"https":
-            self.metrics.tls_handshakes.inc()
+            self.metrics.batch.inc(self.metrics.tls_handshakes)
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
-        self.metrics.connections.dec()
 
     def log_exception(self, message: str) -> None:
         self.log.exception(message)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pibl.observe.metrics import LATENCY_BUCKETS, Batch
 
@@ -56,3 +56,16 @@ def test_nothing_reaches_the_library_before_a_flush() -> None:
     assert registry.get_sample_value("h_count", {"k": "a"}) == 1.0
     batch.flush()  # a second flush adds nothing
     assert registry.get_sample_value("c_total", {"k": "a"}) == 3.0
+
+
+def test_tracked_gauges_are_read_at_each_flush() -> None:
+    registry = CollectorRegistry()
+    gauge = Gauge("g", "a gauge", registry=registry)
+    open_now = [3]
+    batch = Batch()
+    batch.track(gauge, lambda: open_now[0])
+    batch.flush()
+    assert registry.get_sample_value("g") == 3.0
+    open_now[0] = 1
+    batch.flush()
+    assert registry.get_sample_value("g") == 1.0
