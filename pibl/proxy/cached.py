@@ -50,6 +50,11 @@ SENDFILE_MIN = 1024 * 1024  # larger bodies go out with sendfile (checked once p
 # After a response that may not be stored, requests for that URI are not collapsed behind one
 # another for this long (Varnish's "hit-for-miss"): a private API is not serialised.
 PASS_TTL = 120.0
+# Reasons that come from the response itself; a HEAD, an Authorization header or a 304 to
+# the client's own conditional say nothing about the next GET.
+PASS_REASONS = frozenset(
+    {"no-store", "private", "set-cookie", "vary *", "no freshness information", "too large"}
+)
 PASS_MAX = 10_000  # URIs remembered at most
 
 
@@ -95,7 +100,8 @@ class _StoreHook(ResponseHook):
         if ok and resp.body is BodyKind.LENGTH and resp.content_length > cfg.max_entry_size:
             ok, why = False, "too large"
         label = f"pibl; fwd={self.fwd}; fwd-status={resp.status}"
-        layer.remember_pass(self.primary, not ok)
+        if ok or (why in PASS_REASONS and self.head.method == b"GET"):
+            layer.remember_pass(self.primary, not ok)  # (only what the response decided)
         if not ok and self.event is not None:
             layer._wake(self.primary, self.event)  # nothing to wait for: followers go now
         if ok:
@@ -221,7 +227,7 @@ class CacheLayer:
                 return await self._revalidate(
                     conn, incoming, head, rid, record, primary, entry, age, decision
                 )
-        if self._passing(primary):
+        if self._passing(primary) and not policy.only_if_cached(head.headers):
             # Its last response could not be stored: fetch without queueing behind others
             # (and store this one if it can be stored now).
             return await self._fetch(

@@ -427,7 +427,7 @@ class Proxy:
         """The response as the client will see it, and the compressor to get there."""
         settings = self.compression
         assert settings is not None
-        if resp.body is BodyKind.NONE:
+        if resp.body is BodyKind.NONE and head.method != b"HEAD":
             return resp, None, False  # nothing to compress (Content-Length: 0, 204, 304)
         length = resp.content_length if resp.body is BodyKind.LENGTH else None
         if not compress.compressible(resp.status, resp.headers, settings, content_length=length):

@@ -340,3 +340,33 @@ def test_revalidating_an_entry_without_validators_never_sends_the_clients_condit
     sent = backends[0].seen[-1].headers
     assert not any(k.lower() == "if-none-match" for k, _ in sent)  # a 304 could not apply
     assert r.status_code == 200 and r.text != first
+
+
+def test_requests_that_cannot_be_stored_for_their_own_reasons_keep_collapsing(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    """A HEAD or an Authorization header says nothing about the next GETs: they still collapse."""
+    proxy, _, client = cached()
+    url = "/cache/shared?cc=max-age=60&delay=0.5"
+    client.head(url)
+    client.get(url, headers={"Authorization": "Bearer x"})
+    hits = backends[0].hits
+
+    def get(_: int) -> int:
+        with httpx.Client(timeout=20) as c:
+            return c.get(proxy.url + url).status_code
+
+    with ThreadPoolExecutor(10) as pool:
+        assert list(pool.map(get, range(10))) == [200] * 10
+    assert backends[0].hits == hits + 1
+
+
+def test_only_if_cached_never_reaches_the_backend_even_for_a_passed_uri(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    url = "/cache/mine?cc=private"
+    client.get(url)
+    hits = backends[0].hits
+    r = client.get(url, headers={"Cache-Control": "only-if-cached"})
+    assert r.status_code == 504 and backends[0].hits == hits

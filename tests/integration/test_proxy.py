@@ -681,3 +681,30 @@ def test_a_204_with_a_body_is_delivered_and_its_connection_dropped(
         server.close()
     assert statuses == [204, 204, 204]
     assert len(accepted) == 3  # never reused after the junk
+
+
+def test_head_carries_the_same_vary_as_get(make_proxy: Callable[..., ProxyThread]) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                request = conn.recv(65536)
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 5000\r\n"
+                head += b"Connection: close\r\n\r\n"
+                conn.sendall(head if request.startswith(b"HEAD") else head + b"x" * 5000)
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = make_proxy([f"http://127.0.0.1:{server.getsockname()[1]}"])
+    try:
+        with httpx.Client(base_url=proxy.url, timeout=5) as client:
+            got = client.get("/page")  # httpx asks for gzip, deflate, br, zstd
+            head = client.head("/page", headers={"Accept-Encoding": "identity"})
+    finally:
+        server.close()
+    assert got.headers["content-encoding"] in ("br", "zstd", "gzip")
+    assert "accept-encoding" in head.headers.get("vary", "").lower()
