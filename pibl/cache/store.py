@@ -120,13 +120,14 @@ class _Replaced(Exception):
 class BodyWriter:
     """Collects a response body into a temporary file while it streams to the client."""
 
-    __slots__ = ("_fd", "_tmp", "crc", "entry", "failed", "length", "limit", "started", "store")
+    __slots__ = ("_fd", "_tmp", "crc", "entry", "failed", "length", "limit", "purges", "store")
 
     def __init__(self, store: DiskStore, entry: Entry, limit: int) -> None:
         self.store = store
         self.entry = entry
-        self.started = time.time_ns()
-        self._tmp = store.tmp_dir / f"{secrets.token_hex(8)}.body"
+        self.purges = store.purge_generation()
+        # named after the writing process, so another process cleaning up leaves it alone
+        self._tmp = store.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.body"
         self._fd: int | None = os.open(
             self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
@@ -167,7 +168,7 @@ class BodyWriter:
             self.abort()
             return None
         store = self.store
-        if store.purged_since(self.started):  # a purge of everything came while it streamed
+        if store.purge_generation() != self.purges:  # a purge of everything while it streamed
             self.abort()
             return None
         try:
@@ -187,7 +188,35 @@ class BodyWriter:
         except OSError:
             self.abort()
             return None
+        if store.purge_generation() != self.purges:  # the purge came during the commit
+            store.invalidate_entry(entry)
+            return None
         return entry
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process named in a temporary file's name (``<pid>-...``) still runs.
+
+    A killed worker may linger as a zombie nobody reaps (a container's init), so the
+    process state is read, not just whether the pid exists.
+    """
+    pid, dash, _ = name.partition("-")
+    if not dash or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[-1].split()[:1]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: whether the pid exists is the best left
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state not in ([b"Z"], [b"X"], [])
 
 
 class DiskStore:
@@ -222,8 +251,9 @@ class DiskStore:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():  # a crash mid-write leaves these
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+            if not _writer_alive(leftover.name):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     # -- index --------------------------------------------------------------------------
 
@@ -579,7 +609,7 @@ class DiskStore:
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"{secrets.token_hex(8)}.meta"
+        tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.meta"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, data)
@@ -625,23 +655,26 @@ class DiskStore:
         self._remove_meta(path)
         return True
 
+    def invalidate_entry(self, entry: Entry) -> None:
+        """Remove one stored variant (a commit that raced with a purge)."""
+        self._remove_meta(entry.meta_path)
+
     def invalidate(self, primary: bytes) -> bool:
         path = self.meta_path(digest(primary))
         existed = path.exists()
         self._remove_meta(path)
         return existed
 
-    def purged_since(self, started_ns: int) -> bool:
-        """Whether a purge of everything happened after ``started_ns`` (wall clock, ns)."""
+    def purge_generation(self) -> bytes:
+        """Changes with every purge of everything, in any process sharing the directory."""
         try:
-            return self.purge_marker.stat().st_mtime_ns >= started_ns
+            return self.purge_marker.read_bytes()
         except OSError:
-            return False
+            return b""
 
     def purge_all(self) -> int:
         """Remove every entry; bodies still being stored when it happens are dropped too."""
-        self.purge_marker.touch()
-        os.utime(self.purge_marker)
+        self._write_atomic(self.purge_marker, secrets.token_hex(8).encode())
         count = 0
         for sub in list(self.dir.iterdir()):
             if sub.is_dir() and sub.name != "tmp":

@@ -9,6 +9,7 @@ import stat
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -938,3 +939,33 @@ def test_an_entry_replaced_while_it_is_read_is_not_discarded(store: DiskStore) -
     assert second.meta_path.exists() and second.body_path.exists()  # left alone
     entry = get(store, key)
     assert entry is not None and store.read_body(entry) == b"second, longer version"
+
+
+def test_a_purge_during_the_commit_itself_removes_the_entry(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(cache_dir)
+    other = make_store(cache_dir)
+    writer = begin(store, A)
+    writer.write(b"body")
+    original = store.write_entry_meta
+
+    def then_purge(entry: Entry, **kw: Any) -> None:
+        original(entry, **kw)
+        other.purge_all()  # lands after the commit's first check
+
+    monkeypatch.setattr(store, "write_entry_meta", then_purge)
+    assert writer.commit() is None
+    assert get(store, A) is None
+
+
+def test_startup_cleans_only_temporary_files_of_writers_that_are_gone(cache_dir: Path) -> None:
+    make_store(cache_dir)
+    tmp = cache_dir / "tmp"
+    live = tmp / f"{os.getppid()}-0123456789abcdef.body"  # a process that is still running
+    dead = tmp / "999999999-0123456789abcdef.body"
+    old_style = tmp / "0123456789abcdef.body"
+    for path in (live, dead, old_style):
+        path.write_bytes(b"partial")
+    make_store(cache_dir)  # another worker, or `pibl cache stats`, opening the same directory
+    assert live.exists() and not dead.exists() and not old_style.exists()
