@@ -252,6 +252,8 @@ class Worker:
             await asyncio.sleep(0.05)
         for conn in list(proxy.connections):
             conn.abort()
+        for _ in range(3):  # let the aborted exchanges log and count themselves
+            await asyncio.sleep(0)
         if self._sweeper is not None:
             self._sweeper.cancel()
         for task in self._checks:
