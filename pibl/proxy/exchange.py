@@ -606,10 +606,11 @@ class Proxy:
         self, upstream: UpstreamConnection, pump: asyncio.Task[None] | None
     ) -> list[Head | Body | End | Upgrade]:
         """Next response events, bounded by the upstream response timeout."""
+        timeout = self.config.timeouts.upstream_response
         try:
-            async with asyncio.timeout(self.config.timeouts.upstream_response):
-                if pump is None:
-                    return await upstream.read()
+            if pump is None:
+                return await upstream.read(timeout)
+            async with asyncio.timeout(timeout):
                 reader = asyncio.ensure_future(upstream.read())
                 try:
                     await asyncio.wait((reader, pump), return_when=asyncio.FIRST_COMPLETED)
@@ -741,8 +742,7 @@ class Proxy:
             if ended:
                 break
             try:
-                async with asyncio.timeout(timeout):
-                    pending = await upstream.read()
+                pending = await upstream.read(timeout)
             except TimeoutError:
                 raise UpstreamError(504, "backend timed out during the body") from None
         record.bytes_out = sent

@@ -155,18 +155,27 @@ class UpstreamConnection(WriteFlow):
             if self.closed:
                 raise UpstreamError(502, "backend closed the connection")
 
-    async def read(self) -> list[Event]:
-        """Wait for at least one event and return all that are queued."""
+    async def read(self, timeout: float | None = None) -> list[Event]:
+        """Wait for at least one event and return all that are queued.
+
+        ``timeout`` bounds the wait (TimeoutError); a plain timer on the waiter costs less
+        than an ``asyncio.timeout`` block, and this runs for every response.
+        """
         while not self._events:
             if self._error is not None:
                 raise self._error
             if self.closed:
                 raise UpstreamError(502, "backend closed the connection")
-            self._waiter = self._loop.create_future()
+            waiter = self._waiter = self._loop.create_future()
+            timer = None
+            if timeout is not None:
+                timer = self._loop.call_later(timeout, _expire, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         events = list(self._events)
         self._events.clear()
         self._buffered = 0
@@ -210,6 +219,11 @@ class UpstreamConnection(WriteFlow):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Pool:
