@@ -340,6 +340,44 @@ class ProxyThread:
         self.log.close()
 
 
+class RawServer:
+    """A loopback TCP server for backends that misbehave on purpose.
+
+    Each accepted connection is handed to ``handle`` in its own thread (with a 5 s socket
+    timeout) and closed afterwards; ``close()`` stops listening and closes what is open.
+    """
+
+    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+        self.handle = handle
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.accepted = 0
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(5)
+            self.handle(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._open:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
 def raw_request(port: int, data: bytes, *, timeout: float = 5.0, read_all: bool = True) -> bytes:
     """Send raw bytes, read until the server closes (or timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:

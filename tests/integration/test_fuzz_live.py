@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import Backend, ProxyThread
+from tests.support import Backend, ProxyThread, RawServer
 
 CORPUS = [
     b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -125,39 +124,26 @@ RESPONSES = [
 ]
 
 
-class RawBackend:
+class RawBackend(RawServer):
     """Answers every connection with the bytes set in ``reply``, then closes."""
 
     def __init__(self) -> None:
         self.reply = RESPONSES[0]
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(self._answer)
 
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                conn.settimeout(5)
-                head = b""
-                while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
-                    head += chunk
-                conn.sendall(self.reply)
-                conn.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
+    def _answer(self, conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+            head += chunk
+        conn.sendall(self.reply)
+        conn.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture
 def raw_live(make_proxy: Callable[..., ProxyThread]) -> Iterator[Any]:
     backend = RawBackend()
     proxy = make_proxy(
-        [f"http://127.0.0.1:{backend.port}"],
+        [backend.url],
         timeouts={"upstream_response": 2},
         retries={"tries": 1},
         health={"enabled": False, "max_fails": 1000},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import socket
 import struct
@@ -16,6 +15,7 @@ import pytest
 from tests.support import (
     Backend,
     ProxyThread,
+    RawServer,
     free_port,
     pattern_sha256,
     raw_request,
@@ -484,23 +484,11 @@ def test_retries_replay_buffered_bodies_of_idempotent_requests_only(
     backends: list[Backend], make_proxy: Callable[..., ProxyThread]
 ) -> None:
     """A backend that takes the request and closes without answering, then a good one."""
-    closing = socket.create_server(("127.0.0.1", 0))
     taken: list[bytes] = []
-
-    def take_and_close() -> None:
-        while True:
-            try:
-                conn, _ = closing.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                conn.settimeout(5)
-                taken.append(conn.recv(65536).split(b"\r\n", 1)[0])
-
-    threading.Thread(target=take_and_close, daemon=True).start()
+    closing = RawServer(lambda conn: taken.append(conn.recv(65536).split(b"\r\n", 1)[0]))
     proxy = make_proxy(
         [
-            {"url": f"http://127.0.0.1:{closing.getsockname()[1]}", "weight": 1000},
+            {"url": closing.url, "weight": 1000},
             {"url": backends[0].url, "weight": 1},
         ],
         health={"enabled": False, "max_fails": 1000},
@@ -531,26 +519,13 @@ def test_retries_replay_buffered_bodies_of_idempotent_requests_only(
 def test_a_streamed_body_to_a_backend_that_never_answers_gets_504(
     make_proxy: Callable[..., ProxyThread],
 ) -> None:
-    silent = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
+    def read_never_answer(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
 
-    def accept_and_read() -> None:
-        while True:
-            try:
-                conn, _ = silent.accept()
-            except OSError:
-                return
-            held.append(conn)
-            threading.Thread(target=lambda c=conn: _drain(c), daemon=True).start()
-
-    def _drain(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while conn.recv(65536):
-                pass
-
-    threading.Thread(target=accept_and_read, daemon=True).start()
+    silent = RawServer(read_never_answer)
     proxy = make_proxy(
-        [f"http://127.0.0.1:{silent.getsockname()[1]}"],
+        [silent.url],
         timeouts={"upstream_response": 0.5},
         health={"enabled": False},
     )
@@ -561,8 +536,6 @@ def test_a_streamed_body_to_a_backend_that_never_answers_gets_504(
         time.sleep(0.3)  # the upstream connection is closed after the answer
     finally:
         silent.close()
-        for conn in held:
-            conn.close()
     gc.collect()
     assert errors == []
 
@@ -571,27 +544,16 @@ def test_a_body_cut_short_does_not_count_against_the_backend(
     make_proxy: Callable[..., ProxyThread],
 ) -> None:
     """One URL whose responses break mid-body must not take the server out of rotation."""
-    server = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                conn.settimeout(5)
-                head = conn.recv(65536)
-                if head.startswith(b"GET /cut"):
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
-                else:
-                    conn.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-                    )
+    def cut_or_ok(conn: socket.socket) -> None:
+        if conn.recv(65536).startswith(b"GET /cut"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
-    threading.Thread(target=serve, daemon=True).start()
+    server = RawServer(cut_or_ok)
     proxy = make_proxy(
-        [f"http://127.0.0.1:{server.getsockname()[1]}"],
+        [server.url],
         health={"enabled": False, "max_fails": 2, "cooldown": 60},
     )
     try:
@@ -606,23 +568,15 @@ def test_a_body_cut_short_does_not_count_against_the_backend(
 
 
 def test_an_empty_body_is_not_compressed(make_proxy: Callable[..., ProxyThread]) -> None:
-    server = socket.create_server(("127.0.0.1", 0))
+    def empty_404(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n"
+            b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                conn.recv(65536)
-                conn.sendall(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n"
-                    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
-                )
-
-    threading.Thread(target=serve, daemon=True).start()
-    proxy = make_proxy([f"http://127.0.0.1:{server.getsockname()[1]}"])
+    server = RawServer(empty_404)
+    proxy = make_proxy([server.url])
     try:
         raw = raw_request(
             proxy.port,
@@ -655,51 +609,30 @@ def test_a_client_that_resets_stops_its_exchange_and_is_logged_499(
 def test_a_204_with_a_body_is_delivered_and_its_connection_dropped(
     make_proxy: Callable[..., ProxyThread],
 ) -> None:
-    server = socket.create_server(("127.0.0.1", 0))
-    accepted: list[int] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            threading.Thread(target=keep_answering, args=(conn,), daemon=True).start()
-
     def keep_answering(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            while conn.recv(65536):
-                conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\nnot allowed here")
+        while conn.recv(65536):
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\nnot allowed here")
 
-    threading.Thread(target=serve, daemon=True).start()
-    proxy = make_proxy([f"http://127.0.0.1:{server.getsockname()[1]}"])
+    server = RawServer(keep_answering)
+    proxy = make_proxy([server.url])
     try:
         with httpx.Client(base_url=proxy.url, timeout=5) as client:
             statuses = [client.get(f"/n/{i}").status_code for i in range(3)]
     finally:
         server.close()
     assert statuses == [204, 204, 204]
-    assert len(accepted) == 3  # never reused after the junk
+    assert server.accepted == 3  # never reused after the junk
 
 
 def test_head_carries_the_same_vary_as_get(make_proxy: Callable[..., ProxyThread]) -> None:
-    server = socket.create_server(("127.0.0.1", 0))
+    def page(conn: socket.socket) -> None:
+        request = conn.recv(65536)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 5000\r\n"
+        head += b"Connection: close\r\n\r\n"
+        conn.sendall(head if request.startswith(b"HEAD") else head + b"x" * 5000)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                request = conn.recv(65536)
-                head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 5000\r\n"
-                head += b"Connection: close\r\n\r\n"
-                conn.sendall(head if request.startswith(b"HEAD") else head + b"x" * 5000)
-
-    threading.Thread(target=serve, daemon=True).start()
-    proxy = make_proxy([f"http://127.0.0.1:{server.getsockname()[1]}"])
+    server = RawServer(page)
+    proxy = make_proxy([server.url])
     try:
         with httpx.Client(base_url=proxy.url, timeout=5) as client:
             got = client.get("/page")  # httpx asks for gzip, deflate, br, zstd
