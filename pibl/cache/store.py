@@ -236,7 +236,7 @@ class DiskStore:
         self._dir_str = str(directory)
         self.normalize = normalize
         self.tmp_dir = directory / "tmp"
-        # touched by every purge of everything, in any process sharing the directory
+        # a new token at every purge of everything, in any process sharing the directory
         self.purge_marker = directory / "purged"
         self.max_size = max_size
         self.fsync = fsync
