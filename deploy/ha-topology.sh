@@ -197,6 +197,7 @@ write_pibl_config() { # write_pibl_config LB
         echo "enabled = false"
         echo
         echo "[health]"
+        echo "path = \"/health\""
         echo "interval = 1"
         echo
         echo "[admin]"

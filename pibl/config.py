@@ -13,6 +13,7 @@ configuration from a global.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,6 +40,22 @@ class ServerConfig(_Section):
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     # "auto": use uvloop for the workers' event loops when it is installed
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    # listen backlog of every listener (HTTP, HTTPS, admin); unset: the system's somaxconn,
+    # as newer nginx versions use (a short queue drops connection bursts into SYN retries)
+    backlog: int | None = Field(default=None, ge=1, le=65535)
+
+    @property
+    def listen_backlog(self) -> int:
+        return self.backlog if self.backlog is not None else system_somaxconn()
+
+
+def system_somaxconn() -> int:
+    """The kernel's cap on listen backlogs (``net.core.somaxconn``)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(1, int(f.read().strip()))
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 class TimeoutsConfig(_Section):
@@ -176,7 +193,9 @@ class HealthConfig(_Section):
     """Active checks (HAProxy style) and passive checks (nginx max_fails style)."""
 
     enabled: bool = True
-    path: str = "/health"
+    # None: the probe is a TCP connect (plus the TLS handshake for https backends), as
+    # HAProxy's plain `check`; a path makes it `GET <path>` expecting status_min..status_max
+    path: str | None = None
     interval: PositiveFloat = 2.0
     timeout: PositiveFloat = 1.0
     status_min: int = Field(default=200, ge=100, le=599)
@@ -190,7 +209,9 @@ class HealthConfig(_Section):
 
     @field_validator("path")
     @classmethod
-    def _path(cls, value: str) -> str:
+    def _path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith("/") or any(c.isspace() for c in value):
             raise ValueError("must be an origin-form path such as /health")
         return value

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import resource
 import select
 import shutil
 import signal
@@ -42,6 +43,7 @@ from pibl.discovery import Watcher, expanded_config, make_resolver, needs_discov
 from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
 from pibl.observe.metrics import prepare_multiprocess, worker_exited
+from pibl.procs import alive, start_time
 from pibl.proxy.server import announce_backends, make_socket, run_worker, validate_runtime
 
 HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
@@ -86,9 +88,10 @@ class Master:
         host, port, tls_port = self._address(config)
         slots = []
         for _ in range(config.server.workers):
-            slot = [make_socket(host, port)]
+            backlog = config.server.listen_backlog
+            slot = [make_socket(host, port, backlog=backlog)]
             if tls_port is not None:
-                slot.append(make_socket(host, tls_port))
+                slot.append(make_socket(host, tls_port, backlog=backlog))
             slots.append(slot)
         return slots
 
@@ -189,7 +192,7 @@ class Master:
         asyncio.run(announce_backends(config, self.log))
         self.sockets = self.open_sockets(config)
         self.rotation = SharedBalance.create(len(config.backends))
-        self.state_dir = Path(tempfile.mkdtemp(prefix="pibl-state-"))
+        self.state_dir = make_state_dir(self.log)
         prepare_multiprocess(self.state_dir)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         procs = [self.spawn(i, config, self.sockets) for i in range(config.server.workers)]
@@ -315,23 +318,51 @@ def _close_all(slots: list[list[socket.socket]]) -> None:
             sock.close()
 
 
+STATE_PREFIX = "pibl-state-"
+
+
+def make_state_dir(log: AccessLog) -> Path:
+    """A private directory for the workers' shared state (metrics, status, control).
+
+    Named ``pibl-state-<pid>-<start time>-<random>`` after the master: a master killed
+    with -9 cannot remove its own, so every new master removes those whose master is
+    gone (a pid alone could have been reused since).
+    """
+    tmp = Path(tempfile.gettempdir())
+    removed = 0
+    with contextlib.suppress(OSError):
+        for path in tmp.glob(STATE_PREFIX + "*"):
+            pid, _, rest = path.name[len(STATE_PREFIX) :].partition("-")
+            started, _, _ = rest.partition("-")
+            if not pid.isdigit() or not started.isdigit() or alive(int(pid), started):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.info(f"removed {removed} state directory(ies) left by stopped PIBL processes")
+    me = os.getpid()
+    return Path(tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{me}-{start_time(me) or 0}-"))
+
+
 def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def use_event_loop(choice: str, log: AccessLog) -> None:
-    """Install uvloop's policy when asked for (or "auto" and installed)."""
+def event_loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
+    """The loop constructor for ``[server] event_loop``, and a warning to log ("" if none).
+
+    "auto" takes uvloop when it is installed (the default install has it), else asyncio's.
+    """
     if choice == "asyncio":
-        return
+        return asyncio.new_event_loop, ""
     try:
         import uvloop
     except ImportError:
-        if choice == "uvloop":
-            log.warning("event_loop = uvloop but uvloop is not installed; using asyncio")
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        warning = "event_loop = uvloop but uvloop is not installed; using asyncio"
+        return asyncio.new_event_loop, warning if choice == "uvloop" else ""
+    return uvloop.new_event_loop, ""
 
 
 def _worker_main(
@@ -347,17 +378,35 @@ def _worker_main(
         os.write(ready_fd, b"R")
         os.close(ready_fd)
 
-    use_event_loop(config.server.event_loop, log)
+    new_loop, warning = event_loop_factory(config.server.event_loop)
+    if warning:
+        log.warning(warning)
     try:
-        asyncio.run(
-            run_worker(config, log, sock=sock, on_ready=ready, announce=False, shared=rotation)
-        )
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(
+                run_worker(config, log, sock=sock, on_ready=ready, announce=False, shared=rotation)
+            )
     except Exception:
         log.exception("worker failed")
         log.close()
         return 1
     log.close()
     return 0
+
+
+def raise_fd_limit(log: AccessLog) -> None:
+    """Lift the soft limit on open files to the hard one (the workers inherit it).
+
+    Each client connection is a descriptor (two while proxied): a soft limit of 1,024
+    would refuse connections long before a listen backlog of 4,096 fills.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as exc:
+        log.warning(f"cannot raise the open files limit: {exc}")
 
 
 def run_master(config_path: str, overrides: dict[str, Any], config: Config) -> int:
@@ -367,6 +416,7 @@ def run_master(config_path: str, overrides: dict[str, Any], config: Config) -> i
 
     # The master writes its few lines synchronously: no thread may exist when it forks.
     master_log = make_log(config, threaded=False)
+    raise_fd_limit(master_log)
     master = Master(config_path, overrides, config, master_log, make_log)
     try:
         return master.run()

@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,16 +23,30 @@ from urllib.parse import parse_qs, urlsplit
 from pibl.config import validate
 from pibl.observe.accesslog import AccessLog
 from pibl.proxy.server import Worker
+from pibl.workers import event_loop_factory
 
-BLOCK = bytes(range(256)) * 256  # 64 KiB deterministic pattern
+# PIBL_TEST_EVENT_LOOP=asyncio runs the in-process proxies on asyncio's loop instead of the
+# configured default ("auto": uvloop where installed, as users run it).
+TEST_EVENT_LOOP = os.environ.get("PIBL_TEST_EVENT_LOOP", "")
+
+BLOCK = random.Random(0).randbytes(64 * 1024)  # 64 KiB of incompressible bytes
 
 
 def pattern(size: int) -> Iterator[bytes]:
+    """``size`` random (incompressible, never repeating) bytes, the same for the same size.
+
+    Tests about size must not pass because a compressor shrank a repetitive body.
+    """
+    rng = random.Random(size)
     left = size
     while left > 0:
         n = min(left, len(BLOCK))
-        yield BLOCK[:n]
+        yield rng.randbytes(n)
         left -= n
+
+
+def sized_body(size: int) -> bytes:
+    return b"".join(pattern(size))
 
 
 def pattern_sha256(size: int) -> str:
@@ -250,7 +265,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         status = int(query.get("status", "200"))
         if "size" in query:
-            body = bytes(BLOCK[i % len(BLOCK)] for i in range(int(query["size"])))
+            body = sized_body(int(query["size"]))
         else:
             body = f"{self.backend.name} hit {self.backend.hits} {self.headers.get('Accept-Language', '')}".encode()
         self._send(status, body, headers=headers)
@@ -285,10 +300,13 @@ class ProxyThread:
         settings["server"] = server
         settings.setdefault("cache", {"enabled": False})
         settings.setdefault("health", {"enabled": False})  # probes would show up in `seen`
+        if TEST_EVENT_LOOP:  # the suite can be run again under another loop
+            server.setdefault("event_loop", TEST_EVENT_LOOP)
         self.config = validate(settings, "test")
         self.stream = io.StringIO()
         self.log = AccessLog(path=log_path, stream=self.stream)
-        self.loop = asyncio.new_event_loop()
+        # the loop PIBL itself would run (uvloop with the defaults), not asyncio's by default
+        self.loop = event_loop_factory(self.config.server.event_loop)[0]()
         self.worker: Worker | None = None
         ready = threading.Event()
 

@@ -1,8 +1,11 @@
-"""Active health checks: one small task per backend probing ``GET <path>`` at an interval.
+"""Active health checks: one small task per backend probing it at an interval.
 
 A probe opens its own connection (never a pooled one, so a check cannot disturb or be
-disturbed by client traffic), sends ``Connection: close``, reads the status line within
-the timeout, and feeds the verdict to ``record`` (the balancer's, for that backend).
+disturbed by client traffic) and feeds the verdict to ``record`` (the balancer's, for that
+backend). Without a configured path the probe is the connection itself (TCP, plus the TLS
+handshake for https backends), as HAProxy's plain ``check``: any application is "up" once
+it accepts connections, whatever its URLs are. With a path it sends ``GET <path>`` with
+``Connection: close`` and reads the status line within the timeout.
 Changes of state are logged; the probe's own failures are not, to keep the log readable.
 """
 
@@ -19,7 +22,7 @@ from pibl.config import BackendConfig
 
 async def probe_once(
     backend: BackendConfig,
-    path: str,
+    path: str | None,
     timeout: float,
     status_range: tuple[int, int],
     ssl_context: ssl.SSLContext | None = None,
@@ -34,6 +37,8 @@ async def probe_once(
                 ssl=ssl_context,
                 server_hostname=(backend.server_name or backend.host) if ssl_context else None,
             )
+            if path is None:
+                return True, "connected"
             host = f"{backend.server_name or backend.host}:{backend.port}"
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: pibl-health\r\n"
@@ -63,7 +68,7 @@ async def run_checks(
     backend: BackendConfig,
     record: Callable[[bool, float], str | None],
     *,
-    path: str,
+    path: str | None,
     interval: float,
     timeout: float,
     status_range: tuple[int, int],
@@ -72,11 +77,12 @@ async def run_checks(
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Probe forever (until cancelled), logging every change of state."""
+    what = f"GET {path}" if path is not None else "connect"
     while True:
         ok, reason = await probe_once(backend, path, timeout, status_range, ssl_context)
         change = record(ok, clock())
         if change == "down":
-            log(f"backend {backend.label} is DOWN (health check {path}: {reason})")
+            log(f"backend {backend.label} is DOWN (health check {what}: {reason})")
         elif change == "up":
-            log(f"backend {backend.label} is UP again (health check {path}: {reason})")
+            log(f"backend {backend.label} is UP again (health check {what}: {reason})")
         await asyncio.sleep(interval)

@@ -41,6 +41,7 @@ from typing import Any
 
 from pibl.cache.key import Normalizer, digest, secondary_key, variant_digest
 from pibl.http.message import HeaderList
+from pibl.procs import alive
 
 MAGIC = b"PIBL-CACHE/1\n"
 MAX_VARIANTS = 32
@@ -120,11 +121,23 @@ class _Replaced(Exception):
 class BodyWriter:
     """Collects a response body into a temporary file while it streams to the client."""
 
-    __slots__ = ("_fd", "_tmp", "crc", "entry", "failed", "length", "limit", "purges", "store")
+    __slots__ = (
+        "_fd",
+        "_tmp",
+        "crc",
+        "entry",
+        "failed",
+        "length",
+        "limit",
+        "purges",
+        "store",
+        "vary",
+    )
 
-    def __init__(self, store: DiskStore, entry: Entry, limit: int) -> None:
+    def __init__(self, store: DiskStore, entry: Entry, limit: int, vary: list[str]) -> None:
         self.store = store
         self.entry = entry
+        self.vary = vary  # the response's Vary: the primary key lists this variant at commit
         self.purges = store.purge_generation()
         # named after the writing process, so another process cleaning up leaves it alone
         self._tmp = store.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.body"
@@ -185,6 +198,8 @@ class BodyWriter:
             entry.body_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.replace(self._tmp, entry.body_path)
             store.write_entry_meta(entry)
+            if self.vary:  # listed only now that it exists: no listing points nowhere
+                store.list_variant(entry.key, self.vary, entry.meta_path.stem)
         except OSError:
             self.abort()
             return None
@@ -195,28 +210,11 @@ class BodyWriter:
 
 
 def _writer_alive(name: str) -> bool:
-    """Whether the process named in a temporary file's name (``<pid>-...``) still runs.
-
-    A killed worker may linger as a zombie nobody reaps (a container's init), so the
-    process state is read, not just whether the pid exists.
-    """
+    """Whether the process named in a temporary file's name (``<pid>-...``) still runs."""
     pid, dash, _ = name.partition("-")
     if not dash or not pid.isdigit() or int(pid) == os.getpid():
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[-1].split()[:1]
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: whether the pid exists is the best left
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return state not in ([b"Z"], [b"X"], [])
+    return alive(int(pid))
 
 
 class DiskStore:
@@ -455,18 +453,48 @@ class DiskStore:
         """Whether this body was already CRC-checked by this process."""
         return str(entry.body_path) in self._verified
 
-    def verify_body(self, entry: Entry) -> bool:
-        """CRC check of a large body, once per process (blocking: run it in a thread)."""
+    def open_body(self, entry: Entry) -> int | None:
+        """A descriptor on the entry's body, or None if it is gone or has the wrong size.
+
+        A large hit opens its body before the response head is written: once open, the
+        body stays readable even if another request or process replaces or removes the
+        entry, so the client gets either the whole body or (None here) a miss.
+        """
+        try:
+            fd = os.open(entry.body_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+        except OSError:
+            size = -1
+        if size != entry.body_length:
+            os.close(fd)
+            return None
+        return fd
+
+    def verify_body(self, entry: Entry, fd: int | None = None) -> bool:
+        """CRC check of a large body, once per process (blocking: run it in a thread).
+
+        With ``fd`` (from :meth:`open_body`) the open file is checked, which is the one
+        that will be sent whatever happened to the path since.
+        """
         name = str(entry.body_path)
         if name in self._verified:
             return True
         crc = 0
         length = 0
         try:
-            with open(entry.body_path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
+            own = fd is None
+            if fd is None:
+                fd = os.open(entry.body_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                while chunk := os.pread(fd, 1 << 20, length):
                     crc = zlib.crc32(chunk, crc)
                     length += len(chunk)
+            finally:
+                if own:
+                    os.close(fd)
         except OSError:
             return False
         if crc != entry.body_crc or length != entry.body_length:
@@ -553,16 +581,17 @@ class DiskStore:
             meta_path=meta_path,
         )
         try:
-            writer = BodyWriter(self, entry, limit)
+            return BodyWriter(self, entry, limit, vary)
         except OSError:
             return None
-        if vary:
-            writer.entry.headers = headers
-            self._pending_vary(primary, vary, hexdigest)
-        return writer
 
-    def _pending_vary(self, primary: bytes, vary: list[str], variant: str) -> None:
-        """Point the primary key at its variants (kept to a bounded list)."""
+    def list_variant(self, primary: bytes, vary: list[str], variant: str) -> None:
+        """Point the primary key at a committed variant (kept to a bounded list).
+
+        Called once the variant's own metadata is in place, and listings whose metadata is
+        gone (evicted, discarded, never committed by a crashed writer) are dropped on the
+        way, so a lookup never follows a listing to nothing.
+        """
         path = self.meta_path(digest(primary))
         meta = self._read_meta(path)
         variants: list[str] = []
@@ -570,9 +599,10 @@ class DiskStore:
             variants = [str(v) for v in meta.get("variants", [])]
         elif meta is not None and meta.get("type") == "entry":
             self._remove_meta(path)
-        if variant in variants:
-            return
-        variants.append(variant)
+        listed = [v for v in variants if v != variant and os.path.exists(self.meta_key(v))]
+        if variant in variants and listed == [v for v in variants if v != variant]:
+            return  # already listed, nothing stale
+        variants = [*listed, variant]
         for old in variants[:-MAX_VARIANTS]:
             self._remove_meta(self.meta_path(old))
         variants = variants[-MAX_VARIANTS:]

@@ -387,6 +387,7 @@ async def start_admin(
     port: int,
     token: str | None,
     sock: socket.socket | None = None,
+    backlog: int = 100,
 ) -> asyncio.Server:
     """Serve the admin routes on ``sock`` (already bound and listening) or on host:port."""
     loop = asyncio.get_running_loop()
@@ -397,8 +398,10 @@ async def start_admin(
         return AdminConnection(router, connections)
 
     if sock is not None:
-        return await loop.create_server(factory, sock=sock)
-    return await loop.create_server(factory, host=host, port=port, reuse_address=True)
+        return await loop.create_server(factory, sock=sock, backlog=backlog)
+    return await loop.create_server(
+        factory, host=host, port=port, reuse_address=True, backlog=backlog
+    )
 
 
 # -- the terminal overview --------------------------------------------------------------

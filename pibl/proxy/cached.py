@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from pibl.http.framing import http_date
 from pibl.http.message import BodyKind, RequestHead, ResponseHead
 from pibl.observe.accesslog import AccessRecord
 from pibl.proxy.exchange import ResponseHook
+from pibl.proxy.filebody import FileSender, plain_socket
 
 if TYPE_CHECKING:
     from pibl.cache.redis_tier import RedisTier
@@ -551,27 +553,34 @@ class CacheLayer:
             if conn.write_paused:
                 await conn.drain()
             return keep_alive
-        # A large body: checked once per process, then sent by the kernel.
-        loop = asyncio.get_running_loop()
-        if not store.verified(entry) and not await loop.run_in_executor(
-            None, store.verify_body, entry
-        ):
+        # A large body: opened before the head is written (a replaced or removed entry is
+        # then sent whole from the open file, or is a miss), checked once per process, then
+        # copied by the kernel (see filebody).
+        fd = store.open_body(entry)
+        if fd is None:
             record.response_started = False
             return None
-        assert conn.transport is not None
-        # Cork the socket so the head leaves in the same segment as the first body bytes
-        # (nginx's tcp_nopush); a lone small head segment can wait for a delayed ACK.
-        tls = conn.transport.get_extra_info("sslcontext") is not None
-        sock = None if tls else conn.transport.get_extra_info("socket")
-        corked = _cork(sock, True)
         try:
-            conn.write(b"".join(out))
-            with open(entry.body_path, "rb") as fh:
-                await loop.sendfile(conn.transport, fh, 0, entry.body_length)
+            if not store.verified(entry) and not await asyncio.get_running_loop().run_in_executor(
+                None, store.verify_body, entry, fd
+            ):
+                record.response_started = False
+                return None
+            assert conn.transport is not None
+            # Cork the socket so the head leaves in the same segment as the first body bytes
+            # (nginx's tcp_nopush); a lone small head segment can wait for a delayed ACK.
+            sock = plain_socket(conn.transport)
+            corked = _cork(sock, True)
+            sender = FileSender(conn, fd, entry.body_length)
+            try:
+                conn.write(b"".join(out))
+                await sender.run()
+            finally:
+                record.bytes_out = sender.sent
+                if corked:
+                    _cork(sock, False)
         finally:
-            if corked:
-                _cork(sock, False)
-        record.bytes_out = entry.body_length
+            os.close(fd)
         if conn.write_paused:
             await conn.drain()
         return keep_alive

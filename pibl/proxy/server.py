@@ -34,15 +34,21 @@ from pibl.proxy.upstream import probe, upstream_tls
 from pibl.tls import CertPair, ReloadableServerContext, describe
 
 
-def make_socket(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT, so several workers can share the port."""
+def make_socket(
+    host: str, port: int, *, backlog: int = socket.SOMAXCONN, reuse_port: bool = True
+) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT, so several workers can share the port.
+
+    ``loop.create_server(sock=...)`` calls ``listen`` again with its own ``backlog``
+    (100 unless given): every listener passes the configured one there too.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port and hasattr(socket, "SO_REUSEPORT"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
@@ -156,12 +162,15 @@ class Worker:
         loop = asyncio.get_running_loop()
         proxy = self.proxy
         cfg = self.config.server
+        backlog = cfg.listen_backlog
         tls = self.config.tls if self.config.tls is not None and self.config.tls.enabled else None
         if socks is None:
-            socks = [make_socket(cfg.host, cfg.port)]
+            socks = [make_socket(cfg.host, cfg.port, backlog=backlog)]
             if tls is not None:
-                socks.append(make_socket(cfg.host, tls.port))
-        server = await loop.create_server(lambda: ClientConnection(proxy, b"http"), sock=socks[0])
+                socks.append(make_socket(cfg.host, tls.port, backlog=backlog))
+        server = await loop.create_server(
+            lambda: ClientConnection(proxy, b"http"), sock=socks[0], backlog=backlog
+        )
         self.servers.append(server)
         addr = socks[0].getsockname()
         self.log.info(f"listening on http://{addr[0]}:{addr[1]}")
@@ -170,6 +179,7 @@ class Worker:
             server = await loop.create_server(
                 lambda: ClientConnection(proxy, b"https"),
                 sock=socks[1],
+                backlog=backlog,
                 ssl=self.tls.context,
                 ssl_handshake_timeout=self.config.timeouts.client_header,
             )
@@ -185,7 +195,8 @@ class Worker:
                 host=admin.host,
                 port=admin.port,
                 token=admin.token,
-                sock=make_socket(admin.host, admin.port),
+                sock=make_socket(admin.host, admin.port, backlog=backlog),
+                backlog=backlog,
             )
             self.servers.append(server)
             self.log.info(f"admin on http://{admin.host}:{admin.port}/")

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from tests.support import (
-    BLOCK,
     Backend,
     free_port,
+    sized_body,
     start_backend,
     start_pibl_process,
     wait_port,
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.e2e
 
 
 def origin_bytes(size: int) -> bytes:
-    return bytes(BLOCK[i % len(BLOCK)] for i in range(size))
+    return sized_body(size)
 
 
 class Pibl:

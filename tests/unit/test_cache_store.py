@@ -969,3 +969,58 @@ def test_startup_cleans_only_temporary_files_of_writers_that_are_gone(cache_dir:
         path.write_bytes(b"partial")
     make_store(cache_dir)  # another worker, or `pibl cache stats`, opening the same directory
     assert live.exists() and not dead.exists() and not old_style.exists()
+
+
+def listed_variants(store: DiskStore, primary: bytes) -> list[str]:
+    path = store.meta_path(digest(primary))
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    meta = json.loads(data[len(MAGIC) :].rsplit(b"\n", 2)[0])
+    return [str(v) for v in meta.get("variants", [])]
+
+
+def test_a_variant_is_listed_only_once_committed(store: DiskStore) -> None:
+    writer = begin(store, A, vary=AE, req=GZIP)
+    writer.write(b"gzipped")
+    assert listed_variants(store, A) == []  # still streaming: nothing points at it
+    entry = writer.commit()
+    assert entry is not None
+    assert listed_variants(store, A) == [entry.meta_path.stem]
+
+
+def test_an_aborted_variant_is_never_listed(store: DiskStore) -> None:
+    kept = put(store, A, b"brotli", vary=AE, req=BR)
+    writer = begin(store, A, vary=AE, req=GZIP)
+    writer.write(b"gz")
+    writer.abort()
+    assert listed_variants(store, A) == [kept.meta_path.stem]
+    assert store.lookup(A, GZIP) == (None, "vary-miss")
+
+
+def test_listings_whose_variant_is_gone_are_pruned(store: DiskStore) -> None:
+    gone = put(store, A, b"gzipped", vary=AE, req=GZIP)
+    gone.meta_path.unlink()  # evicted or removed by another process
+    kept = put(store, A, b"brotli", vary=AE, req=BR)
+    assert listed_variants(store, A) == [kept.meta_path.stem]
+
+
+def test_open_body_holds_the_version_it_opened(store: DiskStore) -> None:
+    old = put(store, A, b"x" * 1000)
+    fd = store.open_body(old)
+    assert fd is not None
+    try:
+        put(store, A, b"y" * 1000)  # replaced: the old body file is unlinked
+        assert not old.body_path.exists()
+        assert os.pread(fd, 2000, 0) == b"x" * 1000
+        assert store.verify_body(old, fd) is True
+    finally:
+        os.close(fd)
+
+
+def test_open_body_of_a_removed_or_short_body_is_none(store: DiskStore) -> None:
+    entry = put(store, A, b"x" * 1000)
+    entry.body_path.write_bytes(b"x" * 999)
+    assert store.open_body(entry) is None
+    entry.body_path.unlink()
+    assert store.open_body(entry) is None
