@@ -295,10 +295,14 @@ class Master:
         # too, so the port refuses new connections instead of queueing them unanswered.
         _close_all(self.sockets)
         self._wait_all(self.config.timeouts.shutdown + 5)
-        if self.state_dir is not None:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.remove_state()
         self.log.info("stopped")
         return 0
+
+    def remove_state(self) -> None:
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.state_dir = None
 
     def _wait_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -424,4 +428,5 @@ def run_master(config_path: str, overrides: dict[str, Any], config: Config) -> i
         master_log.error(f"cannot start: {exc}")
         return 1
     finally:
+        master.remove_state()  # also when the workers failed to start
         master_log.close()

@@ -8,6 +8,7 @@ compressed in a few hundred bytes and would never reach the large-body path.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +111,52 @@ def test_hits_of_every_size_are_whole_before_and_after_kill9(
         out = proc.stdout.read() if proc.stdout else b""
     assert b"Traceback" not in out, out.decode(errors="replace")[-3000:]
     assert b"NotImplementedError" not in out
+
+
+def test_hits_stay_whole_while_two_workers_replace_the_entry(
+    tmp_path: Path, origin: Backend
+) -> None:
+    """Two clients make both workers refetch and replace one large entry again and again
+    (``Cache-Control: no-cache``), while a third client reads hits: every response is
+    complete and byte-exact, none is cut."""
+    size = 2 * MiB
+    body = sized_body(size)
+    port = free_port()
+    config = write_config(
+        tmp_path / "pibl.toml", port, [origin.url], "workers = 2\n[log]\nstdout = false\n"
+    )
+    proc = start_pibl_process(config, tmp_path, "--cache-ttl", "600")
+    url = f"http://127.0.0.1:{port}/download?size={size}"
+    wait_port(port)
+    deadline = time.monotonic() + 4.0
+    problems: list[str] = []
+    counts = {"replaced": 0, "hits": 0}
+
+    def client(refetch: bool) -> None:
+        headers = {"Cache-Control": "no-cache"} if refetch else {}
+        while time.monotonic() < deadline and len(problems) < 5:
+            try:  # a new connection each time: the requests spread over both workers
+                r = httpx.get(url, headers=headers, timeout=10)
+            except httpx.HTTPError as exc:
+                problems.append(f"{'refetch' if refetch else 'read'}: {exc!r}")
+                continue
+            if r.status_code != 200 or r.content != body:
+                problems.append(f"status {r.status_code}, {len(r.content)} bytes")
+            status = r.headers.get("cache-status", "")
+            if status.startswith("pibl; hit"):
+                counts["hits"] += 1
+            elif "stored" in status:
+                counts["replaced"] += 1
+
+    try:
+        threads = [threading.Thread(target=client, args=(r,)) for r in (True, True, False)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop_process(proc)
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    assert problems == [], problems
+    assert counts["replaced"] >= 5 and counts["hits"] >= 5, counts
+    assert "Traceback" not in out, out[-3000:]

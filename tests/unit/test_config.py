@@ -337,3 +337,19 @@ def test_redis_url_is_checked() -> None:
         {"backends": [{"url": "http://a:1"}], "cache": {"redis_url": "rediss://r:6380/1"}}, "x.toml"
     )
     assert config.cache.redis_url == "rediss://r:6380/1"
+
+
+# -- defaults a new user meets ---------------------------------------------------------
+
+
+def test_health_checks_connect_unless_a_path_is_configured() -> None:
+    assert validate(one_backend(), "t").health.path is None
+    assert validate(one_backend(health={"path": "/health"}), "t").health.path == "/health"
+    assert "health.path" in config_error(one_backend(health={"path": "health"}))
+
+
+def test_listen_backlog_defaults_to_somaxconn() -> None:
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert validate(one_backend(), "t").server.listen_backlog == somaxconn
+    assert validate(one_backend(server={"backlog": 512}), "t").server.listen_backlog == 512
+    assert "server.backlog" in config_error(one_backend(server={"backlog": 0}))
