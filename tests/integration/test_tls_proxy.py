@@ -26,7 +26,7 @@ import pytest
 import trustme
 
 from pibl.certs import create_dev_ca_and_cert
-from tests.support import Backend, ProxyThread, free_port, wait_for
+from tests.support import Backend, ProxyThread, free_port, sized_body, wait_for
 
 TIMEOUT = 5.0
 HSTS_AGE = 31536000
@@ -591,3 +591,87 @@ def test_dev_certificates_from_pibl_cert(
         [curl, "-sS", "--max-time", "5", url], capture_output=True, text=True, timeout=10
     )
     assert refused.returncode == 60, refused.stderr  # peer certificate cannot be authenticated
+
+
+# ------------------------------------------------------------------ large cache hits
+
+
+def _slow_get(sock: socket.socket, path: str, pause_every: int = 1 << 20) -> tuple[bytes, bytes]:
+    """GET ``path`` and read the answer slowly (a pause per MiB): head, body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    data = bytearray()
+    since_pause = 0
+    while chunk := sock.recv(65536):
+        data += chunk
+        since_pause += len(chunk)
+        if since_pause >= pause_every:
+            since_pause = 0
+            threading.Event().wait(0.05)
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_large_hits_reach_a_slow_reader_whole(
+    pki: PKI,
+    backends: list[Backend],
+    make_proxy: Callable[..., ProxyThread],
+    tmp_path: Path,
+    scheme: str,
+) -> None:
+    """A 6 MiB entry: sendfile driven by writability (plain), pieces with flow control (TLS)."""
+    size = 6 * 1024 * 1024
+    proxy = make_proxy(
+        backends[:1],
+        tls=tls_section(pki),
+        cache={"dir": str(tmp_path / "cache"), "ttl": 60},
+    )
+    path = f"/download?size={size}"
+    expected = sized_body(size)
+    port = proxy.port if scheme == "http" else proxy.config.tls.port  # type: ignore[union-attr]
+
+    def connect() -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        if scheme == "https":
+            return trusting(pki.ca_pem).wrap_socket(raw, server_hostname="localhost")
+        return raw
+
+    statuses = []
+    for _ in range(4):  # a miss, then hits once it is stored
+        with connect() as sock:
+            head, body = _slow_get(sock, path)
+        status = head.lower().split(b"cache-status: ", 1)[-1].split(b"\r\n", 1)[0]
+        statuses.append(status)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert body == expected
+        threading.Event().wait(0.2)  # the entry is committed just after the miss's response
+    assert statuses[-1].startswith(b"pibl; hit"), statuses
+    assert len(backends[0].seen) < 4
+
+
+def test_a_client_leaving_mid_hit_is_logged_with_what_went(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    size = 8 * 1024 * 1024
+    proxy = make_proxy(backends[:1], cache={"dir": str(tmp_path / "cache"), "ttl": 60})
+    path = f"/download?size={size}"
+    assert len(httpx.get(proxy.url + path, timeout=TIMEOUT).content) == size
+    assert wait_for(
+        lambda: (
+            httpx.get(proxy.url + path, timeout=TIMEOUT)
+            .headers["cache-status"]
+            .startswith("pibl; hit")
+        ),
+        5,
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    # PIBL keeps serving, and logged the cut hit with fewer bytes than the body
+    assert httpx.get(proxy.url + path, timeout=TIMEOUT).content == sized_body(size)
+    cut = [line for line in proxy.log_lines() if " 499 " in line or " 200 " in line]
+    sizes = [int(line.split('" ', 1)[1].split()[1]) for line in cut]
+    assert any(0 < s < size for s in sizes), cut
+    assert proxy.record_loop_errors() == []
