@@ -12,7 +12,9 @@ configuration from a global.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -172,6 +174,22 @@ class CacheConfig(_Section):
     fsync: bool = True  # fsync entries before making them visible
     max_stale_on_error: float = Field(default=3600.0, ge=0)  # serve stale when backends fail
     lock_timeout: float = Field(default=5.0, gt=0)  # how long concurrent misses wait (coalescing)
+    # RFC 9213 targeted fields, obeyed over Cache-Control and Expires (and passed on
+    # untouched): PIBL's own first ("" for none), then CDN-Cache-Control when enabled
+    targeted_field: str = "PIBL-Cache-Control"
+    cdn_cache_control: bool = True
+
+    @field_validator("targeted_field")
+    @classmethod
+    def _targeted(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+            raise ValueError("must be a header field name such as PIBL-Cache-Control")
+        return value
+
+    @functools.cached_property
+    def targeted_fields(self) -> tuple[bytes, ...]:
+        own = (self.targeted_field.lower().encode(),) if self.targeted_field else ()
+        return own + ((b"cdn-cache-control",) if self.cdn_cache_control else ())
 
     @field_validator("redis_url")
     @classmethod

@@ -238,8 +238,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _cache_endpoint(self, query: dict[str, str]) -> None:
         """A resource whose caching headers come from the query string.
 
-        cc=Cache-Control, etag=, lm=Last-Modified, vary=, expires=, delay=seconds,
-        status=, cookie=1 (adds Set-Cookie), size=N (body of N bytes).
+        cc=Cache-Control, etag=, lm=Last-Modified, vary=, expires=, age=, cdncc=CDN-Cache-Control,
+        pcc=PIBL-Cache-Control, delay=seconds, status=, cookie=1 (adds Set-Cookie), size=N
+        (body of N bytes).
         The body names the backend and counts how often this backend served it.
         """
         if "delay" in query:
@@ -253,6 +254,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             ("vary", "Vary"),
             ("expires", "Expires"),
             ("loc", "Content-Location"),
+            ("age", "Age"),
+            ("cdncc", "CDN-Cache-Control"),
+            ("pcc", "PIBL-Cache-Control"),
         ):
             if param in query:
                 headers[name] = query[param]

@@ -26,19 +26,30 @@ cacheable, or when the response says ``public``.
 from __future__ import annotations
 
 import datetime
-import email.utils
 import re
+import time
 from dataclasses import dataclass
 
 from pibl.http.message import HeaderList, get_all, get_header
 
-# RFC 9110 section 15.1: status codes heuristically cacheable by default.
+# RFC 9110 section 15.1: status codes heuristically cacheable by default. Only these get a
+# lifetime without explicit freshness (the launch-time TTL or Last-Modified heuristics).
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
-# Status codes this cache understands well enough to store (section 3: "the response status
-# code is final and ... understood"). 206 is excluded: PIBL does not combine partial content.
-STORABLE_STATUSES = frozenset(
-    {200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501}
-)
+# Final status codes this cache understands (RFC 9111 section 3 and the must-understand
+# directive of 5.2.2.3): every code RFC 9110 defines except 206 (PIBL does not combine
+# partial content) and 304 (an answer to a conditional request, never a stored response).
+# Any of them may be stored when the response gives explicit freshness; a code outside
+# this set is stored only without must-understand.
+UNDERSTOOD_STATUSES = frozenset(
+    {200, 201, 202, 203, 204, 205, 300, 301, 302, 303, 305, 307, 308}
+    | set(range(400, 418))
+    | {421, 422, 426}
+    | set(range(500, 506))
+) - {206, 304}
+NEVER_STORED_STATUSES = frozenset({206, 304})
+# RFC 9213: targeted cache-control fields this cache obeys (over Cache-Control and Expires),
+# in order; [cache] targeted_field puts PIBL's own field first.
+CDN_CACHE_CONTROL = b"cdn-cache-control"
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 HEURISTIC_FRACTION = 0.1
 HEURISTIC_MAX = 86400.0
@@ -66,10 +77,10 @@ class CacheControl:
         return min(int(value), 2**31)
 
 
-def parse_cache_control(headers: HeaderList) -> CacheControl:
+def parse_cache_control(headers: HeaderList, field: bytes = b"cache-control") -> CacheControl:
     out: dict[str, str | None] = {}
     for name, raw in headers:
-        if name.lower() != b"cache-control":
+        if name.lower() != field:
             continue
         for part in _split_directives(raw.decode("latin-1")):
             key, sep, value = part.partition("=")
@@ -81,10 +92,46 @@ def parse_cache_control(headers: HeaderList) -> CacheControl:
     return CacheControl(out)
 
 
+# RFC 8941 section 3.2: a Dictionary member is a key, optionally "=" and a bare item.
+_SF_MEMBER = re.compile(
+    r"^[a-z*][a-z0-9_\-.*]*"
+    r'(?:=(?:-?[0-9]{1,15}(?:\.[0-9]{1,3})?|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"'
+    r"|[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*|\?[01]))?"
+    r"(?:;[a-z*][a-z0-9_\-.*]*(?:=[^;]*)?)*$"
+)
+
+
+def response_cache_control(
+    headers: HeaderList, targeted: tuple[bytes, ...] = (CDN_CACHE_CONTROL,)
+) -> tuple[CacheControl, bool]:
+    """The directives this cache obeys for a response, and whether they came from a
+    targeted field (RFC 9213 section 2.1).
+
+    The first field of ``targeted`` (lower-case names) with a valid, non-empty value wins,
+    and then ``Cache-Control`` and ``Expires`` are ignored for this cache's decisions;
+    otherwise ``Cache-Control`` applies. Either way every field is passed on untouched.
+    A targeted field is a Structured Field Dictionary: one that does not parse is ignored.
+    """
+    for field in targeted:
+        values = get_all(headers, field)
+        if not values:
+            continue
+        text = ",".join(v.decode("latin-1") for v in values)
+        members = [m.strip(" \t") for m in _split_quoted(text)]
+        if all(m and _SF_MEMBER.match(m) for m in members):
+            return parse_cache_control(headers, field), True
+    return parse_cache_control(headers), False
+
+
 def _split_directives(text: str) -> list[str]:
     """Split on commas outside quoted strings (``no-cache="a, b"`` is one directive)."""
+    return [p.strip() for p in _split_quoted(text) if p.strip()]
+
+
+def _split_quoted(text: str) -> list[str]:
+    """Split on commas outside quoted strings, keeping empty members."""
     if '"' not in text:  # the usual case, without walking every character
-        return [p.strip() for p in text.split(",") if p.strip()]
+        return text.split(",")
     parts: list[str] = []
     current: list[str] = []
     quoted = False
@@ -97,35 +144,62 @@ def _split_directives(text: str) -> list[str]:
         else:
             current.append(ch)
     parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
+    return parts
 
 
-_ASCTIME = re.compile(rb"^[A-Za-z]{3} [A-Za-z]{3} [ 0-9][0-9] [0-9:]{8} [0-9]{4}$")
+_DAY = rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_LONG_DAY = rb"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MONTH = rb"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = rb"([0-9]{2}):([0-9]{2}):([0-9]{2})"
+_IMF_FIXDATE = re.compile(
+    rb"^" + _DAY + rb", ([0-9]{2}) " + _MONTH + rb" ([0-9]{4}) " + _TIME + rb" GMT$"
+)
+_RFC850 = re.compile(
+    rb"^" + _LONG_DAY + rb", ([0-9]{2})-" + _MONTH + rb"-([0-9]{2}) " + _TIME + rb" GMT$"
+)
+_ASCTIME = re.compile(
+    rb"^" + _DAY + rb" " + _MONTH + rb" ([ 0-9][0-9]) " + _TIME + rb" ([0-9]{4})$"
+)
+_MONTHS = {
+    m: i for i, m in enumerate(b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)
+}
 
 
-def parse_http_date(value: bytes | None) -> float | None:
+def parse_http_date(value: bytes | None, *, now: float | None = None) -> float | None:
     """An HTTP-date (RFC 9110 section 5.6.7) as a timestamp; None if invalid.
 
-    Only the three HTTP formats are accepted: IMF-fixdate and RFC 850 dates must say GMT,
-    asctime dates carry no zone and are UTC. Local time never enters the computation.
+    Exactly one of the three formats, case and spacing as the grammar says: IMF-fixdate
+    (``Sun, 06 Nov 1994 08:49:37 GMT``), the obsolete RFC 850 form (``Sunday, 06-Nov-94
+    08:49:37 GMT``, a two-digit year more than 50 years ahead is in the past century) and
+    asctime (``Sun Nov  6 08:49:37 1994``, UTC). Anything else (another zone, a list, a
+    number, trailing text) is invalid: for ``Expires`` that means already expired.
     """
     if value is None:
         return None
     value = value.strip()
-    if not (value.upper().endswith(b" GMT") or _ASCTIME.match(value)):
+    if m := _IMF_FIXDATE.match(value):
+        day, month, year, hh, mm, ss = m.groups()
+        y = int(year)
+    elif m := _RFC850.match(value):
+        day, month, year, hh, mm, ss = m.groups()
+        current = datetime.datetime.fromtimestamp(
+            time.time() if now is None else now, datetime.UTC
+        ).year
+        y = current - current % 100 + int(year)
+        if y > current + 50:
+            y -= 100
+    elif m := _ASCTIME.match(value):
+        month, day, hh, mm, ss, year = m.groups()
+        y = int(year)
+    else:
         return None
     try:
-        parsed = email.utils.parsedate_to_datetime(value.decode("latin-1"))
-    except (TypeError, ValueError, IndexError, OverflowError):
+        parsed = datetime.datetime(
+            y, _MONTHS[month], int(day), int(hh), int(mm), min(int(ss), 59), tzinfo=datetime.UTC
+        )
+    except ValueError:  # 31 Feb, hour 24, ...
         return None
-    if parsed is None:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.UTC)
-    try:
-        return parsed.timestamp()
-    except (OverflowError, OSError, ValueError):
-        return None
+    return parsed.timestamp() + (1 if int(ss) == 60 else 0)
 
 
 def vary_names(headers: HeaderList) -> list[str]:
@@ -149,19 +223,29 @@ def storable(
     response_headers: HeaderList,
     *,
     default_ttl: float,
+    targeted: tuple[bytes, ...] = (CDN_CACHE_CONTROL,),
 ) -> tuple[bool, str]:
-    """Whether a shared cache may store this response, and the reason if not."""
+    """Whether a shared cache may store this response, and the reason if not (section 3).
+
+    Any final status may be stored when the response gives explicit freshness and no
+    directive forbids it; without explicit freshness only the heuristically cacheable
+    ones are (with the launch-time TTL or Last-Modified heuristics).
+    """
     if method != b"GET":
         return False, "method"
-    if status not in STORABLE_STATUSES:
+    if status < 200 or status in NEVER_STORED_STATUSES:
         return False, "status"
     req_cc = parse_cache_control(request_headers)
     if req_cc.has("no-store"):
         return False, "request no-store"
     if get_header(request_headers, b"range") is not None:
         return False, "range request"
-    cc = parse_cache_control(response_headers)
-    if cc.has("no-store"):
+    cc, is_targeted = response_cache_control(response_headers, targeted)
+    if cc.has("must-understand"):
+        if status not in UNDERSTOOD_STATUSES:
+            return False, "must-understand"
+        # section 5.2.2.3: a cache that understands the status ignores no-store
+    elif cc.has("no-store"):
         return False, "no-store"
     if cc.has("private"):
         return False, "private"
@@ -173,14 +257,15 @@ def storable(
         return False, "set-cookie"
     if vary_names(response_headers) == ["*"]:
         return False, "vary *"
-    if get_header(response_headers, b"content-range") is not None:
-        return False, "partial content"
     explicit = (
         cc.has("s-maxage")
         or cc.has("max-age")
-        or get_header(response_headers, b"expires") is not None
+        or (not is_targeted and get_header(response_headers, b"expires") is not None)
     )
-    if explicit or cc.has("public"):
+    if explicit:
+        return True, ""
+    if cc.has("public") and status < 400:
+        # section 4.2.2: public allows heuristic freshness; PIBL keeps it off errors
         return True, ""
     # A heuristically cacheable status may be stored; PIBL only bothers when it can be
     # fresh (a default TTL or Last-Modified) or must be revalidated anyway (no-cache).
@@ -193,9 +278,15 @@ def storable(
 # -- freshness and age ------------------------------------------------------------------
 
 
-def freshness_lifetime(status: int, headers: HeaderList, *, default_ttl: float) -> float:
+def freshness_lifetime(
+    status: int,
+    headers: HeaderList,
+    *,
+    default_ttl: float,
+    targeted: tuple[bytes, ...] = (CDN_CACHE_CONTROL,),
+) -> float:
     """Seconds a stored response is fresh for a shared cache (section 4.2.1)."""
-    cc = parse_cache_control(headers)
+    cc, is_targeted = response_cache_control(headers, targeted)
     s_maxage = cc.seconds("s-maxage")
     if s_maxage is not None:
         return float(s_maxage)
@@ -204,34 +295,46 @@ def freshness_lifetime(status: int, headers: HeaderList, *, default_ttl: float) 
         return float(max_age)
     if cc.has("max-age") or cc.has("s-maxage"):
         return 0.0  # present but invalid: treat as stale (section 4.2.1)
-    expires_raw = get_header(headers, b"expires")
-    if expires_raw is not None:
-        expires = parse_http_date(expires_raw)
+    expires_all = [] if is_targeted else get_all(headers, b"expires")
+    if expires_all:
+        # section 5.3: an invalid Expires (such as "0", another format, or several values)
+        # means already expired
+        expires = parse_http_date(expires_all[0]) if len(expires_all) == 1 else None
         date = parse_http_date(get_header(headers, b"date"))
         if expires is None or date is None:
-            return 0.0  # an invalid Expires (such as "0") means already expired
+            return 0.0
         return max(0.0, expires - date)
+    if status not in HEURISTIC_STATUSES and not (cc.has("public") and status < 400):
+        return 0.0  # no explicit freshness and no heuristics for this status
     if default_ttl > 0:
         return float(default_ttl)
-    if status in HEURISTIC_STATUSES or cc.has("public"):
-        last_modified = parse_http_date(get_header(headers, b"last-modified"))
-        date = parse_http_date(get_header(headers, b"date"))
-        if last_modified is not None and date is not None and date > last_modified:
-            return min(HEURISTIC_MAX, (date - last_modified) * HEURISTIC_FRACTION)
+    last_modified = parse_http_date(get_header(headers, b"last-modified"))
+    date = parse_http_date(get_header(headers, b"date"))
+    if last_modified is not None and date is not None and date > last_modified:
+        return min(HEURISTIC_MAX, (date - last_modified) * HEURISTIC_FRACTION)
     return 0.0
 
 
 def initial_age(headers: HeaderList, request_time: float, response_time: float) -> float:
     """``corrected_initial_age`` of section 4.2.3, fixed when the response is received."""
-    age_raw = get_header(headers, b"age")
-    age_value = 0.0
-    if age_raw is not None and age_raw.strip().isdigit():
-        age_value = float(int(age_raw.strip()))
+    age_value = float(parse_age(get_header(headers, b"age")))
     date = parse_http_date(get_header(headers, b"date"))
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     response_delay = max(0.0, response_time - request_time)
     corrected_age_value = age_value + response_delay
     return max(apparent_age, corrected_age_value)
+
+
+_DELTA_SECONDS = re.compile(rb"[ \t]*([0-9]+)")
+
+
+def parse_age(value: bytes | None) -> int:
+    """The Age field's delta-seconds (section 5.1): of a list, its first member; digits
+    followed by junk count as the digits (never 0 for an age the origin did state)."""
+    if value is None:
+        return 0
+    m = _DELTA_SECONDS.match(value.split(b",", 1)[0])
+    return min(int(m.group(1)), 2**31) if m else 0
 
 
 def current_age(initial: float, response_time: float, now: float) -> float:
@@ -267,9 +370,10 @@ def usable(
     lifetime: float,
     age: float,
     max_stale_on_error: float,
+    targeted: tuple[bytes, ...] = (CDN_CACHE_CONTROL,),
 ) -> Decision:
     req = parse_cache_control(request_headers)
-    res = parse_cache_control(stored_headers)
+    res, _ = response_cache_control(stored_headers, targeted)
     staleness = age - lifetime
     fresh = staleness < 0
     # How long past freshness the origin's failure may be covered by this entry.
@@ -322,11 +426,15 @@ def bypass_reason(method: bytes, request_headers: HeaderList) -> str | None:
     return None
 
 
-def may_serve_with_authorization(request_headers: HeaderList, stored_headers: HeaderList) -> bool:
+def may_serve_with_authorization(
+    request_headers: HeaderList,
+    stored_headers: HeaderList,
+    targeted: tuple[bytes, ...] = (CDN_CACHE_CONTROL,),
+) -> bool:
     """Section 3.5: a request with Authorization may only get a response marked shareable."""
     if get_header(request_headers, b"authorization") is None:
         return True
-    cc = parse_cache_control(stored_headers)
+    cc, _ = response_cache_control(stored_headers, targeted)
     return cc.has("public") or cc.has("s-maxage") or cc.has("must-revalidate")
 
 

@@ -96,8 +96,14 @@ class _StoreHook(ResponseHook):
                 self.intercepted = True
                 return True
         cfg = layer.config
+        targeted = cfg.targeted_fields
         ok, why = policy.storable(
-            self.head.method, self.head.headers, resp.status, resp.headers, default_ttl=cfg.ttl
+            self.head.method,
+            self.head.headers,
+            resp.status,
+            resp.headers,
+            default_ttl=cfg.ttl,
+            targeted=targeted,
         )
         if ok and resp.body is BodyKind.LENGTH and resp.content_length > cfg.max_entry_size:
             ok, why = False, "too large"
@@ -107,7 +113,9 @@ class _StoreHook(ResponseHook):
         if not ok and self.event is not None:
             layer._wake(self.primary, self.event)  # nothing to wait for: followers go now
         if ok:
-            lifetime = policy.freshness_lifetime(resp.status, resp.headers, default_ttl=cfg.ttl)
+            lifetime = policy.freshness_lifetime(
+                resp.status, resp.headers, default_ttl=cfg.ttl, targeted=targeted
+            )
             initial = policy.initial_age(resp.headers, self.request_time, response_time)
             self.tee = layer.store.begin(
                 self.primary,
@@ -194,7 +202,7 @@ class CacheLayer:
         if entry is None and remote is not None and await remote.fetch(primary, head.headers):
             entry, found = self.store.lookup(primary, head.headers)  # hydrated from Redis
         if entry is not None and not policy.may_serve_with_authorization(
-            head.headers, entry.headers
+            head.headers, entry.headers, self.config.targeted_fields
         ):
             entry, found = None, "miss"
         if entry is not None:
@@ -205,6 +213,7 @@ class CacheLayer:
                 lifetime=entry.lifetime,
                 age=age,
                 max_stale_on_error=self.config.max_stale_on_error,
+                targeted=self.config.targeted_fields,
             )
             if decision.action == "fresh":
                 record.cache = "HIT"
@@ -397,7 +406,10 @@ class CacheLayer:
         entry.response_time = response_time
         entry.initial_age = policy.initial_age(resp.headers, request_time, response_time)
         entry.lifetime = policy.freshness_lifetime(
-            entry.status, entry.headers, default_ttl=self.config.ttl
+            entry.status,
+            entry.headers,
+            default_ttl=self.config.ttl,
+            targeted=self.config.targeted_fields,
         )
         with contextlib.suppress(OSError):
             self.store.update(entry)

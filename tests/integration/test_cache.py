@@ -111,7 +111,8 @@ def test_ttl_zero_is_strict(cached: Callable[..., Any], backends: list[Backend])
         "cc=private",
         "cc=max-age=60&cookie=1",
         "cc=max-age=60&vary=*",
-        "cc=max-age=60&status=500",
+        "status=500",  # no explicit freshness: errors get no launch-time TTL
+        "cc=max-age=60&status=206",
     ],
 )
 def test_not_stored(cached: Callable[..., Any], backends: list[Backend], query: str) -> None:
@@ -372,3 +373,86 @@ def test_only_if_cached_never_reaches_the_backend_even_for_a_passed_uri(
     hits = backends[0].hits
     r = client.get(url, headers={"Cache-Control": "only-if-cached"})
     assert r.status_code == 504 and backends[0].hits == hits
+
+
+# -- RFC 9111 storability, dates and ages, targeted fields, against a scripted origin --
+
+
+@pytest.mark.parametrize("status", [500, 503, 404, 403, 201])
+def test_any_status_with_explicit_freshness_is_served_from_cache(
+    cached: Callable[..., Any], backends: list[Backend], status: int
+) -> None:
+    _, _, client = cached()
+    url = f"/cache/s?cc=max-age=60&status={status}"
+    first = client.get(url)
+    second = client.get(url)
+    assert first.status_code == second.status_code == status
+    assert second.headers["cache-status"].startswith("pibl; hit")
+    assert backends[0].hits == 1
+
+
+@pytest.mark.parametrize(
+    "expires",
+    ["0", "Thu, 01 Dec 2094 16:00:00 UTC", "thu, 01 dec 2094 16:00:00 gmt", "2094-12-01"],
+)
+def test_an_invalid_expires_is_never_served_from_cache(
+    cached: Callable[..., Any], backends: list[Backend], expires: str
+) -> None:
+    _, _, client = cached()
+    for _ in range(2):
+        r = client.get("/cache/e", params={"expires": expires})
+        assert "hit" not in r.headers["cache-status"]
+    assert backends[0].hits == 2
+    valid = {"expires": formatdate(time.time() + 3600, usegmt=True)}
+    client.get("/cache/e", params=valid)
+    assert client.get("/cache/e", params=valid).headers["cache-status"].startswith("pibl; hit")
+
+
+@pytest.mark.parametrize("age", ["30, 60", "30abc", "30 junk"])
+def test_an_age_list_or_junk_uses_its_first_value(
+    cached: Callable[..., Any], backends: list[Backend], age: str
+) -> None:
+    _, _, client = cached()
+    url = "/cache/a"
+    params = {"cc": "max-age=100", "age": age}
+    client.get(url, params=params)
+    r = client.get(url, params=params)
+    assert r.headers["cache-status"].startswith("pibl; hit; ttl=")
+    assert 30 <= int(r.headers["age"]) <= 31
+    assert int(r.headers["cache-status"].split("ttl=")[1].split(";")[0]) <= 70
+
+
+def test_pibl_cache_control_gives_a_ttl_browsers_never_see(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    params = {"cc": "no-store", "pcc": "max-age=300"}
+    first = client.get("/cache/t", params=params)
+    second = client.get("/cache/t", params=params)
+    assert second.headers["cache-status"].startswith("pibl; hit; ttl=")
+    assert backends[0].hits == 1
+    # both fields reach the client untouched
+    for r in (first, second):
+        assert r.headers["cache-control"] == "no-store"
+        assert r.headers["pibl-cache-control"] == "max-age=300"
+
+
+def test_cdn_cache_control_overrides_cache_control(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    stored = {"cc": "max-age=600", "cdncc": "no-store"}
+    client.get("/cache/c1", params=stored)
+    assert "hit" not in client.get("/cache/c1", params=stored).headers["cache-status"]
+    fresh = {"cc": "private", "cdncc": "max-age=600"}
+    client.get("/cache/c2", params=fresh)
+    assert client.get("/cache/c2", params=fresh).headers["cache-status"].startswith("pibl; hit")
+
+
+def test_targeted_fields_can_be_turned_off(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached(targeted_field="", cdn_cache_control=False)
+    params = {"cc": "no-store", "pcc": "max-age=300", "cdncc": "max-age=300"}
+    client.get("/cache/off", params=params)
+    assert "hit" not in client.get("/cache/off", params=params).headers["cache-status"]

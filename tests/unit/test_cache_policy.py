@@ -97,12 +97,34 @@ def test_understood_final_statuses_with_max_age_are_stored(status: int) -> None:
     assert store_ok(cc("max-age=60"), status=status) == (True, "")
 
 
-@pytest.mark.parametrize(
-    "status", [100, 101, 201, 202, 206, 304, 400, 401, 403, 409, 429, 500, 502, 503, 504]
-)
-def test_other_statuses_are_not_stored_even_with_max_age(status: int) -> None:
+@pytest.mark.parametrize("status", [201, 202, 400, 401, 403, 409, 429, 500, 502, 503, 504, 599])
+def test_any_final_status_with_explicit_freshness_is_stored(status: int) -> None:
+    """RFC 9111 section 3: not a fixed list; explicit freshness makes it storable."""
+    assert store_ok(cc("max-age=60"), status=status) == (True, "")
+    assert store_ok(cc("s-maxage=60"), status=status) == (True, "")
+    expires = [(b"Date", http_date(T0)), (b"Expires", http_date(T0 + 60))]
+    assert store_ok(expires, status=status) == (True, "")
+
+
+@pytest.mark.parametrize("status", [100, 101, 103, 206, 304])
+def test_interim_partial_and_not_modified_are_never_stored(status: int) -> None:
     res = [*cc("max-age=60, public"), (b"Last-Modified", http_date(T0 - 3600))]
     assert store_ok(res, status=status, ttl=300) == (False, "status")
+
+
+@pytest.mark.parametrize("status", [201, 400, 403, 500, 503])
+def test_heuristic_freshness_only_for_heuristically_cacheable_statuses(status: int) -> None:
+    res = [(b"Last-Modified", http_date(T0 - 3600))]
+    assert store_ok(res, status=status, ttl=300) == (False, "no freshness information")
+    assert freshness_lifetime(status, res, default_ttl=300) == 0.0
+
+
+def test_must_understand_stores_only_understood_statuses_and_overrides_no_store() -> None:
+    res = cc("max-age=60, must-understand, no-store")
+    assert store_ok(res, status=200) == (True, "")
+    assert store_ok(res, status=299) == (False, "must-understand")
+    assert store_ok(cc("max-age=60, no-store"), status=299) == (False, "no-store")
+    assert store_ok(cc("max-age=60"), status=299) == (True, "")
 
 
 def test_206_partial_content_is_not_stored() -> None:
@@ -111,8 +133,9 @@ def test_206_partial_content_is_not_stored() -> None:
     assert not ok
 
 
-def test_500_is_not_stored_even_when_marked_public_with_ttl() -> None:
-    assert store_ok(cc("public, max-age=600"), status=500, ttl=600)[0] is False
+def test_500_is_not_given_the_launch_ttl_even_when_marked_public() -> None:
+    assert store_ok(cc("public"), status=500, ttl=600)[0] is False
+    assert store_ok(cc("public, max-age=600"), status=500, ttl=600)[0] is True
 
 
 @pytest.mark.parametrize("value", ["no-store", "NO-STORE", "max-age=0, no-store", 'No-Store="x"'])
@@ -181,9 +204,9 @@ def test_vary_with_field_names_is_storable() -> None:
     assert store_ok([*cc("max-age=60"), (b"Vary", b"Accept-Encoding")]) == (True, "")
 
 
-def test_content_range_in_a_200_is_not_stored() -> None:
+def test_content_range_in_a_200_is_stored_like_any_200() -> None:
     res = [*cc("max-age=60"), (b"Content-Range", b"bytes 0-1/2")]
-    assert store_ok(res) == (False, "partial content")
+    assert store_ok(res) == (True, "")
 
 
 @pytest.mark.parametrize("name", [b"Range", b"range"])
@@ -409,12 +432,49 @@ def non_utc_local_time() -> Iterator[None]:
         b"Sun, 06 Nov 1994 08:49:37 GMT",
         b"Sunday, 06-Nov-94 08:49:37 GMT",
         b"Sun Nov  6 08:49:37 1994",
-        b"sun, 06 nov 1994 08:49:37 gmt",
     ],
-    ids=["imf-fixdate", "rfc850", "asctime", "lower-case"],
+    ids=["imf-fixdate", "rfc850", "asctime"],
 )
 def test_all_three_http_date_formats_are_accepted(value: bytes) -> None:
     assert parse_http_date(value) == SUNDAY
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"sun, 06 nov 1994 08:49:37 gmt",  # the grammar's names are case-sensitive
+        b"Sun, 06 Nov 1994 08:49:37 UTC",
+        b"Sun, 06 Nov 1994 08:49:37 +0000",
+        b"Sun, 6 Nov 1994 08:49:37 GMT",
+        b"Sun, 06 Nov 94 08:49:37 GMT",
+        b"Sun,  06 Nov 1994 08:49:37 GMT",
+        b"Sun, 06 Nov 1994 08:49:37 GMT junk",
+        b"Sun, 06 Nov 1994 08:49:37 GMT, Mon, 07 Nov 1994 08:49:37 GMT",
+        b"Sun, 31 Feb 1994 08:49:37 GMT",
+        b"Sun, 06 Nov 1994 24:49:37 GMT",
+        b"1994-11-06T08:49:37Z",
+        b"0",
+        b"-1",
+        b"",
+    ],
+)
+def test_anything_else_is_not_an_http_date(value: bytes) -> None:
+    assert parse_http_date(value) is None
+
+
+@pytest.mark.parametrize(
+    "expires",
+    [
+        [b"0"],
+        [b"Thu, 01 Dec 2094 16:00:00 UTC"],
+        [b"thu, 01 dec 2094 16:00:00 gmt"],
+        [b"Thu, 01 Dec 2094 16:00:00 GMT", b"Thu, 01 Dec 2094 16:00:00 GMT"],
+    ],
+    ids=["zero", "utc", "lower-case", "two-fields"],
+)
+def test_an_invalid_expires_means_already_expired(expires: list[bytes]) -> None:
+    res = [(b"Date", http_date(T0)), *((b"Expires", e) for e in expires)]
+    assert freshness_lifetime(200, res, default_ttl=300) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -479,10 +539,16 @@ def test_date_in_the_future_gives_no_negative_apparent_age() -> None:
     assert initial_age([(b"Date", http_date(T0 + 600))], T0, T0) == 0.0
 
 
-@pytest.mark.parametrize("value", [b"abc", b"-5", b"1.5", b"", b"0x10"])
+@pytest.mark.parametrize("value", [b"abc", b"-5", b"", b"x10"])
 def test_invalid_age_is_ignored(value: bytes) -> None:
     headers = [(b"Date", http_date(T0)), (b"Age", value)]
     assert initial_age(headers, T0 - 1, T0) == 1.0
+
+
+@pytest.mark.parametrize("value", [b"30, 60", b"30,60", b"30 60", b"30.5", b"30abc", b" 30 , x"])
+def test_an_age_list_or_trailing_junk_uses_the_first_delta_seconds(value: bytes) -> None:
+    headers = [(b"Date", http_date(T0)), (b"Age", value)]
+    assert initial_age(headers, T0, T0) == 30.0
 
 
 def test_age_value_with_surrounding_whitespace() -> None:
@@ -1130,3 +1196,48 @@ def test_merge_304_keeps_a_weak_stored_etag_weak() -> None:
     assert (b"ETag", b'W/"big"') in merged
     strong = merge_304([(b"ETag", b'"a"')], [(b"ETag", b'"a"')])
     assert strong == [(b"ETag", b'"a"')]
+
+
+# -- targeted cache control (RFC 9213) ---------------------------------------------------
+
+OWN = (b"pibl-cache-control", b"cdn-cache-control")
+
+
+def test_cdn_cache_control_overrides_cache_control_for_this_cache() -> None:
+    res = [(b"Cache-Control", b"no-store"), (b"CDN-Cache-Control", b"max-age=600")]
+    assert store_ok(res) == (True, "")
+    assert freshness_lifetime(200, res, default_ttl=0) == 600.0
+
+
+def test_a_ttl_browsers_never_see() -> None:
+    """Cache-Control: private for browsers, PIBL's own field for PIBL (first in order)."""
+    res = [
+        (b"Cache-Control", b"private, max-age=0"),
+        (b"CDN-Cache-Control", b"no-store"),
+        (b"PIBL-Cache-Control", b"max-age=300"),
+    ]
+    assert storable(b"GET", [], 200, res, default_ttl=0, targeted=OWN) == (True, "")
+    assert freshness_lifetime(200, res, default_ttl=0, targeted=OWN) == 300.0
+    # without PIBL's field configured, the CDN field (no-store) decides
+    assert storable(b"GET", [], 200, res, default_ttl=0)[0] is False
+
+
+def test_a_targeted_field_ignores_expires() -> None:
+    res = [
+        (b"Date", http_date(T0)),
+        (b"Expires", http_date(T0 + 3600)),
+        (b"CDN-Cache-Control", b"max-age=10"),
+    ]
+    assert freshness_lifetime(200, res, default_ttl=0) == 10.0
+
+
+@pytest.mark.parametrize("value", [b"max-age=abc def", b"Max-Age=60", b"max-age=60,,", b""])
+def test_an_invalid_targeted_field_falls_back_to_cache_control(value: bytes) -> None:
+    res = [(b"Cache-Control", b"max-age=5"), (b"CDN-Cache-Control", value)]
+    assert freshness_lifetime(200, res, default_ttl=0) == 5.0
+
+
+def test_targeted_directives_decide_revalidation_too() -> None:
+    stored = [(b"Cache-Control", b"no-cache"), (b"CDN-Cache-Control", b"max-age=60")]
+    decision = usable([], stored, lifetime=60, age=1, max_stale_on_error=0)
+    assert decision.action == "fresh"
