@@ -223,6 +223,12 @@ class HealthConfig(_Section):
     max_fails: int = Field(default=3, ge=1)  # passive: failures within `window` eject it
     window: PositiveFloat = 10.0
     cooldown: PositiveFloat = 10.0  # how long an ejected backend rests
+    # probe interval while a backend is down, ejected or changing state (HAProxy's
+    # downinter/fastinter): a restarted backend is back within rise x down_interval
+    down_interval: PositiveFloat = 0.5
+    # below this share of backends available, passive ejections are ignored (Envoy's panic
+    # threshold): one bad URL can never take the whole service out; 0 disables it
+    panic_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     fail_statuses: tuple[int, ...] = ()  # backend statuses counted as failures, e.g. [502, 503]
 
     @field_validator("path")

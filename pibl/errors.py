@@ -48,3 +48,11 @@ class UpstreamError(PiblError):
         self.connected = connected
         self.retryable = retryable
         self.unreachable = unreachable  # refused or timed out at TCP level (503 when all are)
+
+    @property
+    def failure_kind(self) -> str:
+        """What the failure says about the backend, for passive checks: "refused" (nothing
+        accepted the connection), "timeout" (maybe one slow URL) or "error"."""
+        if self.status == 504:
+            return "timeout"
+        return "refused" if self.unreachable else "error"

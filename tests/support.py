@@ -197,6 +197,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 left -= len(block)
             self.wfile.write(b"0\r\n\r\n")
             return
+        if parts.path == "/drop":  # a "query of death": the connection closes, no answer
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if parts.path == "/stall":
             self.backend.stall.wait(30)
             return

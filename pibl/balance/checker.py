@@ -75,8 +75,15 @@ async def run_checks(
     log: Callable[[str], None],
     ssl_context: ssl.SSLContext | None = None,
     clock: Callable[[], float] = time.monotonic,
+    fast: Callable[[float], bool] | None = None,
+    fast_interval: float | None = None,
 ) -> None:
-    """Probe forever (until cancelled), logging every change of state."""
+    """Probe forever (until cancelled), logging every change of state.
+
+    While ``fast(now)`` says the backend is down, ejected or changing state, probes come
+    every ``fast_interval`` seconds instead of ``interval`` (HAProxy's ``downinter``), so a
+    restarted backend is back within about ``rise`` fast intervals.
+    """
     what = f"GET {path}" if path is not None else "connect"
     while True:
         ok, reason = await probe_once(backend, path, timeout, status_range, ssl_context)
@@ -85,4 +92,5 @@ async def run_checks(
             log(f"backend {backend.label} is DOWN (health check {what}: {reason})")
         elif change == "up":
             log(f"backend {backend.label} is UP again (health check {what}: {reason})")
-        await asyncio.sleep(interval)
+        quick = fast is not None and fast_interval is not None and fast(clock())
+        await asyncio.sleep(min(interval, fast_interval) if quick and fast_interval else interval)

@@ -6,13 +6,24 @@ Each backend has one ``BackendState``. Four independent reasons keep it out of r
   ``rise`` consecutive good ones mark it up again (HAProxy's ``rise``/``fall``);
 * **passive checks** (``record_failure``): ``max_fails`` failures of real traffic within
   ``window`` seconds eject it for ``cooldown`` seconds, after which it is tried again
-  (nginx's ``max_fails``/``fail_timeout``, Envoy's outlier detection);
+  (nginx's ``max_fails``/``fail_timeout``, Envoy's outlier detection). Failures weigh by
+  what they say about the server: a refused connection is unambiguous (nothing listens)
+  and ejects at once; a reset or malformed answer weighs 1; a timeout weighs 1/2, since a
+  single slow URL times out while the server is fine. An ejection for a refused
+  connection ends early once active checks see the server accept again (``rise`` good
+  probes), instead of waiting out the cool-down;
 * **draining**: no new requests, in-flight ones finish;
 * **disabled** by an operator.
 
 A backend that comes back is ramped up over ``slow_start`` seconds: its effective weight
 grows linearly from 1/10 of its weight to the full weight, so a cold replica is not
 flooded at once.
+
+Passive checks never empty the rotation (Envoy's panic threshold, nginx's "every server
+down: try them all"): when the share of backends in service that are available falls
+below ``panic_threshold``, the balancer ignores passive ejections and balances over every
+backend that active checks do not confirm dead. One URL that breaks connections (a "query
+of death") can then eject at most half of the backends, never the service.
 
 Nothing here reads the clock: every method takes ``now``; the I/O side (the prober, the
 exchange) feeds results in and logs the state changes returned.
@@ -22,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import MutableSequence, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -37,6 +48,12 @@ class HealthSettings:
     window: float = 10.0
     cooldown: float = 10.0
     slow_start: float = 0.0
+    panic_threshold: float = 0.5
+
+
+# How much one failure of real traffic counts towards max_fails, by what it says about the
+# server (see the module's docstring); "refused" ejects at once.
+FAILURE_WEIGHTS = {"error": 1.0, "timeout": 0.5}
 
 
 @dataclass(slots=True)
@@ -48,6 +65,8 @@ class BackendState:
     draining: bool = False
     disabled: bool = False
     ejected_until: float = 0.0
+    ejected_refused: bool = False  # the ejection came from a refused connection
+    shared_until: float = 0.0  # the shared ejection deadline last seen (multi-worker)
     recovered_at: float | None = None
     active: int = 0  # requests in flight (least connections)
     requests: int = 0
@@ -55,7 +74,7 @@ class BackendState:
     ejections: int = 0
     _good: int = 0
     _bad: int = 0
-    _recent: deque[float] = field(default_factory=deque)
+    _recent: deque[tuple[float, float]] = field(default_factory=deque)  # (time, weight)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -90,6 +109,11 @@ class BackendState:
 
     # -- events -----------------------------------------------------------------------
 
+    def probing_fast(self, now: float) -> bool:
+        """Whether active checks should use their fast interval (HAProxy's ``downinter``
+        and ``fastinter``): while down, ejected, or between states."""
+        return not self.up or now < self.ejected_until or self._bad > 0
+
     def record_check(self, ok: bool, now: float) -> str | None:
         """An active probe result; returns "up" or "down" when the state changes."""
         if ok:
@@ -99,7 +123,18 @@ class BackendState:
                 self.up = True
                 self.recovered_at = now
                 self.ejected_until = 0.0
+                self.ejected_refused = False
                 self._recent.clear()
+                return "up"
+            if (
+                self.ejected_refused
+                and now < self.ejected_until
+                and self._good >= self.settings.rise
+            ):
+                # it accepts connections again: the refusal that ejected it is over
+                self.ejected_until = 0.0
+                self.ejected_refused = False
+                self.recovered_at = now
                 return "up"
         else:
             self._bad += 1
@@ -109,25 +144,34 @@ class BackendState:
                 return "down"
         return None
 
-    def record_failure(self, now: float) -> str | None:
-        """A failure of real traffic; returns "ejected" when it crosses the threshold."""
+    def record_failure(self, now: float, kind: str = "error") -> str | None:
+        """A failure of real traffic ("refused", "error" or "timeout"); returns "ejected"
+        when it crosses the threshold (at once for "refused")."""
         self.failures += 1
+        if now < self.ejected_until:
+            return None  # already out (a request that picked it before the ejection)
         recent = self._recent
-        recent.append(now)
-        while recent and now - recent[0] > self.settings.window:
+        recent.append((now, FAILURE_WEIGHTS.get(kind, 1.0)))
+        while recent and now - recent[0][0] > self.settings.window:
             recent.popleft()
-        if len(recent) >= self.settings.max_fails and now >= self.ejected_until:
+        if kind == "refused" or sum(w for _, w in recent) >= self.settings.max_fails:
             self.ejected_until = now + self.settings.cooldown
+            self.ejected_refused = kind == "refused"
             self.recovered_at = self.ejected_until
+            self._good = 0
             self.ejections += 1
             recent.clear()
             return "ejected"
         return None
 
-    def adopt_ejection(self, until: float) -> None:
-        """Another worker ejected this backend until ``until``."""
+    def adopt_ejection(self, until: float, refused: bool = False) -> None:
+        """Another worker ejected this backend until ``until`` (0: it ended the ejection)."""
+        self.shared_until = until
         self.ejected_until = until
-        self.recovered_at = until
+        self.ejected_refused = refused and until > 0
+        if until > 0:
+            self.recovered_at = until
+            self._good = 0
         self._recent.clear()
 
     def record_success(self, now: float) -> None:
@@ -148,13 +192,14 @@ class SharedBalance:
     scores: MutableSequence[int]
     ejected_until: MutableSequence[float]
     lock: AbstractContextManager[object]
+    refused: MutableSequence[int]  # 1 when that ejection came from a refused connection
 
     @classmethod
     def create(cls, n: int) -> SharedBalance:
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
-        return cls(ctx.RawArray("q", n), ctx.RawArray("d", n), ctx.Lock())
+        return cls(ctx.RawArray("q", n), ctx.RawArray("d", n), ctx.Lock(), ctx.RawArray("b", n))
 
 
 class Balancer:
@@ -171,12 +216,18 @@ class Balancer:
             raise ValueError(f"unknown policy {policy!r}")
         self.states = list(states)
         self.policy = policy
+        self.panic_threshold = states[0].settings.panic_threshold if states else 0.5
+        self.panicking = False  # passive ejections are being ignored
+        self.panics = 0  # how often a panic started
+        self.on_panic: Callable[[bool, int, int], None] | None = None  # (on, available, total)
         weights = [s.weight * 1000 for s in states]
         self._ejected: MutableSequence[float] | None = None
+        self._refused: MutableSequence[int] | None = None
         if shared is not None and len(shared.scores) == len(states):
             self._rotation = SmoothWeighted(weights, state=shared.scores)
             self._lock: AbstractContextManager[object] = shared.lock
             self._ejected = shared.ejected_until
+            self._refused = shared.refused
         else:
             self._rotation = SmoothWeighted(weights)
             self._lock = contextlib.nullcontext()
@@ -198,33 +249,59 @@ class Balancer:
         """
         with self._lock:
             ejected = self._ejected
-            if ejected is not None:  # ejections made by the other workers
+            if ejected is not None and self._refused is not None:
+                # ejections made, or ended early, by the other workers
                 for i, state in enumerate(self.states):
-                    if ejected[i] > state.ejected_until:
-                        state.adopt_ejection(ejected[i])
+                    if ejected[i] != state.shared_until:
+                        state.adopt_ejection(ejected[i], bool(self._refused[i]))
             return self._pick(now, exclude, prefer)
 
-    def record_failure(self, index: int, now: float) -> str | None:
+    def record_failure(self, index: int, now: float, kind: str = "error") -> str | None:
         """A failure of real traffic on backend ``index``; an ejection reaches every worker."""
-        change = self.states[index].record_failure(now)
-        if change == "ejected" and self._ejected is not None:
-            with self._lock:
-                self._ejected[index] = self.states[index].ejected_until
+        state = self.states[index]
+        change = state.record_failure(now, kind)
+        if change == "ejected":
+            self._share(index, state.ejected_until, state.ejected_refused)
         return change
 
     def record_check(self, index: int, ok: bool, now: float) -> str | None:
         """An active probe result on backend ``index``; coming back up ends its ejection."""
         change = self.states[index].record_check(ok, now)
-        if change == "up" and self._ejected is not None:
-            with self._lock:
-                self._ejected[index] = 0.0
+        if change == "up":
+            self._share(index, 0.0, False)
         return change
+
+    def probing_fast(self, index: int, now: float) -> bool:
+        return self.states[index].probing_fast(now)
+
+    def _share(self, index: int, until: float, refused: bool) -> None:
+        self.states[index].shared_until = until
+        if self._ejected is not None and self._refused is not None:
+            with self._lock:
+                self._ejected[index] = until
+                self._refused[index] = int(refused)
+
+    def _candidates(self, now: float) -> list[bool]:
+        """Backends that may take a request now; in a panic, passive ejections are ignored."""
+        states = self.states
+        available = [s.available(now) for s in states]
+        in_service = sum(1 for s in states if not s.draining and not s.disabled)
+        panic = in_service > 0 and sum(available) < self.panic_threshold * in_service
+        if panic:
+            available = [s.up and not s.draining and not s.disabled for s in states]
+        if panic != self.panicking:
+            self.panicking = panic
+            self.panics += panic
+            if self.on_panic is not None:
+                self.on_panic(panic, sum(s.available(now) for s in states), in_service)
+        return available
 
     def _pick(
         self, now: float, exclude: frozenset[int] | set[int], prefer: int | None
     ) -> int | None:
         states = self.states
-        available = [s.available(now) and i not in exclude for i, s in enumerate(states)]
+        available = self._candidates(now)
+        available = [a and i not in exclude for i, a in enumerate(available)]
         if prefer is not None and 0 <= prefer < len(states) and available[prefer]:
             return prefer
         if not any(available):

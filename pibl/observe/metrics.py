@@ -152,6 +152,17 @@ class Metrics:
         self.backend_errors = Counter(
             "pibl_backend_errors", "Failed attempts on a backend", ["backend"], registry=r
         )
+        self.panics = Counter(
+            "pibl_balancer_panics",
+            "Times passive ejections were ignored because too few backends were available",
+            registry=r,
+        )
+        self.panic = Gauge(
+            "pibl_balancer_panic",
+            "1 while passive ejections are ignored (below [health] panic_threshold)",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.retries = Counter("pibl_retries", "Requests retried on another backend", registry=r)
         self.cache = Counter(
             "pibl_cache_requests",

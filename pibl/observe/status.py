@@ -118,6 +118,7 @@ class StatusTracker:
                 else None
             ),
             "backends": backends,
+            "panic": proxy.balancer.panicking,  # passive ejections ignored (panic_threshold)
             "history": list(self.history),
         }
 

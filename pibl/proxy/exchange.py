@@ -111,9 +111,11 @@ class Proxy:
             window=health.window,
             cooldown=health.cooldown,
             slow_start=config.balance.slow_start,
+            panic_threshold=health.panic_threshold,
         )
         self.states = [BackendState(b.label, b.weight, settings) for b in config.backends]
         self.balancer = Balancer(self.states, policy=config.balance.policy, shared=shared)
+        self.balancer.on_panic = self._panic
         self._sticky_id = [
             hashlib.sha256(b.label.encode()).hexdigest()[:12].encode() for b in config.backends
         ]
@@ -152,6 +154,19 @@ class Proxy:
         self.status = StatusTracker(self, multiprocess_dir())
 
     # -- connection bookkeeping ---------------------------------------------------------
+
+    def _panic(self, on: bool, available: int, total: int) -> None:
+        """The balancer started or stopped ignoring passive ejections (logged once each)."""
+        self.metrics.panic.set(1 if on else 0)
+        if on:
+            self.metrics.panics.inc()
+            self.log.warning(
+                f"balancer panic: {available} of {total} backends available, below "
+                f"panic_threshold {self.config.health.panic_threshold:g}; passive ejections "
+                "are ignored until more come back"
+            )
+        else:
+            self.log.info(f"balancer panic over: {available} of {total} backends available")
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -334,13 +349,18 @@ class Proxy:
                 # started: a body cut short is one URL's problem, not the server's health.
                 change = None
                 if not record.response_started:
-                    change = self.balancer.record_failure(index, now)
+                    change = self.balancer.record_failure(index, now, exc.failure_kind)
                 self.metrics.backend_errors.labels(state.name).inc()
                 if change == "ejected":
                     self.metrics.ejections.labels(state.name).inc()
+                    why = (
+                        "its connection was refused"
+                        if state.ejected_refused
+                        else f"{state.settings.max_fails} failures"
+                    )
                     self.log.warning(
                         f"backend {state.name} ejected for {state.settings.cooldown:g} s "
-                        f"after {state.settings.max_fails} failures ({exc.reason})"
+                        f"after {why} ({exc.reason})"
                     )
                 never_connected = never_connected and exc.unreachable
                 safe = not exc.connected or (

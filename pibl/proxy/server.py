@@ -227,6 +227,8 @@ class Worker:
                         status_range=(health.status_min, health.status_max),
                         log=self.log.warning,
                         ssl_context=pool.ssl_context,
+                        fast=functools.partial(balancer.probing_fast, index),
+                        fast_interval=health.down_interval,
                     )
                 )
             )

@@ -290,3 +290,44 @@ def test_stalled_backend_504_and_taken_out(tmp_path: Path) -> None:
     assert p50 < 0.25, f"p50 of healthy requests {p50 * 1000:.0f} ms"
     assert "ejected" in (tmp_path / "pibl.log").read_text()
     print(f"504s={len(timeouts)} ok={len(ok)} healthy p50={p50 * 1000:.1f} ms")
+
+
+def test_with_the_default_settings_a_restarted_backend_is_back_within_1_5_s(
+    tmp_path: Path,
+) -> None:
+    """Defaults only (cache off to count every request): kill -9, restart, back in 1.5 s."""
+    replicas = [Replica(f"replica-{i}", free_port(), tmp_path / "gb.sqlite3") for i in (1, 2, 3)]
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "pibl.toml",
+        port,
+        [r.url for r in replicas],
+        "[cache]\nenabled = false\n[log]\nstdout = false\n",
+    )
+    proc = None
+    try:
+        for r in replicas:
+            r.start()
+        proc = start_pibl_process(cfg, tmp_path)
+        wait_port(port)
+        victim = replicas[0]
+        thread, load = run_load_in_thread(f"http://127.0.0.1:{port}/api/info", 16, 8.0)
+        time.sleep(1.5)
+        victim.kill9()
+        time.sleep(3.0)
+        victim.start()
+        restarted_at = time.monotonic()
+        thread.join(30)
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        for r in replicas:
+            r.stop()
+    assert load.failures() == [], f"{len(load.failures())} failed requests"
+    returned = [
+        r.started for r in load.results if r.replica == victim.name and r.started > restarted_at
+    ]
+    assert returned, "the restarted backend never came back into rotation"
+    back_after = min(returned) - restarted_at
+    print(f"back in rotation after {back_after:.2f} s")
+    assert back_after <= 1.5, f"back in rotation after {back_after:.2f} s"

@@ -58,6 +58,7 @@ def test_default_settings() -> None:
         10.0,
         0.0,
     )
+    assert s.panic_threshold == 0.5
 
 
 def test_new_backend_starts_up_and_available() -> None:
@@ -466,7 +467,7 @@ def test_unavailable_backend_skipped_and_rotation_continues_fairly() -> None:
 
 
 def test_none_when_all_unavailable() -> None:
-    states = backends(1, 1, 1, 1, max_fails=1)
+    states = backends(1, 1, 1, 1, max_fails=1, panic_threshold=0.0)
     take_down(states[0], 0.0)
     states[1].draining = True
     states[2].disabled = True
@@ -475,6 +476,109 @@ def test_none_when_all_unavailable() -> None:
         bal = Balancer(states, policy=policy)
         assert bal.pick(1.0) is None
         assert bal.pick(1.0, prefer=0) is None
+
+
+def test_in_a_panic_only_backends_active_checks_confirm_dead_are_left_out() -> None:
+    states = backends(1, 1, 1, 1, max_fails=1)
+    take_down(states[0], 0.0)
+    states[1].draining = True
+    states[2].disabled = True
+    states[3].record_failure(0.0)  # passively ejected: used anyway in a panic
+    bal = Balancer(states)
+    assert picks(bal, 1.0, 3) == [3, 3, 3]
+    assert bal.panicking and bal.panics == 1
+    take_down(states[3], 1.0)
+    assert bal.pick(2.0) is None  # dead by active checks: the fast 503
+
+
+# -- panic threshold, failure weights, refused connections ------------------------------
+
+
+def test_one_backend_is_never_ejected_by_passive_checks_alone() -> None:
+    states = backends(1, max_fails=3)
+    bal = Balancer(states)
+    seen: list[tuple[bool, int, int]] = []
+    bal.on_panic = lambda on, available, total: seen.append((on, available, total))
+    for t in range(3):
+        bal.record_failure(0, float(t))
+    assert states[0].state(3.0) == "ejected"
+    assert picks(bal, 3.0, 3) == [0, 0, 0]
+    assert seen == [(True, 0, 1)]  # logged once, not per request
+    assert picks(bal, 20.0, 1) == [0]  # the cool-down is over
+    assert seen == [(True, 0, 1), (False, 1, 1)]
+
+
+def test_a_query_of_death_never_empties_the_rotation() -> None:
+    states = backends(1, 1, 1, max_fails=1)
+    bal = Balancer(states)
+    for now in range(20):  # every backend the bad URL reaches fails once
+        index = bal.pick(float(now) / 100)
+        assert index is not None
+        bal.record_failure(index, float(now) / 100)
+    assert bal.panicking  # from the second ejection on
+    assert bal.panics == 1
+    assert sorted(set(picks(bal, 0.3, 6))) == [0, 1, 2]
+
+
+def test_the_panic_threshold_is_a_share_of_the_backends_in_service() -> None:
+    states = backends(1, 1, 1, 1, max_fails=1, panic_threshold=0.5)
+    bal = Balancer(states)
+    bal.record_failure(0, 0.0)
+    bal.record_failure(1, 0.0)
+    assert set(picks(bal, 0.1, 4)) == {2, 3}  # 2 of 4 available: not below one half
+    assert not bal.panicking
+    bal.record_failure(2, 0.0)
+    assert set(picks(bal, 0.1, 8)) == {0, 1, 2, 3}
+    assert bal.panicking
+
+
+def test_timeouts_weigh_half_and_refusals_eject_at_once() -> None:
+    state = backend(max_fails=2)
+    assert state.record_failure(0.0, "timeout") is None
+    assert state.record_failure(0.1, "timeout") is None
+    assert state.record_failure(0.2, "timeout") is None
+    assert state.record_failure(0.3, "timeout") == "ejected"
+    other = backend(max_fails=5)
+    assert other.record_failure(0.0, "refused") == "ejected"
+    assert other.ejected_refused
+
+
+def test_a_refusal_ejection_ends_when_probes_pass_again() -> None:
+    state = backend(rise=2, cooldown=60)
+    state.record_failure(0.0, "refused")
+    assert state.probing_fast(0.1)
+    assert state.record_check(True, 0.5) is None
+    assert state.record_check(True, 1.0) == "up"
+    assert state.available(1.0)
+    # an ejection for failing answers is not ended by probes (the server does accept)
+    state.record_failure(2.0, "error")
+    state.record_failure(2.1, "error")
+    state.record_failure(2.2, "error")
+    for t in (2.5, 3.0, 3.5):
+        assert state.record_check(True, t) is None
+    assert not state.available(4.0)
+
+
+def test_probes_are_fast_only_while_something_is_wrong() -> None:
+    state = backend()
+    assert not state.probing_fast(0.0)
+    state.record_check(False, 0.0)
+    assert state.probing_fast(0.0)  # between states
+    state.record_check(False, 0.5)
+    assert state.probing_fast(0.5)  # down
+    bring_up(state, 1.0)
+    assert not state.probing_fast(1.0)
+
+
+def test_an_ejection_ended_by_one_worker_ends_in_every_worker() -> None:
+    shared = SharedBalance.create(2)
+    a = Balancer(backends(1, 1, rise=1), shared=shared)
+    b = Balancer(backends(1, 1, rise=1), shared=shared)
+    a.record_failure(0, 0.0, "refused")
+    assert set(picks(b, 0.1, 4)) == {1}  # b adopted the ejection
+    b.record_check(0, True, 0.5)  # b's probe sees it accept again
+    assert set(picks(a, 0.6, 4)) == {0, 1}
+    assert set(picks(b, 0.6, 4)) == {0, 1}
 
 
 def test_exclude_skips_backends_already_tried() -> None:
