@@ -247,7 +247,10 @@ def build_request_head(
         raise ProtocolError(400, "invalid Host header")
     # Request target: origin-form, absolute-form (whose authority replaces Host), asterisk.
     if target.startswith(b"/"):
-        pass
+        # RFC 9110 section 4.2.1: an http(s) URI has a non-empty authority, so an HTTP/1.1
+        # request naming none cannot be routed (an empty Host is for URIs without one)
+        if version == b"1.1" and not host:
+            raise ProtocolError(400, "empty Host header")
     elif target == b"*":
         if method != b"OPTIONS":
             raise ProtocolError(400, "asterisk-form is only valid for OPTIONS")

@@ -269,6 +269,7 @@ MALFORMED = {
     "missing-host": (b"GET / HTTP/1.1\r\nUser-Agent: t\r\n\r\n", 400),
     "duplicate-host": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "bad-host": (b"GET / HTTP/1.1\r\nHost: a b/c\r\n\r\n", 400),
+    "empty-host": (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 400),
     "bare-lf": (b"GET / HTTP/1.1\nHost: x\n\n", 400),
     "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
     "long-target": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),

@@ -191,9 +191,18 @@ def test_http10_without_host_is_accepted() -> None:
     assert head.version == b"1.0"
 
 
-def test_empty_host_is_accepted() -> None:
-    # RFC 9112 section 3.2: a client with no authority sends an empty Host.
-    assert request_head(parse(with_headers(b"Host: "))).host == b""
+def test_empty_host_is_refused_for_an_http_uri() -> None:
+    # RFC 9110 section 4.2.1: an http URI has a non-empty authority; the empty Host of
+    # RFC 9112 section 3.2 is for URIs without one, which a proxy for http cannot route.
+    error = reject(with_headers(b"Host: "))
+    assert (error.status, error.reason) == (400, "empty Host header")
+    assert request_head(parse(b"GET / HTTP/1.0\r\nHost: \r\n\r\n")).host == b""
+
+
+def test_an_absolute_form_target_names_the_host_whatever_host_says() -> None:
+    head = request_head(parse(b"GET http://example.com/a HTTP/1.1\r\nHost: \r\n\r\n"))
+    assert head.host == b"example.com"
+    assert head.target == b"/a"
 
 
 @pytest.mark.parametrize(
