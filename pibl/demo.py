@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib
 import os
 import signal
 import subprocess
@@ -115,7 +116,29 @@ def demo_certificates(directory: Path) -> tuple[Path, Path] | None:
     return cert, key
 
 
+APP_PACKAGES = ("uvicorn", "starlette")  # what the demo web application imports
+
+
+def missing_app_packages() -> list[str]:
+    """The demo application's packages that are not installed (the ``app`` extra)."""
+    missing = []
+    for name in APP_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
+    missing = missing_app_packages()
+    if missing:
+        print(
+            f"pibl demo: the demo web application needs {', '.join(missing)}: "
+            'pip install "pibl[app]" (./demo.sh installs everything)',
+            file=sys.stderr,
+        )
+        return 1
     overrides: dict[str, object] = {"server.port": port, "server.workers": 1}
     certs = demo_certificates(Path.cwd() / "certs")
     if certs is not None:

@@ -12,9 +12,15 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-import uvicorn
+try:
+    import uvicorn
 
-from webapp.app import create_app
+    from webapp.app import create_app
+except ImportError as exc:  # pibl installed without the app extra
+    raise SystemExit(
+        f'python -m webapp: {exc.name} is not installed: pip install "pibl[app]"'
+    ) from None
+
 from webapp.replica import validate_replica_name
 
 DEFAULT_DB = "guestbook.sqlite3"

@@ -100,3 +100,29 @@ def test_run_announces_backends_serves_and_stops_on_sigterm(
     # the same record went to the log file in the directory PIBL ran in
     time.sleep(0.1)
     assert '"GET /hello HTTP/1.1" 200' in (tmp_path / "pibl.log").read_text()
+
+
+def test_demo_without_the_app_extra_says_what_to_install(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['uvicorn'] = None; from pibl.cli import main; "
+        "sys.exit(main(['demo', '--port', '1']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        'pibl demo: the demo web application needs uvicorn: pip install "pibl[app]" '
+        "(./demo.sh installs everything)"
+    ]
+
+
+def test_the_web_application_without_its_packages_says_what_to_install(tmp_path: Path) -> None:
+    code = "import sys; sys.modules['uvicorn'] = None; import runpy; runpy.run_module('webapp')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert 'pip install "pibl[app]"' in proc.stderr
