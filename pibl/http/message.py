@@ -70,3 +70,6 @@ class ResponseHead:
     body: BodyKind = BodyKind.NONE
     content_length: int = 0
     keep_alive: bool = True
+    # transfer codings besides chunked (gzip, deflate), in the order applied: the parser
+    # removes them, so bodies past it are the representation's bytes
+    codings: tuple[bytes, ...] = ()

@@ -21,6 +21,7 @@ target form, ``Expect``, and the size limits that bound memory:
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 import httptools
@@ -312,6 +313,7 @@ class ResponseParser:
 
     __slots__ = (
         "_c",
+        "_decoders",
         "_done",
         "_head_request",
         "_in_head",
@@ -333,7 +335,31 @@ class ResponseParser:
         self._max_head = max_head_bytes
         self._in_head = False
         self._raw_in_head = 0
+        self._decoders: list[_TransferDecoder] = []  # last applied coding first
         self.trailing_junk = False
+
+    def feed_eof(self) -> list[Event]:
+        """The backend closed the connection: the end of a body delimited by close.
+
+        Returns the last decoded bytes and the end of the message; raises ProtocolError
+        when a transfer coding was cut short (the body is incomplete).
+        """
+        if self._done:
+            return []
+        self._done = True
+        events: list[Event] = []
+        if self._decoders:
+            tail = self._finish_decoders()
+            if tail:
+                events.append(Body(tail))
+        events.append(END)
+        return events
+
+    def _finish_decoders(self) -> bytes:
+        data = b""
+        for decoder in self._decoders:
+            data = decoder.decode(data) + decoder.finish() if data else decoder.finish()
+        return data
 
     def feed(self, data: bytes) -> list[Event]:
         if self._upgraded:
@@ -415,6 +441,7 @@ class ResponseParser:
             self._head_request,
         )
         self._c.headers = []  # trailers must not alter the head already returned
+        self._decoders = [_TransferDecoder(c) for c in reversed(head.codings)]
         self._c.events.append(Head(head))
         if self._head_request and status != 101:
             self._c.events.append(END)
@@ -423,13 +450,72 @@ class ResponseParser:
             raise self._c.error
 
     def on_body(self, data: bytes) -> None:
+        if self._decoders:
+            try:
+                for decoder in self._decoders:
+                    data = decoder.decode(data)
+            except ProtocolError as exc:
+                self._c.error = exc
+                raise
+            if not data:
+                return
         self._c.events.append(Body(data))
 
     def on_message_complete(self) -> None:
         if 100 <= self._parser.get_status_code() < 200:
             return
+        if self._decoders:
+            try:
+                tail = self._finish_decoders()
+            except ProtocolError as exc:
+                self._c.error = exc
+                raise
+            if tail:
+                self._c.events.append(Body(tail))
         self._done = True
         self._c.events.append(END)
+
+
+class _TransferDecoder:
+    """Removes one gzip or deflate transfer coding from a streamed body."""
+
+    __slots__ = ("_coding", "_started", "_z")
+
+    def __init__(self, coding: bytes) -> None:
+        self._coding = coding
+        # gzip (one or more members); deflate is the zlib format of RFC 9110 section
+        # 8.4.1.2, raw deflate accepted too (as browsers do)
+        self._z = zlib.decompressobj(wbits=15 if coding == b"deflate" else 31)
+        self._started = False
+
+    def decode(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            try:
+                out.append(self._z.decompress(data))
+            except zlib.error:
+                if self._coding == b"deflate" and not self._started:
+                    self._z = zlib.decompressobj(wbits=-15)
+                    self._started = True
+                    continue
+                raise ProtocolError(502, "backend sent a corrupt transfer-coded body") from None
+            self._started = True
+            data = self._z.unused_data
+            if data:
+                if self._coding != b"deflate" and self._z.eof:  # another gzip member
+                    self._z = zlib.decompressobj(wbits=31)
+                    continue
+                raise ProtocolError(502, "backend sent data after a transfer-coded body")
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The end of the body: the coded stream must be complete."""
+        if not self._z.eof:
+            raise ProtocolError(502, "backend cut a transfer-coded body short")
+        return self._z.flush()
+
+
+TRANSFER_DECODERS = frozenset({b"gzip", b"x-gzip", b"deflate"})
 
 
 def build_response_head(
@@ -440,6 +526,7 @@ def build_response_head(
     keep_alive: bool,
     head_request: bool,
 ) -> ResponseHead:
+    codings: tuple[bytes, ...] = ()
     te: list[bytes] = []
     content_length: bytes | None = None
     for name, value in headers:
@@ -456,11 +543,18 @@ def build_response_head(
         if content_length is not None and content_length.isdigit():
             length = int(content_length)
     elif te:
-        # Only chunked: any other transfer coding (gzip, ...) would reach the client as
-        # undeclared bytes, since PIBL frames the body again (nginx also answers 502).
-        if te != [b"chunked"]:
+        # RFC 9112 section 6.3: chunked last means chunked framing; any other final coding
+        # means the body runs until the backend closes. The other codings (gzip, deflate)
+        # are removed by the parser, since PIBL frames the body again for the client; a
+        # coding it cannot remove would reach the client as undeclared bytes: 502.
+        te = [t for t in te if t]
+        chunked = bool(te) and te[-1] == b"chunked"
+        codings = tuple(te[:-1] if chunked else te)
+        if any(c not in TRANSFER_DECODERS for c in codings):
             raise ProtocolError(502, "backend sent an unsupported Transfer-Encoding")
-        body = BodyKind.CHUNKED
+        body = BodyKind.CHUNKED if chunked else BodyKind.CLOSE
+        if not chunked:
+            keep_alive = False
         length = 0
     elif content_length is not None:
         content_length = content_length.strip()
@@ -477,6 +571,7 @@ def build_response_head(
         reason=reason,
         version=version,
         headers=headers,
+        codings=codings,
         body=body,
         content_length=length,
         keep_alive=keep_alive,

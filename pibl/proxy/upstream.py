@@ -122,7 +122,10 @@ class UpstreamConnection(WriteFlow):
                 self.tunnel_done.set_result(None)
         elif self._parser is not None:
             if self.close_delimited and self._error is None:
-                self._events.append(END)
+                try:
+                    self._events.extend(self._parser.feed_eof())
+                except ProtocolError as exc:
+                    self._fail(UpstreamError(502, exc.reason, retryable=False))
             elif not self._events or not isinstance(self._events[-1], End):
                 self._fail(UpstreamError(502, "backend closed the connection"))
         self._wake()

@@ -406,10 +406,19 @@ def test_stalled_backend_504(
     [
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: compress, chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nabcde\r\n0\r\n\r\n",
         b"HTTP/1.1 099 Odd\r\nContent-Length: 5\r\n\r\nabcde",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nabcde",
     ],
-    ids=["two-lengths", "gzip-transfer-coding", "status-099", "unasked-101"],
+    ids=[
+        "two-lengths",
+        "corrupt-gzip-transfer-coding",
+        "unknown-transfer-coding",
+        "chunked-not-last",
+        "status-099",
+        "unasked-101",
+    ],
 )
 def test_malformed_response_502(make_proxy: Callable[..., ProxyThread], answer: bytes) -> None:
     lsock = socket.socket()

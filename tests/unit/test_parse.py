@@ -1437,3 +1437,61 @@ def test_a_clean_response_is_not_flagged() -> None:
     parser = ResponseParser()
     parser.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
     assert not parser.trailing_junk
+
+
+# -- transfer codings besides chunked (RFC 9112 section 6.3) -----------------------------
+
+
+def response_events(data: bytes, *, eof: bool = False) -> list[Event]:
+    parser = ResponseParser()
+    events = parser.feed(data)
+    if eof:
+        events += parser.feed_eof()
+    return events
+
+
+def test_a_final_coding_other_than_chunked_reads_until_close_and_decodes() -> None:
+    import gzip
+
+    payload = gzip.compress(b"abc" * 1000)
+    events = response_events(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + payload,
+        eof=True,
+    )
+    head = events[0]
+    assert isinstance(head, Head) and isinstance(head.head, ResponseHead)
+    assert head.head.body is BodyKind.CLOSE and not head.head.keep_alive
+    assert head.head.codings == (b"gzip",)
+    assert body_of(events) == b"abc" * 1000
+    assert isinstance(events[-1], End)
+
+
+def test_gzip_then_chunked_is_chunked_framing_and_decoded() -> None:
+    import gzip
+
+    payload = gzip.compress(b"xyz" * 500)
+    events = response_events(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+    )
+    assert body_of(events) == b"xyz" * 500
+    assert isinstance(events[-1], End)
+
+
+def test_a_coded_body_cut_short_at_close_is_an_error() -> None:
+    import gzip
+
+    parser = ResponseParser()
+    parser.feed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + gzip.compress(b"a" * 999)[:-9]
+    )
+    with pytest.raises(ProtocolError) as info:
+        parser.feed_eof()
+    assert info.value.status == 502
+
+
+@pytest.mark.parametrize("te", [b"compress", b"br, chunked", b"chunked, gzip", b"identity"])
+def test_codings_pibl_cannot_remove_are_refused(te: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        ResponseParser().feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\nxx")
+    assert info.value.status == 502
