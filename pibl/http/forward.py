@@ -172,6 +172,20 @@ def upstream_request(
     return b"".join(out)
 
 
+def interim_response(resp: ResponseHead) -> bytes:
+    """An interim (1xx) response as forwarded to an HTTP/1.1 client, hop-by-hop fields
+    removed (103 Early Hints carries its Link fields through)."""
+    named = _connection_named(resp.headers)
+    reason = resp.reason if _SANE_REASON.match(resp.reason) else b""
+    out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, reason or REASONS.get(resp.status, b"Unknown"))]
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname not in HOP_BY_HOP and lname not in named and lname != b"content-length":
+            out.append(b"%s: %s\r\n" % (name, value))
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
 def client_response(
     resp: ResponseHead,
     *,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -318,6 +319,7 @@ class ResponseParser:
         "_head_request",
         "_in_head",
         "_max_head",
+        "_on_interim",
         "_parser",
         "_raw_in_head",
         "_reason",
@@ -325,8 +327,15 @@ class ResponseParser:
         "trailing_junk",
     )
 
-    def __init__(self, *, head_request: bool = False, max_head_bytes: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        head_request: bool = False,
+        max_head_bytes: int = 64 * 1024,
+        on_interim: Callable[[ResponseHead], None] | None = None,
+    ) -> None:
         self._c = _Collector()
+        self._on_interim = on_interim  # called with each 1xx response but 101
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
         self._head_request = head_request
@@ -431,7 +440,19 @@ class ResponseParser:
             self._c.error = ProtocolError(502, "backend sent an invalid status code")
             raise self._c.error
         if 100 <= status < 200 and status != 101:
-            return  # interim response: dropped, the final one follows
+            # an interim response (103 Early Hints, 102): handed over, never an event of
+            # its own; the final response follows
+            if self._on_interim is not None:
+                self._on_interim(
+                    ResponseHead(
+                        status=status,
+                        reason=self._reason,
+                        version=parser.get_http_version().encode(),
+                        headers=self._c.headers,
+                    )
+                )
+            self._c.headers = []
+            return
         head = build_response_head(
             status,
             self._reason,

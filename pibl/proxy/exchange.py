@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,13 @@ from pibl.cache.store import BodyWriter
 from pibl.compress import CompressionSettings, Compressor
 from pibl.config import Config
 from pibl.errors import ProtocolError, UpstreamError
-from pibl.http.forward import client_response, request_id, simple_response, upstream_request
+from pibl.http.forward import (
+    client_response,
+    interim_response,
+    request_id,
+    simple_response,
+    upstream_request,
+)
 from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk
 from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
 from pibl.http.parse import END, Body, End, Head, Upgrade
@@ -527,8 +534,10 @@ class Proxy:
         upstream_started = time.monotonic()
         ok = False
         pump: asyncio.Task[None] | None = None
+        # 1xx answers (103 Early Hints) go on to HTTP/1.1 clients, never to HTTP/1.0 ones
+        interim = functools.partial(self._interim, conn) if head.version == b"1.1" else None
         try:
-            upstream.start(request_bytes, head_request=head_request)
+            upstream.start(request_bytes, head_request=head_request, on_interim=interim)
             if has_body:
                 if head.expect_continue and not record.continued:
                     record.continued = True
@@ -551,7 +560,7 @@ class Proxy:
                 upstream.abort()
                 pool.release(upstream)
                 upstream, _ = await pool.acquire(fresh=True)
-                upstream.start(request_bytes, head_request=head_request)
+                upstream.start(request_bytes, head_request=head_request, on_interim=interim)
                 events = await self._read(upstream, pump)
             first = events[0]
             if not isinstance(first, Head):
@@ -621,6 +630,15 @@ class Proxy:
                 pump.exception()  # seen: the error reported is the response's, if any
             upstream.finish(reusable=ok)
             pool.release(upstream)
+
+    @staticmethod
+    def _interim(conn: ClientConnection, resp: ResponseHead) -> None:
+        """A backend's interim response, forwarded as it arrives (before the final one).
+
+        100 Continue is PIBL's own business with its client (it answers Expect itself).
+        """
+        if resp.status != 100:
+            conn.write(interim_response(resp))
 
     async def _read(
         self, upstream: UpstreamConnection, pump: asyncio.Task[None] | None

@@ -21,11 +21,12 @@ import contextlib
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 from pibl.config import BackendConfig, resolve_path
 from pibl.errors import ProtocolError, UpstreamError
-from pibl.http.message import BodyKind
+from pibl.http.message import BodyKind, ResponseHead
 from pibl.http.parse import END, Body, End, Event, Head, ResponseParser, Upgrade
 from pibl.proxy.flow import WriteFlow
 from pibl.tls import client_context
@@ -133,9 +134,16 @@ class UpstreamConnection(WriteFlow):
 
     # -- used by the exchange -----------------------------------------------------------
 
-    def start(self, request_head: bytes, *, head_request: bool) -> None:
-        """Begin an exchange: send the request head, expect one response."""
-        self._parser = ResponseParser(head_request=head_request)
+    def start(
+        self,
+        request_head: bytes,
+        *,
+        head_request: bool,
+        on_interim: Callable[[ResponseHead], None] | None = None,
+    ) -> None:
+        """Begin an exchange: send the request head, expect one response (and hand any
+        interim 1xx responses before it to ``on_interim``)."""
+        self._parser = ResponseParser(head_request=head_request, on_interim=on_interim)
         self._events.clear()
         self._buffered = 0
         self._error = None

@@ -1495,3 +1495,16 @@ def test_codings_pibl_cannot_remove_are_refused(te: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         ResponseParser().feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\nxx")
     assert info.value.status == 502
+
+
+def test_interim_responses_are_handed_over_not_returned_as_events() -> None:
+    seen: list[ResponseHead] = []
+    parser = ResponseParser(on_interim=seen.append)
+    events = parser.feed(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    assert [(h.status, h.headers) for h in seen] == [(103, [(b"Link", b"</a.css>; rel=preload")])]
+    head = events[0]
+    assert isinstance(head, Head) and isinstance(head.head, ResponseHead)
+    assert head.head.status == 200 and head.head.headers == [(b"Content-Length", b"2")]
