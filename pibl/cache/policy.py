@@ -416,14 +416,76 @@ def only_if_cached(request_headers: HeaderList) -> bool:
 
 
 def bypass_reason(method: bytes, request_headers: HeaderList) -> str | None:
-    """Requests that never use the cache (the response may still invalidate it)."""
+    """Requests that never use the cache (the response may still invalidate it).
+
+    A ``Range`` request is not one of them: a stored complete response answers it with
+    ``206`` (see :func:`byte_range`); only its misses are passed on, Range and all.
+    """
     if method not in (b"GET", b"HEAD"):
         return "method"
-    if get_header(request_headers, b"range") is not None:
-        return "range"
     if parse_cache_control(request_headers).has("no-store"):
         return "no-store"
     return None
+
+
+# -- ranges (RFC 9110 section 14) ----------------------------------------------------------
+
+UNSATISFIABLE = (-1, -1)
+_RANGE_SPEC = re.compile(rb"^\s*(?:([0-9]+)-([0-9]*)|-([0-9]+))\s*$")
+
+
+def byte_range(value: bytes | None, length: int) -> tuple[int, int] | None:
+    """The one byte range (first, last) a ``Range`` value asks of ``length`` bytes.
+
+    None means "send the whole representation with 200": no Range, another unit, a syntax
+    error, or several ranges (which a server may answer in full, RFC 9110 section 14.2).
+    ``UNSATISFIABLE`` means ``416`` (no range starts within the representation).
+    """
+    if value is None:
+        return None
+    unit, eq, spec = value.partition(b"=")
+    if not eq or unit.strip().lower() != b"bytes" or b"," in spec:
+        return None
+    m = _RANGE_SPEC.match(spec)
+    if m is None:
+        return None
+    first, last, suffix = m.groups()
+    if suffix is not None:
+        n = int(suffix)
+        if n == 0 or length == 0:
+            return UNSATISFIABLE
+        return max(0, length - n), length - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid: ignored (section 14.1.1)
+    if start >= length:
+        return UNSATISFIABLE
+    end = int(last) if last else length - 1
+    return start, min(end, length - 1)
+
+
+def if_range_matches(request_headers: HeaderList, stored_headers: HeaderList) -> bool:
+    """Section 13.1.5: whether the Range applies (no If-Range, or its validator matches).
+
+    An entity tag must match strongly (a weak tag never does); a date must equal
+    Last-Modified, which must be strong (at least a second before the response's Date).
+    """
+    value = get_header(request_headers, b"if-range")
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith(b'"') or value.startswith(b"W/"):
+        etag = get_header(stored_headers, b"etag")
+        return (
+            etag is not None
+            and not value.startswith(b"W/")
+            and not etag.strip().startswith(b"W/")
+            and etag.strip() == value
+        )
+    when = parse_http_date(value)
+    last = parse_http_date(get_header(stored_headers, b"last-modified"))
+    date = parse_http_date(get_header(stored_headers, b"date"))
+    return when is not None and when == last and date is not None and date - last >= 1
 
 
 def may_serve_with_authorization(

@@ -67,6 +67,7 @@ REASONS: dict[int, bytes] = {
     412: b"Precondition Failed",
     413: b"Content Too Large",
     414: b"URI Too Long",
+    416: b"Range Not Satisfiable",
     417: b"Expectation Failed",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",

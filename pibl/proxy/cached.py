@@ -33,9 +33,9 @@ from pibl.cache.key import primary_key
 from pibl.cache.store import DiskStore, Entry
 from pibl.config import CacheConfig
 from pibl.errors import UpstreamError
-from pibl.http.forward import REASONS, stored_headers
+from pibl.http.forward import REASONS, simple_response, stored_headers
 from pibl.http.framing import http_date
-from pibl.http.message import BodyKind, RequestHead, ResponseHead
+from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
 from pibl.observe.accesslog import AccessRecord
 from pibl.proxy.exchange import ResponseHook
 from pibl.proxy.filebody import FileSender, plain_socket
@@ -177,25 +177,13 @@ class CacheLayer:
         *,
         collapsed: bool = False,
     ) -> bool:
-        proxy = self.proxy
         host = head.host or b"-"
         primary = primary_key(conn.scheme, host, head.target)
         bypass = policy.bypass_reason(head.method, head.headers)
         if bypass is not None:
-            record.cache = "BYPASS"
-            hook = ResponseHook()
-            hook.extra = [
-                (
-                    b"Cache-Status",
-                    b"pibl; fwd=method" if bypass == "method" else b"pibl; fwd=bypass",
-                )
-            ]
-            response: list[ResponseHead] = []
-            tracker = _Tracker(hook, response)
-            keep = await proxy.forward(conn, incoming, head, rid, record, hook=tracker)
-            if response and policy.invalidates(head.method, response[0].status):
-                self.invalidate(conn.scheme, host, head.target, response[0].headers)
-            return keep
+            why = b"pibl; fwd=method" if bypass == "method" else b"pibl; fwd=bypass"
+            return await self._forward_uncached(conn, incoming, head, rid, record, why)
+        ranged = get_header(head.headers, b"range")
 
         entry, found = self.store.lookup(primary, head.headers)
         remote = self.remote
@@ -232,12 +220,23 @@ class CacheLayer:
                 served = await self.serve(conn, head, entry, age, rid, record, label)
                 if served is not None:
                     return served
+            elif ranged is not None and not policy.only_if_cached(head.headers):
+                # a part of a stale entry: the backend answers the range (not stored)
+                return await self._forward_uncached(
+                    conn, incoming, head, rid, record, b"pibl; fwd=stale; detail=range"
+                )
             elif policy.only_if_cached(head.headers):
                 return self._only_if_cached(conn, head, rid, record)
             else:
                 return await self._revalidate(
                     conn, incoming, head, rid, record, primary, entry, age, decision
                 )
+        if ranged is not None and not policy.only_if_cached(head.headers):
+            # A miss with Range is passed on as it is (not stored, not collapsed); the next
+            # full request fills the cache, and later ranges are answered from it.
+            return await self._forward_uncached(
+                conn, incoming, head, rid, record, b"pibl; fwd=miss; detail=range"
+            )
         if self._passing(primary) and not policy.only_if_cached(head.headers):
             # Its last response could not be stored: fetch without queueing behind others
             # (and store this one if it can be stored now).
@@ -274,6 +273,27 @@ class CacheLayer:
             locked = got is True
         fwd = "vary-miss" if found == "vary-miss" else "miss"
         return await self._fetch(conn, incoming, head, rid, record, primary, fwd, event, locked)
+
+    async def _forward_uncached(
+        self,
+        conn: ClientConnection,
+        incoming: Incoming,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+        label: bytes,
+    ) -> bool:
+        """Forward without the cache (an unsafe method may still invalidate entries)."""
+        record.cache = "BYPASS"
+        hook = ResponseHook()
+        hook.extra = [(b"Cache-Status", label)]
+        response: list[ResponseHead] = []
+        tracker = _Tracker(hook, response)
+        keep = await self.proxy.forward(conn, incoming, head, rid, record, hook=tracker)
+        if response and policy.invalidates(head.method, response[0].status):
+            host = head.host or b"-"
+            self.invalidate(conn.scheme, host, head.target, response[0].headers)
+        return keep
 
     # -- misses -------------------------------------------------------------------------
 
@@ -516,20 +536,31 @@ class CacheLayer:
         keep_alive = head.keep_alive and not self.proxy.stopping
         # RFC 9110 section 13.2.1: preconditions apply to 2xx answers only (a stored 404
         # is sent as it is, whatever If-None-Match says).
+        # a Range of a stored complete 200 (RFC 9110 section 14): one part, or 416
+        part = None
+        if entry.status == 200 and policy.if_range_matches(head.headers, entry.headers):
+            part = policy.byte_range(get_header(head.headers, b"range"), entry.body_length)
+        first, length = 0, entry.body_length
         if 200 <= entry.status < 300 and policy.not_modified(head.headers, entry.headers):
             status, reason = 304, b"Not Modified"
             headers = policy.not_modified_headers(entry.headers)
             send_body = False
             body: bytes | None = b""
+        elif part == policy.UNSATISFIABLE:
+            return self._unsatisfiable(conn, head, entry, keep_alive, rid, record, label)
         else:
             status, reason = entry.status, entry.reason or REASONS.get(entry.status, b"OK")
             headers = entry.headers
+            if part is not None:
+                status, reason = 206, b"Partial Content"
+                first, length = part[0], part[1] - part[0] + 1
             send_body = head.method != b"HEAD" and entry.status not in (204, 304)
             body = None
             if send_body and entry.body_length < SENDFILE_MIN:
                 body = store.read_body(entry)
                 if body is None:
                     return None
+                body = body[first : first + length] if part is not None else body
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         has_date = False
         for name, value in headers:
@@ -539,7 +570,14 @@ class CacheLayer:
         if not has_date:
             out.append(b"Date: %s\r\n" % http_date())
         if status != 304 and entry.status not in (204, 304):
-            out.append(b"Content-Length: %d\r\n" % entry.body_length)
+            out.append(b"Content-Length: %d\r\n" % length)
+        if status == 206:
+            out.append(
+                b"Content-Range: bytes %d-%d/%d\r\n"
+                % (first, first + length - 1, entry.body_length)
+            )
+        if entry.status == 200:
+            out.append(b"Accept-Ranges: bytes\r\n")
         out.append(b"Age: %d\r\n" % max(0, int(age)))
         out.append(b"Cache-Status: %s\r\n" % label.encode())
         for name, value in self.proxy.security_headers(conn):
@@ -583,7 +621,7 @@ class CacheLayer:
             # (nginx's tcp_nopush); a lone small head segment can wait for a delayed ACK.
             sock = plain_socket(conn.transport)
             corked = _cork(sock, True)
-            sender = FileSender(conn, fd, entry.body_length)
+            sender = FileSender(conn, fd, length, first)
             try:
                 conn.write(b"".join(out))
                 await sender.run()
@@ -595,6 +633,41 @@ class CacheLayer:
             os.close(fd)
         if conn.write_paused:
             await conn.drain()
+        return keep_alive
+
+    def _unsatisfiable(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        entry: Entry,
+        keep_alive: bool,
+        rid: bytes,
+        record: AccessRecord,
+        label: str,
+    ) -> bool:
+        """416 for a range that starts past the stored body (section 15.5.17)."""
+        record.status = 416
+        record.response_started = True
+        extra = [
+            (b"Content-Range", b"bytes */%d" % entry.body_length),
+            (b"Cache-Status", label.encode()),
+        ]
+        etag = get_header(entry.headers, b"etag")
+        if etag is not None:
+            extra.append((b"ETag", etag))
+        head_only = head.method == b"HEAD"
+        answer = simple_response(
+            416,
+            f"bytes 0-{entry.body_length - 1} exist",
+            keep_alive=keep_alive,
+            rid=rid,
+            head_only=head_only,
+            extra=extra,
+        )
+        conn.write(answer)
+        record.bytes_out = (
+            0 if head_only else len(answer) - len(answer.split(b"\r\n\r\n", 1)[0]) - 4
+        )
         return keep_alive
 
     # -- invalidation -------------------------------------------------------------------

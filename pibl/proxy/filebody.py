@@ -54,14 +54,15 @@ def plain_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
 
 
 class FileSender:
-    """Sends ``length`` bytes of ``fd`` (from offset 0) to ``conn``; ``sent`` counts them."""
+    """Sends ``length`` bytes of ``fd`` from ``offset`` to ``conn``; ``sent`` counts them."""
 
-    __slots__ = ("conn", "fd", "length", "sent")
+    __slots__ = ("conn", "fd", "length", "offset", "sent")
 
-    def __init__(self, conn: _Client, fd: int, length: int) -> None:
+    def __init__(self, conn: _Client, fd: int, length: int, offset: int = 0) -> None:
         self.conn = conn
         self.fd = fd
         self.length = length
+        self.offset = offset  # a range of the file (a 206 answer)
         self.sent = 0
 
     async def run(self) -> None:
@@ -83,7 +84,7 @@ class FileSender:
     async def _copy(self) -> None:
         conn = self.conn
         while self.sent < self.length and not conn.closed:
-            data = os.pread(self.fd, min(CHUNK, self.length - self.sent), self.sent)
+            data = os.pread(self.fd, min(CHUNK, self.length - self.sent), self.offset + self.sent)
             if not data:  # the file is shorter than its entry said: cut, never padded
                 raise OSError("stored body ended early")
             conn.write(data)
@@ -99,7 +100,9 @@ class FileSender:
         try:
             while self.sent < self.length and not conn.closed:
                 try:
-                    n = os.sendfile(out, self.fd, self.sent, min(CHUNK, self.length - self.sent))
+                    n = os.sendfile(
+                        out, self.fd, self.offset + self.sent, min(CHUNK, self.length - self.sent)
+                    )
                 except BlockingIOError:
                     await _writable(loop, out)
                     continue

@@ -456,3 +456,77 @@ def test_targeted_fields_can_be_turned_off(
     params = {"cc": "no-store", "pcc": "max-age=300", "cdncc": "max-age=300"}
     client.get("/cache/off", params=params)
     assert "hit" not in client.get("/cache/off", params=params).headers["cache-status"]
+
+
+# -- ranges from the cache ------------------------------------------------------------
+
+
+def _stored(client: httpx.Client, url: str) -> bytes:
+    body = client.get(url, headers={"Accept-Encoding": "identity"}).content
+    for _ in range(100):
+        r = client.get(url, headers={"Accept-Encoding": "identity"})
+        if r.headers["cache-status"].startswith("pibl; hit"):
+            return body
+        time.sleep(0.02)
+    raise AssertionError("never stored")
+
+
+@pytest.mark.parametrize("size", [5000, 2_500_000])  # memory/disk read, and sendfile
+def test_a_range_of_a_stored_response_is_answered_from_the_cache(
+    cached: Callable[..., Any], backends: list[Backend], size: int
+) -> None:
+    _, _, client = cached()
+    url = f"/cache/r?cc=max-age=60&size={size}&etag=%22v1%22"
+    body = _stored(client, url)
+    hits_before = backends[0].hits
+    for spec, first, last in [
+        ("bytes=0-9", 0, 9),
+        (f"bytes={size - 100}-", size - 100, size - 1),
+        ("bytes=-42", size - 42, size - 1),
+        (f"bytes=1000-{size * 2}", 1000, size - 1),
+    ]:
+        r = client.get(url, headers={"Range": spec, "Accept-Encoding": "identity"})
+        assert r.status_code == 206, spec
+        assert r.headers["content-range"] == f"bytes {first}-{last}/{size}"
+        assert r.content == body[first : last + 1]
+        assert r.headers["cache-status"].startswith("pibl; hit")
+    assert backends[0].hits == hits_before  # all from the cache
+
+
+def test_if_range_and_several_ranges_get_the_whole_body(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    url = "/cache/ir?cc=max-age=60&size=3000&etag=%22v1%22"
+    body = _stored(client, url)
+    ident = {"Accept-Encoding": "identity"}
+    same = client.get(url, headers={"Range": "bytes=0-1", "If-Range": '"v1"', **ident})
+    assert same.status_code == 206 and same.content == body[:2]
+    other = client.get(url, headers={"Range": "bytes=0-1", "If-Range": '"v2"', **ident})
+    assert other.status_code == 200 and other.content == body
+    several = client.get(url, headers={"Range": "bytes=0-1,5-6", **ident})
+    assert several.status_code == 200 and several.content == body
+    assert several.headers["accept-ranges"] == "bytes"
+
+
+def test_an_unsatisfiable_range_gets_416_with_the_length(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    url = "/cache/u?cc=max-age=60&size=3000"
+    _stored(client, url)
+    r = client.get(url, headers={"Range": "bytes=5000-", "Accept-Encoding": "identity"})
+    assert r.status_code == 416
+    assert r.headers["content-range"] == "bytes */3000"
+
+
+def test_a_range_miss_is_passed_on_and_not_stored(
+    cached: Callable[..., Any], backends: list[Backend]
+) -> None:
+    _, _, client = cached()
+    url = "/cache/m?cc=max-age=60&size=3000"
+    r = client.get(url, headers={"Range": "bytes=0-9"})
+    assert r.headers["cache-status"] == "pibl; fwd=miss; detail=range"
+    assert ("Range", "bytes=0-9") in [(k, v) for k, v in backends[0].seen[-1].headers]
+    again = client.get(url)  # the first full request is a miss: nothing was stored
+    assert again.headers["cache-status"].startswith("pibl; fwd=miss")

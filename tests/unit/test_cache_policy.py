@@ -18,10 +18,13 @@ from hypothesis import strategies as st
 from pibl.cache import policy
 from pibl.cache.policy import (
     HEURISTIC_MAX,
+    UNSATISFIABLE,
     Decision,
     bypass_reason,
+    byte_range,
     current_age,
     freshness_lifetime,
+    if_range_matches,
     initial_age,
     invalidated_targets,
     invalidates,
@@ -804,7 +807,7 @@ def test_other_methods_bypass(method: bytes) -> None:
 
 
 def test_range_request_bypasses() -> None:
-    assert bypass_reason(b"GET", [(b"range", b"bytes=0-1")]) == "range"
+    assert bypass_reason(b"GET", [(b"range", b"bytes=0-1")]) is None  # hits answer ranges
 
 
 def test_request_no_store_bypasses() -> None:
@@ -1241,3 +1244,58 @@ def test_targeted_directives_decide_revalidation_too() -> None:
     stored = [(b"Cache-Control", b"no-cache"), (b"CDN-Cache-Control", b"max-age=60")]
     decision = usable([], stored, lifetime=60, age=1, max_stale_on_error=0)
     assert decision.action == "fresh"
+
+
+# -- ranges ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"bytes=0-9", (0, 9)),
+        (b"bytes=10-", (10, 99)),
+        (b"bytes=-10", (90, 99)),
+        (b"bytes=-1000", (0, 99)),
+        (b"bytes=90-1000", (90, 99)),
+        (b"Bytes = 5-5", (5, 5)),
+        (b"bytes=100-", UNSATISFIABLE),
+        (b"bytes=500-600", UNSATISFIABLE),
+        (b"bytes=-0", UNSATISFIABLE),
+        (b"bytes=0-1,5-6", None),
+        (b"bytes=9-1", None),
+        (b"items=0-1", None),
+        (b"bytes=a-b", None),
+        (b"bytes", None),
+    ],
+)
+def test_byte_range(value: bytes, expected: tuple[int, int] | None) -> None:
+    assert byte_range(value, 100) == expected
+
+
+def test_no_range_of_an_empty_body() -> None:
+    assert byte_range(b"bytes=0-", 0) == UNSATISFIABLE
+    assert byte_range(None, 10) is None
+
+
+@pytest.mark.parametrize(
+    ("if_range", "ok"),
+    [
+        (None, True),
+        (b'"v1"', True),
+        (b'"v2"', False),
+        (b'W/"v1"', False),
+        (http_date(T0 - 100), True),
+        (http_date(T0 - 99), False),
+        (b"garbage", False),
+    ],
+)
+def test_if_range(if_range: bytes | None, ok: bool) -> None:
+    stored = [(b"ETag", b'"v1"'), (b"Last-Modified", http_date(T0 - 100)), (b"Date", http_date(T0))]
+    req = [] if if_range is None else [(b"If-Range", if_range)]
+    assert if_range_matches(req, stored) is ok
+
+
+def test_if_range_with_a_weak_stored_tag_or_a_weak_date_never_matches() -> None:
+    assert not if_range_matches([(b"If-Range", b'"v1"')], [(b"ETag", b'W/"v1"')])
+    same_second = [(b"Last-Modified", http_date(T0)), (b"Date", http_date(T0))]
+    assert not if_range_matches([(b"If-Range", http_date(T0))], same_second)
