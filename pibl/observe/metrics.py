@@ -152,6 +152,12 @@ class Metrics:
         self.backend_errors = Counter(
             "pibl_backend_errors", "Failed attempts on a backend", ["backend"], registry=r
         )
+        self.connect_refused = Counter(
+            "pibl_backend_connects_refused",
+            "Connections to a backend that nothing accepted (refused or unreachable)",
+            ["backend"],
+            registry=r,
+        )
         self.panics = Counter(
             "pibl_balancer_panics",
             "Times passive ejections were ignored because too few backends were available",

@@ -157,6 +157,8 @@ class Proxy:
         self.metrics = Metrics()
         self.metrics.batch.track(self.metrics.connections, lambda: len(self.connections))
         self._metric_children: dict[tuple[Any, ...], Any] = {}
+        for state in self.states:  # exported from the start, at 0
+            self.metrics.connect_refused.labels(state.name)
         self.verbose = config.log.verbose
         self.status = StatusTracker(self, multiprocess_dir())
 
@@ -358,6 +360,8 @@ class Proxy:
                 if not record.response_started:
                     change = self.balancer.record_failure(index, now, exc.failure_kind)
                 self.metrics.backend_errors.labels(state.name).inc()
+                if exc.failure_kind == "refused":
+                    self.metrics.connect_refused.labels(state.name).inc()
                 if change == "ejected":
                     self.metrics.ejections.labels(state.name).inc()
                     why = (
@@ -556,9 +560,19 @@ class Proxy:
                     and config.upstream.retry_reused
                 ):
                     raise
-                # The idle connection was closed by the backend as we reused it: retry once.
+                # The idle connection was closed by the backend as we reused it. Either the
+                # backend closed it while it idled (a race), or the backend is gone and so
+                # are its other idle connections: drop them all, and retry on a new
+                # connection only while the backend is still in rotation and no other
+                # request is already finding out (a refused connection ejects it at once,
+                # so the other requests caught out by the same death go to another backend
+                # instead of dialling this one again).
                 upstream.abort()
                 pool.release(upstream)
+                pool.drop_idle()
+                if pool.suspect or not self.states[index].available(time.monotonic()):
+                    raise
+                pool.suspect = True  # (cleared by the next connection that succeeds)
                 upstream, _ = await pool.acquire(fresh=True)
                 upstream.start(request_bytes, head_request=head_request, on_interim=interim)
                 events = await self._read(upstream, pump)

@@ -249,6 +249,7 @@ class Pool:
         "_ssl",
         "active",
         "backend",
+        "suspect",
     )
 
     def __init__(
@@ -268,6 +269,9 @@ class Pool:
         self._idle_max = idle_max
         self._ssl = ssl
         self.active = 0
+        # a reused connection failed before any answer: one request checks with a new
+        # connection whether the backend is still there; the others go elsewhere meanwhile
+        self.suspect = False
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -313,10 +317,13 @@ class Pool:
                 502, f"TLS error with backend: {exc.reason}", connected=False
             ) from None
         except OSError as exc:
+            # nothing listens there: the idle connections are as good as dead too
+            self.drop_idle()
             reason = exc.strerror or str(exc)
             raise UpstreamError(
                 502, f"cannot connect to backend: {reason}", connected=False, unreachable=True
             ) from None
+        self.suspect = False
         return protocol
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -326,6 +333,13 @@ class Pool:
             self._idle.append(conn)
         else:
             conn.close()
+
+    def drop_idle(self) -> int:
+        """Close every idle connection (the backend died: none of them will answer)."""
+        dropped = len(self._idle)
+        while self._idle:
+            self._idle.pop().close()
+        return dropped
 
     def sweep(self) -> int:
         """Close idle connections past their timeout; returns how many were closed."""

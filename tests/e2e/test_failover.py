@@ -331,3 +331,48 @@ def test_with_the_default_settings_a_restarted_backend_is_back_within_1_5_s(
     back_after = min(returned) - restarted_at
     print(f"back in rotation after {back_after:.2f} s")
     assert back_after <= 1.5, f"back in rotation after {back_after:.2f} s"
+
+
+def refused_connects(admin_port: int, backend: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).text
+    assert "pibl_backend_connects_refused_total{" in text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("pibl_backend_connects_refused_total{") and f'"{backend}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_killed_backend_is_dialled_at_most_three_times_per_worker(tmp_path: Path) -> None:
+    replicas = [Replica(f"replica-{i}", free_port(), tmp_path / "gb.sqlite3") for i in (1, 2, 3)]
+    port, admin = free_port(), free_port()
+    workers = 2
+    cfg = write_config(
+        tmp_path / "pibl.toml",
+        port,
+        [r.url for r in replicas],
+        f"workers = {workers}\n[cache]\nenabled = false\n[log]\nstdout = false\n"
+        f"[admin]\nport = {admin}\n",
+    )
+    proc = None
+    try:
+        for r in replicas:
+            r.start()
+        proc = start_pibl_process(cfg, tmp_path)
+        wait_port(port)
+        wait_port(admin)
+        victim = replicas[1]
+        thread, load = run_load_in_thread(f"http://127.0.0.1:{port}/api/info", 32, 4.0)
+        time.sleep(1.5)
+        victim.kill9()
+        thread.join(30)
+        time.sleep(1.2)  # the workers' metrics are flushed once a second
+        refused = refused_connects(admin, f"127.0.0.1:{victim.port}")
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        for r in replicas:
+            r.stop()
+    assert load.failures() == [], f"{len(load.failures())} failed requests"
+    print(f"refused connects to the killed backend: {refused:g} ({workers} workers)")
+    assert refused <= 3 * workers
