@@ -487,6 +487,18 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"port {port} not listening")
 
 
+def wait_closed(port: int, timeout: float = 10.0) -> None:
+    """Until nothing accepts on ``port`` (a killed master's workers die a moment later)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"port {port} still accepts connections")
+
+
 def rss_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

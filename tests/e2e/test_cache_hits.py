@@ -23,6 +23,7 @@ from tests.support import (
     start_backend,
     start_pibl_process,
     stop_process,
+    wait_closed,
     wait_port,
     write_config,
 )
@@ -102,6 +103,7 @@ def test_hits_of_every_size_are_whole_before_and_after_kill9(
     finally:
         proc.kill()
         proc.wait(10)
+        wait_closed(port)
     origin.stop()  # the origin is gone: only the disk can answer now
     proc, _ = start(tmp_path, origin, loop, port)
     try:

@@ -18,6 +18,7 @@ from tests.support import (
     sized_body,
     start_backend,
     start_pibl_process,
+    wait_closed,
     wait_port,
     write_config,
 )
@@ -46,9 +47,13 @@ class Pibl:
         wait_port(self.port)
 
     def kill9(self) -> None:
+        """kill -9 of the master; its workers follow it (parent-death signal) a moment
+        later, so wait until nothing listens any more: a new master must not be taken for
+        ready because a dying worker still accepted a connection."""
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+        wait_closed(self.port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
