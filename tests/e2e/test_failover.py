@@ -124,11 +124,14 @@ def run_load_in_thread(
     return thread, load
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[list[Replica], int, subprocess.Popen[bytes], Path]]:
+@contextlib.contextmanager
+def running_cluster(
+    tmp_path: Path, extra: str
+) -> Iterator[tuple[list[Replica], int, subprocess.Popen[bytes], Path]]:
+    """Three demo replicas and ``pibl run`` in front of them (``extra`` in its config)."""
     replicas = [Replica(f"replica-{i}", free_port(), tmp_path / "gb.sqlite3") for i in (1, 2, 3)]
     port = free_port()
-    cfg = write_config(tmp_path / "pibl.toml", port, [r.url for r in replicas], HEALTH)
+    cfg = write_config(tmp_path / "pibl.toml", port, [r.url for r in replicas], extra)
     proc = None
     try:
         for r in replicas:
@@ -138,13 +141,15 @@ def cluster(tmp_path: Path) -> Iterator[tuple[list[Replica], int, subprocess.Pop
         yield replicas, port, proc, tmp_path
     finally:
         if proc is not None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-            if proc.poll() is None:
-                proc.kill()
+            stop_process(proc)
         for r in replicas:
             r.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[list[Replica], int, subprocess.Popen[bytes], Path]]:
+    with running_cluster(tmp_path, HEALTH) as running:
+        yield running
 
 
 def log_events(workdir: Path) -> list[str]:
@@ -296,20 +301,12 @@ def test_with_the_default_settings_a_restarted_backend_is_back_within_1_5_s(
     tmp_path: Path,
 ) -> None:
     """Defaults only (cache off to count every request): kill -9, restart, back in 1.5 s."""
-    replicas = [Replica(f"replica-{i}", free_port(), tmp_path / "gb.sqlite3") for i in (1, 2, 3)]
-    port = free_port()
-    cfg = write_config(
-        tmp_path / "pibl.toml",
+    with running_cluster(tmp_path, "[cache]\nenabled = false\n[log]\nstdout = false\n") as (
+        replicas,
         port,
-        [r.url for r in replicas],
-        "[cache]\nenabled = false\n[log]\nstdout = false\n",
-    )
-    proc = None
-    try:
-        for r in replicas:
-            r.start()
-        proc = start_pibl_process(cfg, tmp_path)
-        wait_port(port)
+        _,
+        _,
+    ):
         victim = replicas[0]
         thread, load = run_load_in_thread(f"http://127.0.0.1:{port}/api/info", 16, 8.0)
         time.sleep(1.5)
@@ -318,11 +315,6 @@ def test_with_the_default_settings_a_restarted_backend_is_back_within_1_5_s(
         victim.start()
         restarted_at = time.monotonic()
         thread.join(30)
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        for r in replicas:
-            r.stop()
     assert load.failures() == [], f"{len(load.failures())} failed requests"
     returned = [
         r.started for r in load.results if r.replica == victim.name and r.started > restarted_at
@@ -344,22 +336,12 @@ def refused_connects(admin_port: int, backend: str) -> float:
 
 
 def test_a_killed_backend_is_dialled_at_most_three_times_per_worker(tmp_path: Path) -> None:
-    replicas = [Replica(f"replica-{i}", free_port(), tmp_path / "gb.sqlite3") for i in (1, 2, 3)]
-    port, admin = free_port(), free_port()
-    workers = 2
-    cfg = write_config(
-        tmp_path / "pibl.toml",
-        port,
-        [r.url for r in replicas],
+    admin, workers = free_port(), 2
+    extra = (
         f"workers = {workers}\n[cache]\nenabled = false\n[log]\nstdout = false\n"
-        f"[admin]\nport = {admin}\n",
+        f"[admin]\nport = {admin}\n"
     )
-    proc = None
-    try:
-        for r in replicas:
-            r.start()
-        proc = start_pibl_process(cfg, tmp_path)
-        wait_port(port)
+    with running_cluster(tmp_path, extra) as (replicas, port, _, _):
         wait_port(admin)
         victim = replicas[1]
         thread, load = run_load_in_thread(f"http://127.0.0.1:{port}/api/info", 32, 4.0)
@@ -368,11 +350,6 @@ def test_a_killed_backend_is_dialled_at_most_three_times_per_worker(tmp_path: Pa
         thread.join(30)
         time.sleep(1.2)  # the workers' metrics are flushed once a second
         refused = refused_connects(admin, f"127.0.0.1:{victim.port}")
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        for r in replicas:
-            r.stop()
     assert load.failures() == [], f"{len(load.failures())} failed requests"
     print(f"refused connects to the killed backend: {refused:g} ({workers} workers)")
     assert refused <= 3 * workers
