@@ -82,13 +82,23 @@ def _effective(config: Config) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pibl.ports import PortInUse, PortLocks, config_addresses
     from pibl.proxy.server import validate_runtime
     from pibl.workers import run_master
 
     overrides = _overrides(args)
     config = load_config(args.config, overrides)
     validate_runtime(config)
-    return run_master(args.config, overrides, config)
+    locks = PortLocks()
+    try:
+        locks.acquire(config_addresses(config))
+    except PortInUse as exc:
+        print(f"pibl: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return run_master(args.config, overrides, config, locks)
+    finally:
+        locks.release_all()
 
 
 def cmd_check(args: argparse.Namespace) -> int:

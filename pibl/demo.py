@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pibl.config import load_config, resolve_path
 from pibl.observe.accesslog import AccessLog
+from pibl.ports import Listen, PortInUse, PortLocks, config_addresses
 from pibl.proxy.server import run_worker
 
 REPLICA_PORTS = (8001, 8002, 8003)
@@ -123,6 +124,14 @@ def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
             {"tls.cert": str(certs[0]), "tls.key": str(certs[1]), "tls.port": tls_port}
         )
     config = load_config(demo_config_path(), overrides)
+    locks = PortLocks()
+    try:  # before the replicas start: a second demo stops here, naming the first one
+        locks.acquire(
+            [*config_addresses(config), *(Listen("127.0.0.1", p, "replica") for p in REPLICA_PORTS)]
+        )
+    except PortInUse as exc:
+        print(f"pibl demo: cannot start: {exc}", file=sys.stderr)
+        return 1
     log_path = str(resolve_path(config.log.file)) if config.log.file else None
     log = AccessLog(path=log_path, stdout=True, fmt=config.log.format)
     db = Path.cwd() / "guestbook.sqlite3"
@@ -153,6 +162,7 @@ def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
     finally:
         stop_processes(procs)
         log.close()
+        locks.release_all()
     return 0
 
 

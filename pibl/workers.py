@@ -42,6 +42,7 @@ from pibl.discovery import Watcher, expanded_config, make_resolver, needs_discov
 from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
 from pibl.observe.metrics import prepare_multiprocess, worker_exited
+from pibl.ports import PortInUse, PortLocks, config_addresses
 from pibl.proxy.server import announce_backends, make_socket, run_worker, validate_runtime
 
 HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
@@ -75,6 +76,7 @@ class Master:
     watcher: Watcher | None = None
     state_dir: Path | None = None
     last_restart: float = 0.0
+    locks: PortLocks | None = None  # the addresses this instance holds (see pibl/ports.py)
 
     # -- sockets and processes ----------------------------------------------------------
 
@@ -103,6 +105,8 @@ class Master:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent()
+                if self.locks is not None:
+                    self.locks.close_inherited()
                 for i, socks in enumerate(sockets):
                     if i != slot:
                         for sock in socks:
@@ -254,9 +258,16 @@ class Master:
             new_config.server.workers == self.config.server.workers
         )
         try:
+            if self.locks is not None:
+                self.locks.acquire(config_addresses(new_config))
             sockets = old_sockets if same_address else self.open_sockets(new_config)
+        except PortInUse as exc:
+            self.log.error(f"reload refused: {exc}")
+            self._keep_addresses(self.config)
+            return False
         except OSError as exc:
             self.log.error(f"reload refused: cannot listen: {exc}")
+            self._keep_addresses(self.config)
             return False
         self.generation += 1
         old_rotation = self.rotation
@@ -271,18 +282,24 @@ class Master:
             self.rotation = old_rotation
             if sockets is not old_sockets:
                 _close_all(sockets)
+            self._keep_addresses(self.config)
             return False
         self.signal_workers(signal.SIGTERM, old_generation)
         if sockets is not old_sockets:
             _close_all(old_sockets)  # the old workers keep their own copy until they exit
         self.config = new_config
         self.sockets = sockets
+        self._keep_addresses(new_config)
         self.log.info(
             f"reloaded {self.config_path}: generation {self.generation}, "
             f"{len(new_config.backends)} backend(s): "
             + ", ".join(b.label for b in new_config.backends)
         )
         return True
+
+    def _keep_addresses(self, config: Config) -> None:
+        if self.locks is not None:
+            self.locks.keep_only(config_addresses(config))
 
     def stop(self) -> int:
         self.stopping = True
@@ -360,14 +377,16 @@ def _worker_main(
     return 0
 
 
-def run_master(config_path: str, overrides: dict[str, Any], config: Config) -> int:
+def run_master(
+    config_path: str, overrides: dict[str, Any], config: Config, locks: PortLocks | None = None
+) -> int:
     def make_log(cfg: Config, *, threaded: bool = True) -> AccessLog:
         path = str(resolve_path(cfg.log.file)) if cfg.log.file else None
         return AccessLog(path=path, stdout=cfg.log.stdout, fmt=cfg.log.format, threaded=threaded)
 
     # The master writes its few lines synchronously: no thread may exist when it forks.
     master_log = make_log(config, threaded=False)
-    master = Master(config_path, overrides, config, master_log, make_log)
+    master = Master(config_path, overrides, config, master_log, make_log, locks=locks)
     try:
         return master.run()
     except OSError as exc:
