@@ -111,6 +111,10 @@ class Master:
                     if i != slot:
                         for sock in socks:
                             sock.close()
+                if self.sockets is not sockets:
+                    # a reload onto new sockets: the old generation's copies would sit in the
+                    # SO_REUSEPORT group unserved, and connections routed to them would hang
+                    _close_all(self.sockets)
                 code = _worker_main(config, sockets[slot], write_fd, self.make_log, self.rotation)
             finally:
                 os._exit(code)
