@@ -59,3 +59,64 @@ def test_cache_stats_and_purge(tmp_path: Path, backends: list[Backend]) -> None:
     assert pibl("cache", "purge", "--all", cwd=tmp_path).stdout.startswith("purged")
     assert json.loads(pibl("cache", "stats", cwd=tmp_path).stdout)["entries"] == 0
     assert pibl("cache", "purge", "ftp://x/", cwd=tmp_path).returncode == 2
+
+
+def test_cache_commands_without_a_config_use_the_default_directory(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    """As after ``./demo.sh``: a ./cache directory, no ./pibl.toml, no flags."""
+    port = free_port()
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    run_dir.mkdir()
+    other.mkdir()
+    cfg = write_config(
+        tmp_path / "elsewhere.toml", port, [b.url for b in backends], "[log]\nstdout = false\n"
+    )
+    proc = start_pibl_process(cfg, run_dir, "--workers", "1")
+    try:
+        wait_port(port)
+        httpx.get(f"http://127.0.0.1:{port}/cache/a?cc=max-age=600")
+        assert wait_for(lambda: (run_dir / "cache").is_dir(), timeout=5.0)
+    finally:
+        stop_process(proc)
+    assert not (run_dir / "pibl.toml").exists()
+    stats = pibl("cache", "stats", cwd=run_dir)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout) == {
+        "dir": str(run_dir / "cache"),
+        "entries": 1,
+        "bytes": json.loads(stats.stdout)["bytes"],
+    }
+    purge = pibl("cache", "purge", "--all", cwd=run_dir)
+    assert purge.returncode == 0 and purge.stdout.startswith("purged 1 entries"), purge
+    # no cache directory and no config: exit 1, saying which flag to give
+    missing = pibl("cache", "stats", cwd=other)
+    assert missing.returncode == 1
+    assert "--dir" in missing.stderr and "--config" in missing.stderr
+    assert str(other / "cache") in missing.stderr
+
+
+def test_status_reads_the_admin_port_of_the_local_config(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    port, admin = free_port(), free_port()
+    extra = f"[log]\nstdout = false\n[admin]\nport = {admin}\n"
+    cfg = write_config(tmp_path / "pibl.toml", port, [b.url for b in backends], extra)
+    proc = start_pibl_process(cfg, tmp_path, "--workers", "1")
+    try:
+        wait_port(admin)
+        out = pibl("status", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert f"admin        http://127.0.0.1:{admin}/" in out.stdout
+        assert "uptime" in out.stdout
+        # --url still wins; a config without [admin] says so instead of asking port 9090
+        elsewhere = pibl("status", "--url", f"http://127.0.0.1:{admin}", cwd=tmp_path)
+        assert f"http://127.0.0.1:{admin}/" in elsewhere.stdout
+    finally:
+        stop_process(proc)
+    no_admin = tmp_path / "plain"
+    no_admin.mkdir()
+    write_config(no_admin / "pibl.toml", port, [backends[0].url])
+    out = pibl("status", cwd=no_admin)
+    assert out.returncode == 2
+    assert "pibl.toml: admin:" in out.stderr and "[admin]" in out.stderr
