@@ -280,6 +280,7 @@ class Worker:
             for state in proxy.states:
                 metrics.backend_up.labels(state.name).set(1 if state.available(now) else 0)
             if proxy.cache is not None:
+                proxy.cache.store.resync_if_due(now)  # follow other processes' purges
                 stats = proxy.cache.store.stats
                 metrics.cache_stored.inc(stats.stored - stored)
                 metrics.cache_evictions.inc(stats.evictions - evictions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -120,3 +121,39 @@ def test_status_reads_the_admin_port_of_the_local_config(
     out = pibl("status", cwd=no_admin)
     assert out.returncode == 2
     assert "pibl.toml: admin:" in out.stderr and "[admin]" in out.stderr
+
+
+def test_dashboard_cache_figures_follow_a_purge_from_the_command_line(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    port, admin = free_port(), free_port()
+    extra = f"[log]\nstdout = false\n[admin]\nport = {admin}\n"
+    cfg = write_config(tmp_path / "pibl.toml", port, [b.url for b in backends], extra)
+    proc = start_pibl_process(cfg, tmp_path, "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+
+    def shown() -> int:  # what the dashboard shows, whichever worker answers
+        with httpx.Client(timeout=5) as client:  # a new connection each time
+            store = client.get(f"http://127.0.0.1:{admin}/api/status").json()["cache_store"]
+        return int(store["entries"])
+
+    try:
+        wait_port(port)
+        wait_port(admin)
+        for name in ("a", "b", "c", "d"):
+            httpx.get(f"{base}/cache/{name}?cc=max-age=600")
+        # every worker counts what the others stored within a few seconds
+        assert wait_for(lambda: all(shown() == 4 for _ in range(4)), timeout=12.0)
+        out = pibl("cache", "purge", "--all", cwd=tmp_path)
+        assert out.returncode == 0 and out.stdout.startswith("purged 4")
+        started = time.monotonic()
+        assert wait_for(lambda: all(shown() == 0 for _ in range(4)), timeout=5.0)
+        assert time.monotonic() - started < 4.0
+        # one URL purged from the command line: followed at the next resync
+        for name in ("e", "f"):
+            httpx.get(f"{base}/cache/{name}?cc=max-age=600")
+        assert wait_for(lambda: all(shown() == 2 for _ in range(4)), timeout=12.0)
+        pibl("cache", "purge", f"{base}/cache/e?cc=max-age=600", cwd=tmp_path)
+        assert wait_for(lambda: all(shown() == 1 for _ in range(4)), timeout=12.0)
+    finally:
+        stop_process(proc)
