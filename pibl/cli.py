@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from pibl import __version__
-from pibl.config import DEFAULT_CONFIG_FILE, CacheConfig, Config, load_config, resolve_path
+from pibl.config import (
+    DEFAULT_CONFIG_FILE,
+    CacheConfig,
+    Config,
+    load_config,
+    read_config,
+    resolve_path,
+    validate,
+)
 from pibl.errors import ConfigError
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
@@ -92,14 +100,26 @@ def _effective(config: Config) -> str:
     return json.dumps(config.model_dump(mode="json"), indent=2)
 
 
+def load_checked(path: str, overrides: dict[str, Any] | None = None) -> Config:
+    """The validated config, its files checked too; every problem in one ConfigError."""
+    from pibl.preflight import raw_problems
+    from pibl.proxy.server import validate_runtime
+
+    data = read_config(path, overrides)
+    try:
+        config = validate(data, path)
+    except ConfigError as exc:
+        raise ConfigError("\n".join([str(exc), *raw_problems(data, path)])) from None
+    validate_runtime(config, path)
+    return config
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pibl.ports import PortInUse, PortLocks, config_addresses
-    from pibl.proxy.server import validate_runtime
     from pibl.workers import run_master
 
     overrides = _overrides(args)
-    config = load_config(args.config, overrides)
-    validate_runtime(config)
+    config = load_checked(args.config, overrides)
     locks = PortLocks()
     try:
         locks.acquire(config_addresses(config))
@@ -113,10 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pibl.proxy.server import validate_runtime
-
-    config = load_config(args.file)
-    validate_runtime(config)
+    config = load_checked(args.file)
     print(f"{args.file}: OK")
     print(_effective(config))
     return 0

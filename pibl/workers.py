@@ -246,7 +246,7 @@ class Master:
         """SIGHUP: validate, start a new generation, retire the old one gracefully."""
         try:
             configured = load_config(self.config_path, self.overrides)
-            validate_runtime(configured)
+            validate_runtime(configured, self.config_path)
         except ConfigError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc}")
             return
