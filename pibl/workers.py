@@ -206,10 +206,15 @@ class Master:
             self.signal_workers(signal.SIGKILL)
             self._wait_all(5)
             return 1
-        host, port, _ = self._address(config)
+        serving = ", ".join(
+            ("admin " if a.role == "admin" else "")
+            + ("https" if a.role == "https" else "http")
+            + f"://{a.host}:{a.port}"
+            for a in config_addresses(config)
+        )
         self.log.info(
             f"master {os.getpid()}: {len(procs)} worker(s) "
-            f"({', '.join(str(p.pid) for p in procs)}) serving http://{host}:{port}"
+            f"({', '.join(str(p.pid) for p in procs)}) serving {serving}"
         )
         while True:
             info = signal.sigtimedwait(HANDLED, 1.0)
@@ -363,6 +368,7 @@ def _worker_main(
     rotation: SharedBalance | None,
 ) -> int:
     log = make_log(config)
+    log.label = f"worker {os.getpid()}"  # each worker listens and checks health on its own
 
     def ready(_: object) -> None:
         os.write(ready_fd, b"R")
