@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,20 @@ def demo_certificates(directory: Path) -> tuple[Path, Path] | None:
     return cert, key
 
 
+def commands_hint() -> str:
+    """How to run ``pibl status`` and friends from another terminal in this directory."""
+    script = Path(sys.executable).parent / "pibl"
+    if shutil.which("pibl") or not script.exists():
+        return "  In another terminal here: pibl status, pibl cache stats.\n"
+    where = os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
+    activate = script.with_name("activate")
+    shown = os.path.relpath(activate) if activate.is_relative_to(Path.cwd()) else str(activate)
+    return (
+        f"  In another terminal here: {where} status, {where} cache stats"
+        f" (or first: . {shown}, then pibl ...).\n"
+    )
+
+
 def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
     overrides: dict[str, object] = {"server.port": port, "server.workers": 1}
     certs = demo_certificates(Path.cwd() / "certs")
@@ -146,10 +161,16 @@ def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
                 f"  HTTPS: https://localhost:{tls_port}/ (trust certs/ca.pem, e.g."
                 f" curl --cacert certs/ca.pem https://localhost:{tls_port}/)\n"
             )
+        dashboard = ""
+        if config.admin is not None and config.admin.enabled:
+            token = f" (admin token: {config.admin.token})" if config.admin.token else ""
+            dashboard = f"  Dashboard: http://{config.admin.host}:{config.admin.port}/{token}\n"
         print(
             f"\n  PIBL demo is up: open http://127.0.0.1:{port}/ in a browser"
             f" (replicas on ports {', '.join(map(str, REPLICA_PORTS))}).\n"
             f"{https}"
+            f"{dashboard}"
+            f"{commands_hint()}"
             "  Reload the page to watch round robin; Ctrl-C stops everything.\n",
             flush=True,
         )
