@@ -15,8 +15,9 @@ How it knows:
   that port do not). The address's file records the holder's PID. The kernel releases an
   ``flock`` when its process dies, so a ``kill -9`` leaves no stale lock: the file may remain
   with an old PID, but nothing holds it and the next instance simply takes it over. The
-  runtime directory is ``$PIBL_RUNTIME_DIR`` or ``/tmp/pibl-<uid>`` (mode 0700); other users
-  need no lock, because Linux never lets two users share a port through ``SO_REUSEPORT``.
+  runtime directory is ``$PIBL_RUNTIME_DIR`` or ``/tmp/pibl-<uid>`` (mode 0700), with one
+  subdirectory per network namespace (ports are per namespace); other users need no lock,
+  because Linux never lets two users share a port through ``SO_REUSEPORT``.
 * **A probe bind without SO_REUSEPORT.** A listening socket of any other program on the
   address (even one that also sets ``SO_REUSEPORT``) makes it fail, so a port taken by, say,
   an HAProxy is refused too, with the PID of the holder when ``/proc`` shows it.
@@ -87,17 +88,37 @@ def config_addresses(config: Config) -> list[Listen]:
     return out
 
 
-def runtime_dir() -> Path | None:
-    """The per-user directory of lock files, created 0700; None if it cannot be trusted."""
-    configured = os.environ.get("PIBL_RUNTIME_DIR")
-    path = Path(configured) if configured else Path(f"/tmp/pibl-{os.getuid()}")
+def network_namespace() -> str:
+    """This process's network namespace ("4026531840"), "" if /proc does not say."""
     try:
-        path.mkdir(mode=0o700, parents=bool(configured), exist_ok=True)
+        link = os.readlink("/proc/self/ns/net")  # "net:[4026531840]"
+    except OSError:
+        return ""
+    return "".join(c for c in link if c.isdigit())
+
+
+def runtime_dir() -> Path | None:
+    """The per-user directory of lock files, created 0700; None if it cannot be trusted.
+
+    Ports belong to a network namespace: two instances in different namespaces (the HA
+    pair on one machine, containers sharing /tmp) may both listen on 8080, so each
+    namespace has its own subdirectory.
+    """
+    configured = os.environ.get("PIBL_RUNTIME_DIR")
+    base = Path(configured) if configured else Path(f"/tmp/pibl-{os.getuid()}")
+    netns = network_namespace()
+    path = base / f"net-{netns}" if netns else base
+    try:
+        base.mkdir(mode=0o700, parents=bool(configured), exist_ok=True)
+        st = os.lstat(base)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return None  # someone else's directory (or a symlink): do not trust its files
+        path.mkdir(mode=0o700, exist_ok=True)
         st = os.lstat(path)
     except OSError:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        return None  # someone else's directory (or a symlink): do not trust its files
+        return None
     return path
 
 

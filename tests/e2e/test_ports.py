@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,7 +136,7 @@ def test_kill_9_leaves_no_stale_lock(
     first = run_pibl(cfg, tmp_path, env, "--workers", "1")
     try:
         wait_port(port)
-        assert list((tmp_path / "run").glob(f"{port}@*.lock"))
+        assert list((tmp_path / "run").rglob(f"{port}@*.lock"))
         first.kill()
         first.wait(10)
         # the workers die with their master; the lock file may stay, its lock does not
@@ -152,7 +153,7 @@ def test_kill_9_leaves_no_stale_lock(
         if first.poll() is None:
             first.kill()
             first.wait()
-    assert list((tmp_path / "run").glob(f"{port}*.lock")) == []  # a clean stop removes them
+    assert list((tmp_path / "run").rglob(f"{port}*.lock")) == []  # a clean stop removes them
 
 
 def test_port_held_by_another_program_names_it(
@@ -223,3 +224,46 @@ def test_demo_refuses_a_second_demo(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             demo.kill()
             demo.wait()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
+    reason="needs root, unshare and ip to make a network namespace",
+)
+def test_another_network_namespace_may_use_the_same_port(
+    tmp_path: Path, backends: list[Backend], env: dict[str, str]
+) -> None:
+    """Ports belong to a network namespace: the HA pair on one machine runs two PIBLs on 8080."""
+    port = free_port()
+    cfg = write_config(tmp_path / "pibl.toml", port, [b.url for b in backends], BASE)
+    first = run_pibl(cfg, tmp_path, env, "--workers", "1")
+    try:
+        wait_port(port)
+        output = tmp_path / "netns.out"
+        with output.open("wb") as sink:
+            other = subprocess.Popen(
+                [
+                    "unshare",
+                    "--net",
+                    "sh",
+                    "-c",
+                    f"ip link set lo up && exec {sys.executable} -m pibl run"
+                    f" --config {cfg} --workers 1",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            assert wait_for(lambda: "serving http" in output.read_text(), timeout=20), (
+                output.read_text()
+            )
+            assert other.poll() is None
+        finally:
+            stop_process(other)
+        assert "already in use" not in output.read_text()
+        # and in the first namespace the port is still refused
+        assert second(cfg, tmp_path, env, "--workers", "1").returncode == 1
+    finally:
+        stop_process(first)
