@@ -171,7 +171,8 @@ def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
             f"{https}"
             f"{dashboard}"
             f"{commands_hint()}"
-            "  Reload the page to watch round robin; Ctrl-C stops everything.\n",
+            "  Reload the page: it lists the replica that answered each of its requests."
+            " Ctrl-C stops everything.\n",
             flush=True,
         )
         asyncio.run(run_worker(config, log))
