@@ -3,4 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/install.sh --test
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# quiet by default; a -q, -v or --quiet/--verbose of the caller replaces it (pytest adds them
+# up, and -q -q would hide the result line)
+quiet=(-q)
+for arg in "$@"; do
+    case "$arg" in
+        -q* | -v* | --quiet | --verbose) quiet=() ;;
+    esac
+done
+exec .venv/bin/python -m pytest "${quiet[@]}" -p no:cacheprovider "$@"

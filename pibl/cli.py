@@ -11,11 +11,22 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pibl import __version__
-from pibl.config import DEFAULT_CONFIG_FILE, Config, load_config, resolve_path
+from pibl.config import (
+    DEFAULT_CONFIG_FILE,
+    CacheConfig,
+    Config,
+    load_config,
+    read_config,
+    resolve_path,
+    validate,
+)
 from pibl.errors import ConfigError
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,14 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
     for name, text in (("stats", "entries and size"), ("purge", "remove entries")):
         action = cache_sub.add_parser(name, help=text)
-        action.add_argument("--config", default=DEFAULT_CONFIG_FILE, help="to find [cache] dir")
+        action.add_argument(
+            "--config",
+            help="the config naming [cache] dir (default: ./pibl.toml if present, else ./cache)",
+        )
         action.add_argument("--dir", help="the cache directory (overrides the config)")
         if name == "purge":
             action.add_argument("url", nargs="?", help="the URL as clients request it")
             action.add_argument("--all", action="store_true", help="remove every entry")
 
     status = sub.add_parser("status", help="print the live overview from the admin listener")
-    status.add_argument("--url", default="http://127.0.0.1:9090", help="the admin listener")
+    status.add_argument(
+        "--url",
+        help="the admin listener (default: [admin] of ./pibl.toml if it exists, "
+        "else http://127.0.0.1:9090)",
+    )
+    status.add_argument("--config", help="read the admin address from this config instead")
 
     sub.add_parser(
         "cert",
@@ -81,21 +100,40 @@ def _effective(config: Config) -> str:
     return json.dumps(config.model_dump(mode="json"), indent=2)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def load_checked(path: str, overrides: dict[str, Any] | None = None) -> Config:
+    """The validated config, its files checked too; every problem in one ConfigError."""
+    from pibl.preflight import raw_problems
     from pibl.proxy.server import validate_runtime
+
+    data = read_config(path, overrides)
+    try:
+        config = validate(data, path)
+    except ConfigError as exc:
+        raise ConfigError("\n".join([str(exc), *raw_problems(data, path)])) from None
+    validate_runtime(config, path)
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pibl.ports import PortInUse, PortLocks, config_addresses
     from pibl.workers import run_master
 
     overrides = _overrides(args)
-    config = load_config(args.config, overrides)
-    validate_runtime(config)
-    return run_master(args.config, overrides, config)
+    config = load_checked(args.config, overrides)
+    locks = PortLocks()
+    try:
+        locks.acquire(config_addresses(config))
+    except PortInUse as exc:
+        print(f"pibl: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return run_master(args.config, overrides, config, locks)
+    finally:
+        locks.release_all()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pibl.proxy.server import validate_runtime
-
-    config = load_config(args.file)
-    validate_runtime(config)
+    config = load_checked(args.file)
     print(f"{args.file}: OK")
     print(_effective(config))
     return 0
@@ -108,11 +146,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from pibl.cache.store import DiskStore
 
     if args.dir:
-        directory = resolve_path(args.dir)
-    else:
-        directory = resolve_path(load_config(args.config).cache.dir)
+        directory, source = resolve_path(args.dir), "--dir"
+    elif args.config or Path(DEFAULT_CONFIG_FILE).is_file():
+        config_file = args.config or DEFAULT_CONFIG_FILE
+        directory, source = resolve_path(load_config(config_file).cache.dir), config_file
+    else:  # no config here: the documented default, as PIBL itself would use it
+        directory = resolve_path(CacheConfig.model_fields["dir"].default)
+        source = f"the default (no ./{DEFAULT_CONFIG_FILE} here)"
     if not directory.is_dir():
-        print(f"pibl: no cache directory at {directory}", file=sys.stderr)
+        print(
+            f"pibl cache: no cache directory at {directory} (from {source}); "
+            "give --dir DIR or --config FILE",
+            file=sys.stderr,
+        )
         return 1
     store = DiskStore(directory, max_size=2**62, fsync=True)
     if args.cache_command == "stats":
@@ -136,19 +182,41 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_url(args: argparse.Namespace) -> str:
+    """--url, else the [admin] listener of --config or ./pibl.toml, else the default."""
+    if args.url:
+        return str(args.url)
+    config_file = args.config or (
+        DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).is_file() else None
+    )
+    if config_file is None:
+        return DEFAULT_ADMIN_URL
+    admin = load_config(config_file).admin
+    if admin is None or not admin.enabled:
+        raise ConfigError(
+            f"{config_file}: admin: no admin listener to ask (add an [admin] section)"
+        )
+    host = "127.0.0.1" if admin.host in ("0.0.0.0", "") else admin.host
+    host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+    return f"http://{host}:{admin.port}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import urllib.request
 
     from pibl.observe.admin import format_status
 
-    url = args.url.rstrip("/") + "/api/status"
+    base = _admin_url(args).rstrip("/")
+    url = base + "/api/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             data = json.loads(response.read())
     except (OSError, ValueError) as exc:
         print(f"pibl status: cannot read {url}: {exc}", file=sys.stderr)
         return 1
-    print(format_status(data))
+    lines = format_status(data).splitlines()
+    lines.insert(1, f"  admin        {base}/")  # which instance answered
+    print("\n".join(lines))
     return 0
 
 

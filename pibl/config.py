@@ -379,6 +379,13 @@ def validate(data: dict[str, Any], source: str) -> Config:
 
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
     """Read ``path`` and apply ``overrides`` given as ``{"server.port": 8081}``."""
+    return validate(read_config(path, overrides), str(path))
+
+
+def read_config(
+    path: str | os.PathLike[str], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The file's TOML as a mapping, ``overrides`` applied, not validated yet."""
     source = str(path)
     try:
         with open(path, "rb") as fh:
@@ -395,7 +402,7 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {section}: must be a table")
         table[key] = value
-    return validate(data, source)
+    return data
 
 
 def resolve_path(path: str, base: Path | None = None) -> Path:

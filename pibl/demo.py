@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from pibl.config import load_config, resolve_path
 from pibl.observe.accesslog import AccessLog
+from pibl.ports import Listen, PortInUse, PortLocks, config_addresses
 from pibl.proxy.server import run_worker
 
 REPLICA_PORTS = (8001, 8002, 8003)
@@ -130,6 +132,20 @@ def missing_app_packages() -> list[str]:
     return missing
 
 
+def commands_hint() -> str:
+    """How to run ``pibl status`` and friends from another terminal in this directory."""
+    script = Path(sys.executable).parent / "pibl"
+    if shutil.which("pibl") or not script.exists():
+        return "  In another terminal here: pibl status, pibl cache stats.\n"
+    where = os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
+    activate = script.with_name("activate")
+    shown = os.path.relpath(activate) if activate.is_relative_to(Path.cwd()) else str(activate)
+    return (
+        f"  In another terminal here: {where} status, {where} cache stats"
+        f" (or first: . {shown}, then pibl ...).\n"
+    )
+
+
 def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
     missing = missing_app_packages()
     if missing:
@@ -146,6 +162,14 @@ def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
             {"tls.cert": str(certs[0]), "tls.key": str(certs[1]), "tls.port": tls_port}
         )
     config = load_config(demo_config_path(), overrides)
+    locks = PortLocks()
+    try:  # before the replicas start: a second demo stops here, naming the first one
+        locks.acquire(
+            [*config_addresses(config), *(Listen("127.0.0.1", p, "replica") for p in REPLICA_PORTS)]
+        )
+    except PortInUse as exc:
+        print(f"pibl demo: cannot start: {exc}", file=sys.stderr)
+        return 1
     log_path = str(resolve_path(config.log.file)) if config.log.file else None
     log = AccessLog(path=log_path, stdout=True, fmt=config.log.format)
     db = Path.cwd() / "guestbook.sqlite3"
@@ -160,11 +184,18 @@ def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
                 f"  HTTPS: https://localhost:{tls_port}/ (trust certs/ca.pem, e.g."
                 f" curl --cacert certs/ca.pem https://localhost:{tls_port}/)\n"
             )
+        dashboard = ""
+        if config.admin is not None and config.admin.enabled:
+            token = f" (admin token: {config.admin.token})" if config.admin.token else ""
+            dashboard = f"  Dashboard: http://{config.admin.host}:{config.admin.port}/{token}\n"
         print(
             f"\n  PIBL demo is up: open http://127.0.0.1:{port}/ in a browser"
             f" (replicas on ports {', '.join(map(str, REPLICA_PORTS))}).\n"
             f"{https}"
-            "  Reload the page to watch round robin; Ctrl-C stops everything.\n",
+            f"{dashboard}"
+            f"{commands_hint()}"
+            "  Reload the page: it lists the replica that answered each of its requests."
+            " Ctrl-C stops everything.\n",
             flush=True,
         )
         asyncio.run(run_worker(config, log))
@@ -176,6 +207,7 @@ def run_demo(*, port: int = 8080, tls_port: int = 8443) -> int:
     finally:
         stop_processes(procs)
         log.close()
+        locks.release_all()
     return 0
 
 

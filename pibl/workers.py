@@ -43,6 +43,7 @@ from pibl.discovery import Watcher, expanded_config, make_resolver, needs_discov
 from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
 from pibl.observe.metrics import prepare_multiprocess, worker_exited
+from pibl.ports import PortInUse, PortLocks, config_addresses
 from pibl.procs import alive, start_time
 from pibl.proxy.server import announce_backends, make_socket, run_worker, validate_runtime
 
@@ -77,6 +78,7 @@ class Master:
     watcher: Watcher | None = None
     state_dir: Path | None = None
     last_restart: float = 0.0
+    locks: PortLocks | None = None  # the addresses this instance holds (see pibl/ports.py)
 
     # -- sockets and processes ----------------------------------------------------------
 
@@ -106,10 +108,16 @@ class Master:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent()
+                if self.locks is not None:
+                    self.locks.close_inherited()
                 for i, socks in enumerate(sockets):
                     if i != slot:
                         for sock in socks:
                             sock.close()
+                if self.sockets is not sockets:
+                    # a reload onto new sockets: the old generation's copies would sit in the
+                    # SO_REUSEPORT group unserved, and connections routed to them would hang
+                    _close_all(self.sockets)
                 code = _worker_main(config, sockets[slot], write_fd, self.make_log, self.rotation)
             finally:
                 os._exit(code)
@@ -201,10 +209,15 @@ class Master:
             self.signal_workers(signal.SIGKILL)
             self._wait_all(5)
             return 1
-        host, port, _ = self._address(config)
+        serving = ", ".join(
+            ("admin " if a.role == "admin" else "")
+            + ("https" if a.role == "https" else "http")
+            + f"://{a.host}:{a.port}"
+            for a in config_addresses(config)
+        )
         self.log.info(
             f"master {os.getpid()}: {len(procs)} worker(s) "
-            f"({', '.join(str(p.pid) for p in procs)}) serving http://{host}:{port}"
+            f"({', '.join(str(p.pid) for p in procs)}) serving {serving}"
         )
         while True:
             info = signal.sigtimedwait(HANDLED, 1.0)
@@ -241,7 +254,7 @@ class Master:
         """SIGHUP: validate, start a new generation, retire the old one gracefully."""
         try:
             configured = load_config(self.config_path, self.overrides)
-            validate_runtime(configured)
+            validate_runtime(configured, self.config_path)
         except ConfigError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc}")
             return
@@ -257,9 +270,16 @@ class Master:
             new_config.server.workers == self.config.server.workers
         )
         try:
+            if self.locks is not None:
+                self.locks.acquire(config_addresses(new_config))
             sockets = old_sockets if same_address else self.open_sockets(new_config)
+        except PortInUse as exc:
+            self.log.error(f"reload refused: {exc}")
+            self._keep_addresses(self.config)
+            return False
         except OSError as exc:
             self.log.error(f"reload refused: cannot listen: {exc}")
+            self._keep_addresses(self.config)
             return False
         self.generation += 1
         old_rotation = self.rotation
@@ -274,18 +294,24 @@ class Master:
             self.rotation = old_rotation
             if sockets is not old_sockets:
                 _close_all(sockets)
+            self._keep_addresses(self.config)
             return False
         self.signal_workers(signal.SIGTERM, old_generation)
         if sockets is not old_sockets:
             _close_all(old_sockets)  # the old workers keep their own copy until they exit
         self.config = new_config
         self.sockets = sockets
+        self._keep_addresses(new_config)
         self.log.info(
             f"reloaded {self.config_path}: generation {self.generation}, "
             f"{len(new_config.backends)} backend(s): "
             + ", ".join(b.label for b in new_config.backends)
         )
         return True
+
+    def _keep_addresses(self, config: Config) -> None:
+        if self.locks is not None:
+            self.locks.keep_only(config_addresses(config))
 
     def stop(self) -> int:
         self.stopping = True
@@ -377,6 +403,7 @@ def _worker_main(
     rotation: SharedBalance | None,
 ) -> int:
     log = make_log(config)
+    log.label = f"worker {os.getpid()}"  # each worker listens and checks health on its own
 
     def ready(_: object) -> None:
         os.write(ready_fd, b"R")
@@ -413,7 +440,9 @@ def raise_fd_limit(log: AccessLog) -> None:
         log.warning(f"cannot raise the open files limit: {exc}")
 
 
-def run_master(config_path: str, overrides: dict[str, Any], config: Config) -> int:
+def run_master(
+    config_path: str, overrides: dict[str, Any], config: Config, locks: PortLocks | None = None
+) -> int:
     def make_log(cfg: Config, *, threaded: bool = True) -> AccessLog:
         path = str(resolve_path(cfg.log.file)) if cfg.log.file else None
         return AccessLog(path=path, stdout=cfg.log.stdout, fmt=cfg.log.format, threaded=threaded)
@@ -421,7 +450,7 @@ def run_master(config_path: str, overrides: dict[str, Any], config: Config) -> i
     # The master writes its few lines synchronously: no thread may exist when it forks.
     master_log = make_log(config, threaded=False)
     raise_fd_limit(master_log)
-    master = Master(config_path, overrides, config, master_log, make_log)
+    master = Master(config_path, overrides, config, master_log, make_log, locks=locks)
     try:
         return master.run()
     except OSError as exc:

@@ -33,8 +33,25 @@ PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 extras="app"
 ((want_test)) && extras="app,dev"
-.venv/bin/python -m pip install -q -e ".[${extras}]" 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
+
+# The package is installed in editable mode, so code changes need no reinstall; only a
+# changed pyproject.toml (or more extras) does. The stamp records what was installed.
+stamp=.venv/.pibl-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extras}"
+have=$(cat "$stamp" 2>/dev/null || true)
+if [[ "$have" != "$want" && "$have" != "${want% *} app,dev" ]]; then
+    echo "install.sh: installing PIBL and its dependencies (.[${extras}]) into ./.venv"
+    log=.venv/install.log
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    # pip and setuptools are chatty even when all goes well (an editable-install notice
+    # of ten lines): keep their output in a log and show it only when something failed
+    if ! .venv/bin/python -m pip install -q -e ".[${extras}]" >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "install.sh: pip install failed (output above, also in $log)" >&2
+        exit 1
+    fi
+    echo "$want" >"$stamp"
+fi
 .venv/bin/python -c "import pibl, httptools, pydantic" >/dev/null

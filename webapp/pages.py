@@ -75,7 +75,17 @@ def render_home(
     body = f"""    <section class="hero">
       <p class="hero-label">This page was served by</p>
       <h1><strong id="replica">{esc(replica)}</strong></h1>
-      <p>Reload the page through the proxy to see the load balancer pick replicas.</p>
+      <p>A load balancer in round robin hands every request, not every page, to the next
+        replica. Loading this page makes two requests through it, answered in turn:</p>
+      <ol id="page-requests" class="requests">
+        <li data-replica="{esc(replica)}"><code>GET /</code> (this page)
+          &rarr; <strong>{esc(replica)}</strong></li>
+        <li id="api-request"><code>GET /api/info</code> (sent by this page's script)
+          &rarr; <strong class="who">waiting&hellip;</strong></li>
+      </ol>
+      <p>so each reload moves on by two replicas: replica-1 and replica-2 answer one load,
+        replica-3 and replica-1 the next. (The first load also fetches the stylesheet, the
+        script and the logo, which the browser then keeps.)</p>
     </section>
     <section>
       <h2>Request received</h2>

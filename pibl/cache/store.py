@@ -45,6 +45,7 @@ from pibl.procs import alive
 
 MAGIC = b"PIBL-CACHE/1\n"
 MAX_VARIANTS = 32
+RESYNC_INTERVAL = 5.0  # seconds between walks that bring the index back in line with the disk
 
 
 @dataclass(slots=True)
@@ -246,8 +247,14 @@ class DiskStore:
         self._memory: OrderedDict[str, tuple[Entry, bytes, int]] = OrderedDict()
         self._memory_bytes = 0
         self._verified: set[str] = set()
+        # resync: the index follows what other processes store, purge and evict
+        self._touched: set[str] | None = None  # keys accounted while a resync runs
+        self._resync: threading.Thread | None = None
+        self._resynced_at = time.monotonic()
+        self._resync_seconds = 0.0
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        self._seen_purge = self.purge_generation()
         for leftover in self.tmp_dir.iterdir():  # a crash mid-write leaves these
             if not _writer_alive(leftover.name):
                 with contextlib.suppress(OSError):
@@ -304,9 +311,55 @@ class DiskStore:
             self.stats.indexed = True
         self.evict()
 
+    def resync_if_due(self, now: float, interval: float = RESYNC_INTERVAL) -> bool:
+        """Start a background resync after a purge of everything or every few seconds.
+
+        Other workers, ``pibl cache purge`` and a manual ``rm`` change the directory
+        without telling this process; the index (and the figures the dashboard shows)
+        follows the disk again after a resync. The interval grows with the time a walk
+        takes, so a large cache spends at most about 2% of one thread on it.
+        """
+        if self._resync is not None and self._resync.is_alive():
+            return False
+        purged = self.purge_generation()
+        due = now - self._resynced_at >= max(interval, 50 * self._resync_seconds)
+        if purged == self._seen_purge and not due:
+            return False
+        self._seen_purge = purged
+        self._resynced_at = now
+        self._resync = threading.Thread(target=self.resync, name="pibl-cache-resync", daemon=True)
+        self._resync.start()
+        return True
+
+    def resync(self) -> None:
+        """Rebuild the index from the directory: add what is new, drop what is gone."""
+        started = time.monotonic()
+        with self._lock:
+            self._touched = set()
+        try:
+            self.scan()  # adds entries found on disk, keeps the known ones in LRU order
+            gone = [key for key in list(self._sizes) if not os.path.exists(key)]
+            with self._lock:
+                for key in gone:
+                    if key in self._touched:
+                        continue  # stored or removed by this process meanwhile: already right
+                    size = self._sizes.pop(key, None)
+                    if size is not None:  # (a memory-tier copy is checked against the disk)
+                        self.stats.bytes -= size
+                        self.stats.entries -= 1
+        except OSError:
+            pass  # a directory removed under the walk (a purge): the next resync catches up
+        finally:
+            with self._lock:
+                self._touched = None
+            self._resync_seconds = time.monotonic() - started
+            self._resynced_at = time.monotonic()
+
     def _account(self, meta_path: Path, size: int) -> None:
         with self._lock:
             key = str(meta_path)
+            if self._touched is not None:
+                self._touched.add(key)
             old = self._sizes.pop(key, None)
             if old is not None:
                 self.stats.bytes -= old

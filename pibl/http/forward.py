@@ -252,6 +252,11 @@ def stored_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
     ]
 
 
+def body_length(response: bytes) -> int:
+    """The body bytes of a whole response (what the access log counts, like a backend's)."""
+    return len(response) - response.index(b"\r\n\r\n") - 4
+
+
 def simple_response(
     status: int,
     message: str,

@@ -120,6 +120,8 @@ class AccessLog:
         self._file: TextIO | None = None
         self._next_open = 0.0
         self.dropped = 0
+        # names the process on event lines when several write to one log ("worker 1234")
+        self.label = ""
         self._threaded = threaded
         self._thread = threading.Thread(target=self._run, name="pibl-log", daemon=True)
         if threaded:
@@ -143,7 +145,12 @@ class AccessLog:
     def event(self, level: str, message: str) -> None:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if self._json:
-            line = json.dumps({"time": when, "level": level, "message": message})
+            fields = {"time": when, "level": level, "message": message}
+            if self.label:
+                fields["worker"] = self.label
+            line = json.dumps(fields)
+        elif self.label:
+            line = f"{when} [{level}] {self.label}: {message}"
         else:
             line = f"{when} [{level}] {message}"
         self._put(line)

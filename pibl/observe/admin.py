@@ -8,7 +8,8 @@ bounded by the same limits) and keeps connections alive between requests. Routes
 * ``GET /api/status``: the merged live status as JSON;
 * ``GET /``: the dashboard (one self-contained page that polls ``/api/status``);
 * ``GET /health``: ``ok``;
-* ``POST /api/backends/<name>/{drain,undrain,enable,disable}``;
+* ``POST /api/backends/<name>/{drain,disable,enable}``: drain or disable take a backend out
+  of service, enable returns it from either (``undrain`` is an older name of ``enable``);
 * ``POST /api/cache/purge`` with ``{"url": "http://host/path"}`` or ``{"all": true}``.
 
 Reading is open to whoever can reach the listener. Actions always need

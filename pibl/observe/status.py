@@ -137,17 +137,18 @@ class StatusTracker:
             state.draining = bool(wanted.get("draining", False))
             state.disabled = bool(wanted.get("disabled", False))
 
-    def set_backend_flag(self, name: str, flag: str, value: bool) -> bool:
+    def set_backend_flags(self, name: str, **flags: bool) -> bool:
         """Apply here at once and publish for the other workers."""
         states = [s for s in self.proxy.states if s.name == name]
         if not states:
             return False
-        setattr(states[0], flag, value)
+        for flag, value in flags.items():
+            setattr(states[0], flag, value)
         if self.state_dir is not None:
             path = self.state_dir / "control.json"
             control = read_json(path) or {"version": 0, "backends": {}}
             entry = control.setdefault("backends", {}).setdefault(name, {})
-            entry[flag] = value
+            entry.update(flags)
             control["version"] = int(control.get("version", 0)) + 1
             self._control_version = control["version"]
             write_json(path, control)
@@ -268,12 +269,21 @@ class ProxyAdmin:
     def metrics(self) -> bytes:
         return self.proxy.metrics.exposition()
 
+    # One model for the operator: ``drain`` (no new requests, in-flight ones finish) and
+    # ``disable`` take a backend out of service; ``enable`` returns it from either.
+    # ``undrain`` is an older name of ``enable``.
+
     def drain(self, backend: str, on: bool = True) -> bool:
-        """Stop (or resume) sending new requests to ``backend``; in-flight ones finish."""
-        return self.proxy.status.set_backend_flag(backend, "draining", on)
+        """Stop sending new requests to ``backend`` (in-flight ones finish); off: enable it."""
+        if not on:
+            return self.set_enabled(backend, True)
+        return self.proxy.status.set_backend_flags(backend, draining=True)
 
     def set_enabled(self, backend: str, enabled: bool) -> bool:
-        return self.proxy.status.set_backend_flag(backend, "disabled", not enabled)
+        """Disable ``backend``, or return it to service whether it was drained or disabled."""
+        if enabled:
+            return self.proxy.status.set_backend_flags(backend, draining=False, disabled=False)
+        return self.proxy.status.set_backend_flags(backend, disabled=True)
 
     def purge(self, url: str | None) -> int:
         """Remove one URL's cached entry (as clients request it) or everything (None)."""

@@ -506,19 +506,19 @@ class CacheLayer:
     def _only_if_cached(
         self, conn: ClientConnection, head: RequestHead, rid: bytes, record: AccessRecord
     ) -> bool:
-        from pibl.http.forward import simple_response
+        from pibl.http.forward import body_length, simple_response
 
         record.cache = "MISS"
         record.status = 504
-        conn.write(
-            simple_response(
-                504,
-                "not in cache (only-if-cached)",
-                keep_alive=head.keep_alive,
-                rid=rid,
-                extra=[(b"Cache-Status", b"pibl; fwd=miss; detail=only-if-cached")],
-            )
+        response = simple_response(
+            504,
+            "not in cache (only-if-cached)",
+            keep_alive=head.keep_alive,
+            rid=rid,
+            extra=[(b"Cache-Status", b"pibl; fwd=miss; detail=only-if-cached")],
         )
+        conn.write(response)
+        record.bytes_out = body_length(response)
         return head.keep_alive
 
     async def serve(

@@ -32,6 +32,7 @@ from pibl.compress import CompressionSettings, Compressor
 from pibl.config import Config
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.forward import (
+    body_length,
     client_response,
     interim_response,
     request_id,
@@ -201,7 +202,7 @@ class Proxy:
             status=error.status,
             detail=error.reason,
         )
-        record.bytes_out = len(response)
+        record.bytes_out = body_length(response)
         record.total = time.monotonic() - record.started
         self.log.access(record)
         self.observe(record)
@@ -231,7 +232,9 @@ class Proxy:
             record.status = exc.status
             record.detail = exc.reason
             if not record.response_started:
-                conn.write(simple_response(exc.status, exc.reason, rid=rid))
+                response = simple_response(exc.status, exc.reason, rid=rid)
+                conn.write(response)
+                record.bytes_out = body_length(response)
             else:
                 conn.abort()
             keep_alive = False
@@ -240,15 +243,15 @@ class Proxy:
             if not record.response_started:
                 record.status = exc.status
                 self.log.error(f"{record.backend or '-'}: {exc.reason} ({head.request_line})")
-                conn.write(
-                    simple_response(
-                        exc.status,
-                        _ERROR_TEXT.get(exc.status, exc.reason),
-                        rid=rid,
-                        head_only=head.method == b"HEAD",
-                        extra=[(b"Retry-After", b"1")] if exc.status == 503 else None,
-                    )
+                response = simple_response(
+                    exc.status,
+                    _ERROR_TEXT.get(exc.status, exc.reason),
+                    rid=rid,
+                    head_only=head.method == b"HEAD",
+                    extra=[(b"Retry-After", b"1")] if exc.status == 503 else None,
                 )
+                conn.write(response)
+                record.bytes_out = body_length(response)
             else:
                 conn.abort()
             keep_alive = False
@@ -435,16 +438,16 @@ class Proxy:
         port = b"" if self.redirect_port == 443 else b":%d" % self.redirect_port
         location = b"https://%s%s%s" % (host, port, head.target)
         record.status = 308
-        conn.write(
-            simple_response(
-                308,
-                "this site is served over HTTPS",
-                keep_alive=False,
-                rid=rid,
-                head_only=head.method == b"HEAD",
-                extra=[(b"Location", location)],
-            )
+        response = simple_response(
+            308,
+            "this site is served over HTTPS",
+            keep_alive=False,
+            rid=rid,
+            head_only=head.method == b"HEAD",
+            extra=[(b"Location", location)],
         )
+        conn.write(response)
+        record.bytes_out = body_length(response)
         return False
 
     def security_headers(self, conn: ClientConnection) -> list[tuple[bytes, bytes]]:

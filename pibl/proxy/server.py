@@ -30,7 +30,7 @@ from pibl.observe.status import ProxyAdmin
 from pibl.proxy.cached import CacheLayer
 from pibl.proxy.client import ClientConnection
 from pibl.proxy.exchange import Proxy
-from pibl.proxy.upstream import probe, upstream_tls
+from pibl.proxy.upstream import probe
 from pibl.tls import CertPair, ReloadableServerContext, describe
 
 
@@ -87,19 +87,13 @@ def accept_encoding_normalizer(settings: CompressionSettings | None) -> Normaliz
     return normalize
 
 
-def validate_runtime(config: Config) -> None:
+def validate_runtime(config: Config, source: str = "config") -> None:
     """Checks that need the files a config names (certificates); raise ConfigError."""
-    if config.cache.enabled and config.cache.store == "redis":
-        try:
-            import redis  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                'cache.store: "redis" needs the redis package (pip install "pibl[redis]")'
-            ) from None
-    if config.tls is not None and config.tls.enabled:
-        make_tls(config.tls)
-    for backend in config.backends:
-        upstream_tls(backend)
+    from pibl.preflight import config_problems
+
+    problems = config_problems(config, source)
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def make_tls(tls: TLSConfig) -> ReloadableServerContext:
@@ -293,6 +287,7 @@ class Worker:
             for state in proxy.states:
                 metrics.backend_up.labels(state.name).set(1 if state.available(now) else 0)
             if proxy.cache is not None:
+                proxy.cache.store.resync_if_due(now)  # follow other processes' purges
                 stats = proxy.cache.store.stats
                 metrics.cache_stored.inc(stats.stored - stored)
                 metrics.cache_evictions.inc(stats.evictions - evictions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,27 @@ def test_home_page_renders_through_proxy(demo_stack: int, tmp_path: Path) -> Non
         assert "Via" in driver.find_element("id", "request-headers").text or "via" in (
             driver.find_element("id", "request-headers").text
         )
+        # Round robin as the page shows it: the page and its script's /api/info call are
+        # two consecutive turns, and the next load continues after them.
+        order = ["replica-1", "replica-2", "replica-3"]
+
+        def after(name: str) -> str:
+            return order[(order.index(name) + 1) % 3]
+
+        loads = []
+        for _ in range(4):  # the assets are in the browser's cache by now
+            driver.get(f"http://127.0.0.1:{demo_stack}/")
+            WebDriverWait(driver, 10).until(
+                lambda d: d.find_element("id", "api-request").get_attribute("data-replica")
+            )
+            page = driver.find_element("id", "replica").text.strip()
+            api = driver.find_element("id", "api-request").get_attribute("data-replica")
+            shown = driver.find_element("id", "page-requests").text
+            assert f"GET / (this page) → {page}" in shown
+            assert f"→ {api}" in shown
+            loads.append((page, api))
+        assert all(api == after(page) for page, api in loads), loads
+        assert all(nxt == after(api) for (_, api), (nxt, _) in itertools.pairwise(loads)), loads
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "home-through-pibl.png"))
     finally:

@@ -195,7 +195,8 @@ def test_dashboard_updates_live(
     ARTIFACTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
 
-    driver.find_element("css selector", button).click()  # "Undrain", the token is remembered
+    assert driver.find_element("css selector", button).text == "Enable"
+    driver.find_element("css selector", button).click()  # the token is remembered
     wait.until(lambda d: _rows(d)[target]["state"] == "up")
     logs = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
     assert logs == []  # no script errors, no CSP violations

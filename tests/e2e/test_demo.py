@@ -75,6 +75,8 @@ def test_demo_round_robin_guestbook_and_clean_stop(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0
     assert b"http://127.0.0.1:8080/" in out
+    assert b"Dashboard: http://127.0.0.1:9090/ (admin token: demo)" in out
+    assert b" status, " in out and b"cache stats" in out  # how to reach the commands
     time.sleep(0.5)
     assert [pid for pid in replicas if alive(pid)] == []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from tests.support import (
     Backend,
     free_port,
+    process_tree,
     raw_request,
     start_pibl_process,
     wait_for,
@@ -144,3 +146,27 @@ def test_full_or_read_only_log_target_keeps_serving(
         out = stop(proc)
     assert proc.returncode == 0
     assert out.count('"GET /x/') == 50  # stdout still has every record
+
+
+def test_worker_lines_name_their_worker(tmp_path: Path, backends: list[Backend]) -> None:
+    """Each worker listens and checks health itself: its lines say which worker it is."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    extra = "[cache]\nenabled = false\n[health]\ninterval = 0.2\ntimeout = 0.2\nfall = 1\n"
+    port = free_port()
+    cfg = write_config(tmp_path / "pibl.toml", port, [backends[0].url, dead], extra)
+    proc = start_pibl_process(cfg, tmp_path, "--workers", "2")
+    try:
+        wait_port(port)
+        workers = [p for p in process_tree(proc.pid) if p != proc.pid]
+        assert len(workers) == 2
+        assert wait_for(lambda: (tmp_path / "pibl.log").read_text().count("is DOWN") >= 2, 10)
+    finally:
+        out = stop(proc)
+    listening = [line for line in out.splitlines() if "listening on http://" in line]
+    down = [line for line in out.splitlines() if "is DOWN" in line]
+    for lines in (listening, down):
+        named = {int(m.group(1)) for line in lines if (m := re.search(r"\] worker (\d+): ", line))}
+        assert named == set(workers), lines
+    master = next(line for line in out.splitlines() if "] master " in line)
+    assert f"serving http://127.0.0.1:{port}" in master
+    assert all(str(pid) in master for pid in workers)

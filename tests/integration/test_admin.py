@@ -483,7 +483,14 @@ def test_drain_disable_and_enable_a_real_backend(
         assert len(b2.seen) == before
         assert sum(len(b.seen) for b in backends) == before + 6
 
+        # enable returns a drained backend to service (undrain is an older name for it)
+        assert _post(admin, f"/api/backends/{name}/enable").status_code == 200
+        assert _states(admin)[name] == "up"
+        assert _post(admin, f"/api/backends/{name}/drain").status_code == 200
         assert _post(admin, f"/api/backends/{name}/undrain").status_code == 200
+        assert _states(admin)[name] == "up"
+        # drained, then disabled: one enable brings it back
+        assert _post(admin, f"/api/backends/{name}/drain").status_code == 200
         assert _post(admin, f"/api/backends/{name}/disable").status_code == 200
         assert _states(admin)[name] == "disabled"
         for i in range(6):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import socket
 import struct
 import threading
@@ -651,3 +652,30 @@ def test_head_carries_the_same_vary_as_get(make_proxy: Callable[..., ProxyThread
         server.close()
     assert got.headers["content-encoding"] in ("br", "zstd", "gzip")
     assert "accept-encoding" in head.headers.get("vary", "").lower()
+
+
+def test_access_log_counts_the_body_of_pibls_own_answers(
+    make_proxy: Callable[..., ProxyThread],
+) -> None:
+    """503 (no backend), 400 (refused while parsing), 413: the bytes column is the body sent."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = make_proxy(
+        [dead], retries={"tries": 1}, limits={"max_body_bytes": 10, "request_buffer": 0}
+    )
+    sizes = {}
+    r = httpx.get(f"{proxy.url}/down", timeout=5)
+    assert r.status_code == 503
+    sizes[503] = len(r.content)
+    raw = raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400")
+    sizes[400] = len(raw.split(b"\r\n\r\n", 1)[1])
+    r = httpx.post(f"{proxy.url}/big", content=b"x" * 100, timeout=5)
+    assert r.status_code == 413
+    sizes[413] = len(r.content)
+    logged = {}
+    for line in proxy.log_lines():
+        match = re.search(r'" (\d{3}) (\d+) ', line)
+        if match:
+            logged[int(match.group(1))] = int(match.group(2))
+    assert all(size > 0 for size in sizes.values())
+    assert logged == sizes

@@ -1024,3 +1024,48 @@ def test_open_body_of_a_removed_or_short_body_is_none(store: DiskStore) -> None:
     assert store.open_body(entry) is None
     entry.body_path.unlink()
     assert store.open_body(entry) is None
+
+
+def _resync(store: DiskStore, now: float) -> bool:
+    started = store.resync_if_due(now)
+    if started:
+        assert store._resync is not None
+        store._resync.join(10)
+    return started
+
+
+def test_the_index_follows_purges_and_stores_of_other_processes(cache_dir: Path) -> None:
+    worker = make_store(cache_dir)
+    for name in (b"a", b"b", b"c", b"d"):
+        put(worker, name, b"x" * 100)
+    assert worker.stats.entries == 4
+    now = time.monotonic()
+    assert not _resync(worker, now)  # nothing changed and not due yet
+    # `pibl cache purge --all` in another process, then another worker stores one entry
+    cli = make_store(cache_dir)
+    cli.purge_all()
+    put(make_store(cache_dir), b"e", b"y" * 10)
+    assert worker.stats.entries == 4  # this process cannot know yet
+    assert _resync(worker, now + 1)  # the purge marker changed: at once, not after 5 s
+    assert (worker.stats.entries, worker.stats.bytes) == cli.entries_on_disk()
+    assert worker.stats.entries == 1
+    # a single URL purged elsewhere: followed at the next periodic resync
+    put(worker, b"f", b"z" * 10)
+    cli.invalidate(b"e")
+    assert worker.stats.entries == 2
+    assert not _resync(worker, time.monotonic() + 1)
+    assert _resync(worker, time.monotonic() + 6)
+    assert worker.stats.entries == 1
+    assert get(worker, b"f") is not None and get(worker, b"e") is None
+
+
+def test_resync_keeps_what_this_process_stores_meanwhile(cache_dir: Path) -> None:
+    store = make_store(cache_dir)
+    put(store, b"a", b"1")
+    with store._lock:
+        store._touched = set()
+    entry = put(store, b"b", b"2")
+    assert str(entry.meta_path) in store._touched
+    store._touched = None
+    store.resync()
+    assert store.stats.entries == 2

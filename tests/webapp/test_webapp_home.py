@@ -93,3 +93,16 @@ def test_headers_endpoint_lists_headers_in_order(client: TestClient) -> None:
     assert lines[0] == "host: testserver"
     custom = [line for line in lines if line.startswith("x-")]
     assert custom == ["x-b: 2", "x-a: 1", "x-a: again"]
+
+
+def test_home_lists_its_own_requests_and_who_answered(
+    client: TestClient, replica_name: str
+) -> None:
+    """A browser shows round robin per request: the page names the replica of each one."""
+    page = client.get("/").text
+    requests = page[page.index('<ol id="page-requests"') : page.index("</ol>")]
+    assert f'<li data-replica="{replica_name}"><code>GET /</code>' in requests
+    assert f"<strong>{replica_name}</strong>" in requests
+    assert '<li id="api-request"><code>GET /api/info</code>' in requests
+    script = client.get("/static/app.js").text
+    assert 'getElementById("api-request")' in script and "showApiReplica(info.replica)" in script

@@ -2,6 +2,19 @@
 (function () {
   "use strict";
 
+  // The home page lists its own requests and the replica that answered each one.
+  function showApiReplica(replica) {
+    var item = document.getElementById("api-request");
+    if (!item) {
+      return;
+    }
+    item.setAttribute("data-replica", replica);
+    var who = item.querySelector(".who");
+    if (who) {
+      who.textContent = replica;
+    }
+  }
+
   function ready() {
     document.body.setAttribute("data-js", "loaded");
     var status = document.getElementById("js-status");
@@ -26,9 +39,11 @@
         live.textContent =
           "API answered by " + info.replica + " (" + info.requests_served + " requests served)";
         live.setAttribute("data-replica", info.replica);
+        showApiReplica(info.replica);
       })
       .catch(function (error) {
         live.textContent = "API unavailable: " + error.message;
+        showApiReplica("unavailable (" + error.message + ")");
       });
   }
 
