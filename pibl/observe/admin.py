@@ -475,6 +475,10 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  cache        {text}")
     else:
         lines.append("  cache        off")
+    if status.get("panic"):
+        lines.append(
+            "  balancer     PANIC: too few backends available; passive ejections are ignored"
+        )
     backends = status.get("backends") or []
     if backends:
         header = ("BACKEND", "STATE", "WEIGHT", "REQUESTS", "ERRORS", "ACTIVE", "LATENCY", "URL")

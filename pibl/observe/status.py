@@ -186,6 +186,8 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "by_class": _sum_dicts([s["by_class"] for s in snapshots]),
         "cache": _sum_dicts([s["cache"] for s in snapshots]),
         "cache_store": first.get("cache_store"),
+        # workers in a balancer panic (passive ejections ignored, [health] panic_threshold)
+        "panic": sum(1 for s in snapshots if s.get("panic")),
     }
     backends = []
     for i, b in enumerate(first["backends"]):

@@ -47,3 +47,27 @@ def test_without_the_panic_threshold_the_service_empties(
         for _ in range(3):
             client.get("/drop")
         assert client.get("/ok").status_code == 503
+
+
+def test_the_panic_shows_on_the_status_api_and_in_pibl_status(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    from pibl.observe.admin import format_status
+    from tests.support import free_port
+
+    admin = free_port()
+    proxy = make_proxy(
+        backends[:1], retries={"tries": 1}, admin={"port": admin, "host": "127.0.0.1"}
+    )
+    status = httpx.get(f"http://127.0.0.1:{admin}/api/status", timeout=5).json()
+    assert status["panic"] == 0
+    assert "PANIC" not in format_status(status)
+    with httpx.Client(base_url=proxy.url, timeout=5) as client:
+        for _ in range(4):
+            client.get("/drop")
+        client.get("/ok")
+    status = httpx.get(f"http://127.0.0.1:{admin}/api/status", timeout=5).json()
+    assert status["panic"] == 1
+    assert "balancer     PANIC" in format_status(status)
+    page = httpx.get(f"http://127.0.0.1:{admin}/", timeout=5).text
+    assert 'id="panic"' in page and '$("panic").hidden = !s.panic' in page
