@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pibl.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "pibl.toml"
+DEFAULT_POOL = "default"  # the pool of the top-level [[backends]]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -314,6 +315,167 @@ class LogConfig(_Section):
     verbose: bool = False
 
 
+class PoolConfig(_Section):
+    """A named group of backends with its own policies; unset sections inherit the file's."""
+
+    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    balance: BalanceConfig | None = None
+    health: HealthConfig | None = None
+    retries: RetriesConfig | None = None
+    upstream: UpstreamConfig | None = None
+    timeouts: UpstreamTimeouts | None = None
+    # HAProxy's maxconn/maxqueue: at most this many requests in flight per backend (0 =
+    # unlimited), then up to `maxqueue` wait (for `queue_timeout` s) and the rest get 503
+    maxconn: int = Field(default=0, ge=0)
+    maxqueue: int = Field(default=0, ge=0)
+    queue_timeout: PositiveFloat = 5.0
+
+
+class UpstreamTimeouts(_Section):
+    """Per pool or route: the upstream timeouts of [timeouts] (unset: the file's)."""
+
+    upstream_connect: PositiveFloat | None = None
+    upstream_response: PositiveFloat | None = None
+
+
+class HeaderEdits(_Section):
+    add: dict[str, str] = {}  # set (replacing any field of that name)
+    remove: tuple[str, ...] = ()
+
+    @field_validator("add", "remove")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                raise ValueError(f"{name!r} is not a header field name")
+        if isinstance(value, dict):
+            for name, v in value.items():
+                if any(c in v for c in "\r\n\0"):
+                    raise ValueError(f"the value of {name} has a line break or NUL")
+        return value
+
+
+class RedirectConfig(_Section):
+    to: str  # a URL or a path; "$path" stands for the request's path and query
+    status: Literal[301, 302, 303, 307, 308] = 302
+
+
+class RespondConfig(_Section):
+    status: int = Field(default=200, ge=200, le=599)
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+class LimitConfig(_Section):
+    """nginx's limit_req: a leaky bucket of `rate` requests/s with room for `burst`."""
+
+    rate: float = Field(gt=0)
+    burst: int = Field(default=0, ge=0)
+    key: str = "client"  # "client" (address), "route" (one bucket), or "header:NAME"
+    delay: bool = False  # within the burst, delay to the rate instead of answering at once
+    shared: Literal["node", "fleet"] = "node"  # fleet: through the Redis cache tier
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if value in ("client", "route"):
+            return value
+        kind, _, name = value.partition(":")
+        if kind != "header" or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+            raise ValueError('must be "client", "route" or "header:NAME"')
+        return value
+
+
+class MirrorConfig(_Section):
+    pool: str
+    share: float = Field(default=1.0, gt=0, le=1.0)  # of the route's requests
+
+
+class RouteConfig(_Section):
+    """One [[routes]] entry: matched in order, the first match wins."""
+
+    name: str | None = None
+    host: str | tuple[str, ...] | None = None  # exact or "*.example.com"
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    methods: tuple[str, ...] | None = None
+    headers: tuple[str, ...] | None = None  # fields that must be present
+    # what to do: one of pool, redirect, respond
+    pool: str | None = None
+    redirect: RedirectConfig | None = None
+    respond: RespondConfig | None = None
+    # per-route policies
+    cache: bool | None = None
+    cache_ttl: float | None = Field(default=None, ge=0)
+    compression: bool | None = None
+    timeouts: UpstreamTimeouts | None = None
+    max_body_bytes: int | None = Field(default=None, ge=0)
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+    strip_prefix: bool = False  # remove path_prefix before forwarding
+    replace_prefix: str | None = None  # or replace it with this
+    allow: tuple[str, ...] | None = None  # client networks (CIDR); others get 403
+    deny: tuple[str, ...] = ()
+    limit: LimitConfig | None = None
+    mirror: MirrorConfig | None = None
+
+    @field_validator("path_prefix", "replace_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"is not a valid regular expression ({exc})") from None
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        for host in (value,) if isinstance(value, str) else value or ():
+            bare = host.removeprefix("*.")
+            if not bare or "*" in bare or not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", bare):
+                raise ValueError(f"{host!r} is not a host name or *.domain")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            for m in value:
+                if not re.fullmatch(r"[A-Z]+", m):
+                    raise ValueError(f"{m!r} is not an upper-case method name")
+        return value
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        import ipaddress
+
+        for net in value or ():
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an address or network (CIDR)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_action(self) -> RouteConfig:
+        actions = [a for a in ("pool", "redirect", "respond") if getattr(self, a) is not None]
+        if len(actions) > 1:
+            raise ValueError(f"has both {actions[0]} and {actions[1]}: choose one")
+        if (self.strip_prefix or self.replace_prefix) and self.path_prefix is None:
+            raise ValueError("strip_prefix and replace_prefix need a path_prefix")
+        return self
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
@@ -328,16 +490,41 @@ class Config(_Section):
     tls: TLSConfig | None = None
     admin: AdminConfig | None = None
     discovery: DiscoveryConfig = DiscoveryConfig()
-    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    # the default pool; with [pools.NAME] and [[routes]] it may be left out
+    backends: tuple[BackendConfig, ...] = ()
+    pools: dict[str, PoolConfig] = {}
+    routes: tuple[RouteConfig, ...] = ()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
+        if not self.backends and not self.pools:
+            raise ValueError("no backends: give [[backends]] or [pools.NAME] with backends")
         seen: set[str] = set()
-        for backend in self.backends:
+        for backend in self.all_backends:
             if backend.label in seen:
                 raise ValueError(f"backend name {backend.label!r} is used twice")
             seen.add(backend.label)
+        if DEFAULT_POOL in self.pools:
+            raise ValueError(f"pool name {DEFAULT_POOL!r} is the top-level [[backends]]")
+        for name in self.pools:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"pool name {name!r}: letters, digits, _ . - only")
+        names = set(self.pools) | ({DEFAULT_POOL} if self.backends else set())
+        for i, route in enumerate(self.routes):
+            for pool in (route.pool, route.mirror.pool if route.mirror else None):
+                if pool is not None and pool not in names:
+                    raise ValueError(f"routes[{i}]: no pool named {pool!r}")
+        if not self.backends and self.pools and not self.routes and len(self.pools) > 1:
+            raise ValueError("several [pools] and no [[routes]]: add routes that name them")
         return self
+
+    @property
+    def all_backends(self) -> tuple[BackendConfig, ...]:
+        """Every backend of every pool, the default pool first."""
+        out = self.backends
+        for pool in self.pools.values():
+            out += pool.backends
+        return out
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

@@ -1,0 +1,286 @@
+"""Routes: which pool (or redirect, or fixed answer) a request gets, and its policies (pure).
+
+``[[routes]]`` are matched in order and the first match wins, as nginx's ``location``
+blocks with a prefix are not (nginx takes the longest prefix) but HAProxy's ``use_backend``
+rules, Caddy's ``route`` and Traefik's priorities are: order is what a reader of the file
+sees, so order decides. A file without ``[[routes]]`` has one catch-all route to the pool
+of its top-level ``[[backends]]``.
+
+Everything a route decides is compiled once per configuration (and on reload): host
+patterns into a table indexed by host, header edits into lower-case byte strings, CIDR
+lists into ``ipaddress`` networks. Per request, :meth:`Router.match` looks up the host's
+candidate list (built once per host name seen, kept in a bounded table) and checks the
+cheap conditions of each candidate in order; with fifty routes and a common host it costs a
+dictionary lookup and a few ``startswith`` calls.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pibl.config import DEFAULT_POOL, Config, LimitConfig, RouteConfig, UpstreamTimeouts
+from pibl.http.message import HeaderList
+
+HOST_CACHE_MAX = 4096  # host names whose candidate lists are kept (per worker)
+ACCESS_CACHE_MAX = 65536  # client addresses whose allow/deny verdict is kept, per route
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPlan:
+    """Fields to remove (lower-case) and to set, decided once per configuration."""
+
+    remove: frozenset[bytes] = frozenset()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+
+    def apply(self, headers: HeaderList) -> HeaderList:
+        if not self.remove and not self.add:
+            return headers
+        drop = self.remove | {name.lower() for name, _ in self.add}
+        out = [(k, v) for k, v in headers if k.lower() not in drop]
+        out.extend(self.add)
+        return out
+
+
+NO_EDITS = HeaderPlan()
+
+
+@dataclass(slots=True)
+class Route:
+    """A compiled [[routes]] entry."""
+
+    index: int
+    name: str
+    hosts: tuple[str, ...] = ()  # exact, lower-case; "*.example.com" for wildcards
+    prefix: bytes | None = None
+    regex: re.Pattern[bytes] | None = None
+    methods: frozenset[bytes] | None = None
+    headers: tuple[bytes, ...] = ()  # lower-case names that must be present
+    pool: str | None = None
+    redirect: tuple[int, bytes] | None = None  # (status, target with $path)
+    respond: tuple[int, bytes, bytes] | None = None  # (status, body, content type)
+    cache: bool | None = None
+    cache_ttl: float | None = None
+    compression: bool | None = None
+    timeouts: UpstreamTimeouts | None = None
+    max_body_bytes: int | None = None
+    request_edits: HeaderPlan = NO_EDITS
+    response_edits: HeaderPlan = NO_EDITS
+    rewrite: tuple[bytes, bytes] | None = None  # (prefix, replacement)
+    allow: tuple[Network, ...] | None = None
+    deny: tuple[Network, ...] = ()
+    limit: LimitConfig | None = None
+    mirror: tuple[str, float] | None = None  # (pool, share)
+    _access: OrderedDict[str, bool] = field(default_factory=OrderedDict)
+
+    def __repr__(self) -> str:
+        target = self.pool or ("redirect" if self.redirect else "respond")
+        return f"<Route {self.index} {self.name} -> {target}>"
+
+    # -- matching --------------------------------------------------------------------
+
+    def matches(self, path: bytes, method: bytes, headers: HeaderList) -> bool:
+        """The conditions besides the host (checked by the router's table)."""
+        if self.prefix is not None and not path.startswith(self.prefix):
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.regex is not None and self.regex.search(path) is None:
+            return False
+        if self.headers:
+            present = {k.lower() for k, _ in headers}
+            if any(name not in present for name in self.headers):
+                return False
+        return True
+
+    def host_matches(self, host: str) -> bool:
+        if not self.hosts:
+            return True
+        for pattern in self.hosts:
+            if pattern.startswith("*."):
+                if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+    # -- policies --------------------------------------------------------------------
+
+    def allowed(self, client_ip: str) -> bool:
+        """Whether a client address may use this route (deny first, then allow)."""
+        if self.allow is None and not self.deny:
+            return True
+        cache = self._access
+        verdict = cache.get(client_ip)
+        if verdict is None:
+            verdict = self._decide(client_ip)
+            cache[client_ip] = verdict
+            if len(cache) > ACCESS_CACHE_MAX:
+                cache.popitem(last=False)
+        return verdict
+
+    def _decide(self, client_ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(client_ip.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if any(addr in net for net in self.deny):
+            return False
+        return self.allow is None or any(addr in net for net in self.allow)
+
+    def rewrite_target(self, target: bytes) -> bytes:
+        """The request target sent to the backend (prefix stripped or replaced)."""
+        if self.rewrite is None:
+            return target
+        prefix, replacement = self.rewrite
+        if not target.startswith(prefix):
+            return target
+        rest = target[len(prefix) :]
+        if rest.startswith(b"/") and replacement.endswith(b"/"):
+            rest = rest[1:]
+        out = replacement + rest
+        if not out.startswith(b"/"):
+            out = b"/" + out
+        return out
+
+    def redirect_location(self, target: bytes) -> bytes:
+        assert self.redirect is not None
+        return self.redirect[1].replace(b"$path", target)
+
+
+def normalize_host(host: bytes) -> str:
+    """Host header -> lower-case name without port or trailing dot."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        return text[: end + 1] if end > 0 else text
+    name, _, _ = text.partition(":")
+    return name.rstrip(".")
+
+
+def _compile(index: int, cfg: RouteConfig) -> Route:
+    hosts = (cfg.host,) if isinstance(cfg.host, str) else (cfg.host or ())
+    route = Route(index=index, name=cfg.name or f"route{index}")
+    route.hosts = tuple(h.lower().rstrip(".") for h in hosts)
+    route.prefix = cfg.path_prefix.encode() if cfg.path_prefix is not None else None
+    route.regex = re.compile(cfg.path_regex.encode()) if cfg.path_regex is not None else None
+    route.methods = frozenset(m.encode() for m in cfg.methods) if cfg.methods else None
+    route.headers = tuple(h.lower().encode() for h in cfg.headers or ())
+    route.pool = cfg.pool
+    if cfg.redirect is not None:
+        route.redirect = (cfg.redirect.status, cfg.redirect.to.encode())
+    if cfg.respond is not None:
+        r = cfg.respond
+        route.respond = (r.status, r.body.encode(), r.content_type.encode())
+    route.cache = cfg.cache
+    route.cache_ttl = cfg.cache_ttl
+    route.compression = cfg.compression
+    route.timeouts = cfg.timeouts
+    route.max_body_bytes = cfg.max_body_bytes
+    for attr, edits in (
+        ("request_edits", cfg.request_headers),
+        ("response_edits", cfg.response_headers),
+    ):
+        if edits is not None:
+            setattr(
+                route,
+                attr,
+                HeaderPlan(
+                    remove=frozenset(n.lower().encode() for n in edits.remove),
+                    add=tuple((k.encode(), v.encode()) for k, v in edits.add.items()),
+                ),
+            )
+    if cfg.path_prefix is not None and (cfg.strip_prefix or cfg.replace_prefix is not None):
+        prefix = cfg.path_prefix.encode()
+        replacement = (cfg.replace_prefix or "/").encode()
+        if prefix.endswith(b"/") and not replacement.endswith(b"/"):
+            replacement += b"/"
+        route.rewrite = (prefix, replacement)
+    if cfg.allow is not None:
+        route.allow = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.allow)
+    route.deny = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.deny)
+    route.limit = cfg.limit
+    if cfg.mirror is not None:
+        route.mirror = (cfg.mirror.pool, cfg.mirror.share)
+    return route
+
+
+def compile_routes(config: Config) -> list[Route]:
+    """The routes of a configuration, with the implicit catch-all when it has none."""
+    if config.routes:
+        return [_compile(i, r) for i, r in enumerate(config.routes)]
+    pool = DEFAULT_POOL if config.backends else next(iter(config.pools))
+    return [Route(index=0, name="default", pool=pool)]
+
+
+class Router:
+    """First-match routing with a per-host table of candidate routes."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = list(routes)
+        self._by_host: OrderedDict[str, tuple[Route, ...]] = OrderedDict()
+        # the usual single catch-all route needs no table at all
+        only = self.routes[0] if len(self.routes) == 1 else None
+        self._only = only if only is not None and not only.hosts else None
+
+    def __repr__(self) -> str:
+        return f"<Router {len(self.routes)} routes>"
+
+    def candidates(self, host: str) -> tuple[Route, ...]:
+        found = self._by_host.get(host)
+        if found is None:
+            found = tuple(r for r in self.routes if r.host_matches(host))
+            self._by_host[host] = found
+            if len(self._by_host) > HOST_CACHE_MAX:
+                self._by_host.popitem(last=False)
+        return found
+
+    def match(self, host: bytes, path: bytes, method: bytes, headers: HeaderList) -> Route | None:
+        """The first route this request matches; None when none does (a 404)."""
+        only = self._only
+        if only is not None:
+            return only if only.matches(path, method, headers) else None
+        for route in self.candidates(normalize_host(host)):
+            if route.matches(path, method, headers):
+                return route
+        return None
+
+
+def route_warnings(config: Config) -> list[str]:
+    """Routes that can never match (a broader route before them), worth a warning."""
+    out: list[str] = []
+    routes = compile_routes(config)
+    for later in routes:
+        for earlier in routes[: later.index]:
+            if _covers(earlier, later):
+                out.append(
+                    f"routes[{later.index}] ({later.name}) is never reached: "
+                    f"routes[{earlier.index}] ({earlier.name}) matches everything it does"
+                )
+                break
+    return out
+
+
+def _covers(a: Route, b: Route) -> bool:
+    """Whether every request ``b`` matches is matched by ``a`` (conservatively)."""
+    if a.regex is not None or a.headers:
+        return False
+    if a.hosts and not (b.hosts and all(_host_covered(a, h) for h in b.hosts)):
+        return False
+    if a.prefix is not None and (b.prefix is None or not b.prefix.startswith(a.prefix)):
+        return False
+    return a.methods is None or (b.methods is not None and b.methods <= a.methods)
+
+
+def _host_covered(a: Route, pattern: str) -> bool:
+    """Whether every host ``pattern`` (exact or ``*.domain``) matches is one ``a`` takes."""
+    if not pattern.startswith("*."):
+        return a.host_matches(pattern)
+    return any(p.startswith("*.") and pattern.endswith(p[1:]) for p in a.hosts)
