@@ -133,8 +133,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from pibl.routes import route_warnings
+
     config = load_checked(args.file)
     print(f"{args.file}: OK")
+    for warning in route_warnings(config):
+        print(f"{args.file}: warning: {warning}")
     print(_effective(config))
     return 0
 

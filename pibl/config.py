@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pibl.errors import ConfigError
 
@@ -315,6 +323,13 @@ class LogConfig(_Section):
     verbose: bool = False
 
 
+class UpstreamTimeouts(_Section):
+    """Per pool or route: the upstream timeouts of [timeouts] (unset: the file's)."""
+
+    upstream_connect: PositiveFloat | None = None
+    upstream_response: PositiveFloat | None = None
+
+
 class PoolConfig(_Section):
     """A named group of backends with its own policies; unset sections inherit the file's."""
 
@@ -329,13 +344,6 @@ class PoolConfig(_Section):
     maxconn: int = Field(default=0, ge=0)
     maxqueue: int = Field(default=0, ge=0)
     queue_timeout: PositiveFloat = 5.0
-
-
-class UpstreamTimeouts(_Section):
-    """Per pool or route: the upstream timeouts of [timeouts] (unset: the file's)."""
-
-    upstream_connect: PositiveFloat | None = None
-    upstream_response: PositiveFloat | None = None
 
 
 class HeaderEdits(_Section):
@@ -490,15 +498,22 @@ class Config(_Section):
     tls: TLSConfig | None = None
     admin: AdminConfig | None = None
     discovery: DiscoveryConfig = DiscoveryConfig()
-    # the default pool; with [pools.NAME] and [[routes]] it may be left out
-    backends: tuple[BackendConfig, ...] = ()
     pools: dict[str, PoolConfig] = {}
+    # the default pool; with [pools.NAME] and [[routes]] it may be left out
+    backends: tuple[BackendConfig, ...] = Field(default=(), validate_default=True)
     routes: tuple[RouteConfig, ...] = ()
+
+    @field_validator("backends")
+    @classmethod
+    def _some_backends(
+        cls, value: tuple[BackendConfig, ...], info: ValidationInfo
+    ) -> tuple[BackendConfig, ...]:
+        if not value and not info.data.get("pools"):
+            raise ValueError("required: at least one backend ([[backends]] or [pools.NAME])")
+        return value
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
-        if not self.backends and not self.pools:
-            raise ValueError("no backends: give [[backends]] or [pools.NAME] with backends")
         seen: set[str] = set()
         for backend in self.all_backends:
             if backend.label in seen:
@@ -514,6 +529,17 @@ class Config(_Section):
             for pool in (route.pool, route.mirror.pool if route.mirror else None):
                 if pool is not None and pool not in names:
                     raise ValueError(f"routes[{i}]: no pool named {pool!r}")
+        fleet = [i for i, r in enumerate(self.routes) if r.limit and r.limit.shared == "fleet"]
+        if fleet and not (self.cache.enabled and self.cache.store == "redis"):
+            raise ValueError(
+                f'routes[{fleet[0]}].limit.shared: "fleet" needs the Redis tier '
+                '([cache] store = "redis")'
+            )
+        for pool_name, pool_config in self.pools.items():
+            if any(b.discover for b in pool_config.backends):
+                raise ValueError(
+                    f"pools.{pool_name}: discover = true works for the top-level [[backends]] only"
+                )
         if not self.backends and self.pools and not self.routes and len(self.pools) > 1:
             raise ValueError("several [pools] and no [[routes]]: add routes that name them")
         return self

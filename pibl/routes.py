@@ -16,6 +16,7 @@ dictionary lookup and a few ``startswith`` calls.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pibl.config import DEFAULT_POOL, Config, LimitConfig, RouteConfig, UpstreamTimeouts
-from pibl.http.message import HeaderList
+from pibl.http.message import HeaderList, RequestHead
 
 HOST_CACHE_MAX = 4096  # host names whose candidate lists are kept (per worker)
 ACCESS_CACHE_MAX = 65536  # client addresses whose allow/deny verdict is kept, per route
@@ -149,6 +150,16 @@ class Route:
         if not out.startswith(b"/"):
             out = b"/" + out
         return out
+
+    def upstream_head(self, head: RequestHead) -> RequestHead:
+        """The request as the pool's backend gets it: target rewritten, fields edited."""
+        if self.rewrite is None and self.request_edits is NO_EDITS:
+            return head
+        return dataclasses.replace(
+            head,
+            target=self.rewrite_target(head.target),
+            headers=self.request_edits.apply(head.headers),
+        )
 
     def redirect_location(self, target: bytes) -> bytes:
         assert self.redirect is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import os
 import resource
 import select
@@ -41,11 +42,13 @@ from pibl.balance.health import SharedBalance
 from pibl.config import Config, load_config, resolve_path
 from pibl.discovery import Watcher, expanded_config, make_resolver, needs_discovery
 from pibl.errors import ConfigError
+from pibl.limits import RateLimiter
 from pibl.observe.accesslog import AccessLog
 from pibl.observe.metrics import prepare_multiprocess, worker_exited
 from pibl.ports import PortInUse, PortLocks, config_addresses
 from pibl.procs import alive, start_time
 from pibl.proxy.server import announce_backends, make_socket, run_worker, validate_runtime
+from pibl.routes import route_warnings
 
 HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
 PR_SET_PDEATHSIG = 1
@@ -74,6 +77,7 @@ class Master:
     generation: int = 0
     stopping: bool = False
     rotation: SharedBalance | None = None
+    limiter: RateLimiter | None = None
     configured: Config | None = None  # as written in the file (before discovery)
     watcher: Watcher | None = None
     state_dir: Path | None = None
@@ -198,8 +202,10 @@ class Master:
             self.config = effective
         config = self.config
         asyncio.run(announce_backends(config, self.log))
+        for warning in route_warnings(config):
+            self.log.warning(warning)
         self.sockets = self.open_sockets(config)
-        self.rotation = SharedBalance.create(len(config.backends))
+        self.rotation = self._shared(config)
         self.state_dir = make_state_dir(self.log)
         prepare_multiprocess(self.state_dir)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
@@ -250,6 +256,15 @@ class Master:
                 f"worker {proc.pid} (slot {proc.slot}) died with {how}; replaced by {new.pid}"
             )
 
+    def _shared(self, config: Config) -> SharedBalance:
+        """Memory the workers share: rotation and ejections (new per generation), and the
+        rate-limit buckets (made once, when a route first has a limit, and kept across
+        reloads as nginx keeps its zones)."""
+        shared = SharedBalance.create(len(config.all_backends))
+        if self.limiter is None and any(r.limit is not None for r in config.routes):
+            self.limiter = RateLimiter.shared()
+        return dataclasses.replace(shared, limiter=self.limiter)
+
     def reload(self) -> None:
         """SIGHUP: validate, start a new generation, retire the old one gracefully."""
         try:
@@ -283,7 +298,7 @@ class Master:
             return False
         self.generation += 1
         old_rotation = self.rotation
-        self.rotation = SharedBalance.create(len(new_config.backends))
+        self.rotation = self._shared(new_config)
         procs = [self.spawn(i, new_config, sockets) for i in range(new_config.server.workers)]
         if not self.wait_ready(procs):
             self.log.error("reload failed: new workers did not start; keeping the old ones")
@@ -304,8 +319,8 @@ class Master:
         self._keep_addresses(new_config)
         self.log.info(
             f"reloaded {self.config_path}: generation {self.generation}, "
-            f"{len(new_config.backends)} backend(s): "
-            + ", ".join(b.label for b in new_config.backends)
+            f"{len(new_config.all_backends)} backend(s): "
+            + ", ".join(b.label for b in new_config.all_backends)
         )
         return True
 

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, MutableSequence, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from pibl.balance.policy import SmoothWeighted
 
@@ -193,6 +194,7 @@ class SharedBalance:
     ejected_until: MutableSequence[float]
     lock: AbstractContextManager[object]
     refused: MutableSequence[int]  # 1 when that ejection came from a refused connection
+    limiter: Any = None  # the node's rate-limit buckets (pibl.limits.RateLimiter), if any
 
     @classmethod
     def create(cls, n: int) -> SharedBalance:
@@ -200,6 +202,24 @@ class SharedBalance:
 
         ctx = multiprocessing.get_context("fork")
         return cls(ctx.RawArray("q", n), ctx.RawArray("d", n), ctx.Lock(), ctx.RawArray("b", n))
+
+    def view(self, first: int, n: int) -> SharedBalance | None:
+        """The part for backends ``first`` .. ``first + n - 1`` (one pool), in the same memory;
+        None when this state was made for another backend list."""
+        if first + n > len(self.scores):
+            return None
+
+        def part(seq: MutableSequence[Any], code: str) -> MutableSequence[Any]:
+            view: Any = memoryview(seq).cast("B").cast(code)  # type: ignore[arg-type, call-overload]
+            return cast(MutableSequence[Any], view[first : first + n])
+
+        return SharedBalance(
+            part(self.scores, "q"),
+            part(self.ejected_until, "d"),
+            self.lock,
+            part(self.refused, "b"),
+            self.limiter,
+        )
 
 
 class Balancer:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 import time
@@ -35,9 +36,32 @@ from pibl.cache import policy
 from pibl.cache.key import digest, secondary_key, variant_digest
 from pibl.cache.store import DiskStore, Entry
 from pibl.http.message import HeaderList
+from pibl.limits import Verdict
 
 CHUNK = 256 * 1024
 BACKOFF = 5.0  # seconds Redis is left alone after a failure
+
+
+# nginx's limit_req bucket (see pibl.limits), kept in Redis with the server's clock: returns
+# {1, excess} when the request passes, {0, seconds until one fits} when it does not.
+_LEAKY_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local v = redis.call('HMGET', KEYS[1], 'e', 't')
+local new = 0
+if v[1] then
+  local e, last = tonumber(v[1]), tonumber(v[2])
+  local elapsed = math.max(0, now - last)
+  new = math.max(0, e - rate * elapsed + 1)
+  if new > burst then
+    return {0, tostring((e - rate * elapsed + 1 - burst) / rate)}
+  end
+end
+redis.call('HSET', KEYS[1], 'e', tostring(new), 't', tostring(now))
+redis.call('EXPIRE', KEYS[1], ttl)
+return {1, tostring(new)}
+"""
 
 
 class RedisTier:
@@ -257,6 +281,21 @@ class RedisTier:
         if result is None and not self.available:
             return None
         return bool(result)
+
+    async def rate_limit(self, bucket: int, rate: float, burst: int, delay: bool) -> Verdict | None:
+        """One request against a bucket every node shares; None when Redis is away (the
+        caller falls back to the node's own buckets)."""
+        key = f"{self.prefix}rl:{bucket:x}"
+        ttl = max(1, math.ceil((burst + 1) / rate) + 1)
+        result = await self._call(
+            "EVAL rate limit", self.client.eval(_LEAKY_BUCKET, 1, key, rate, burst, ttl)
+        )
+        if result is None:
+            return None
+        allowed, value = int(result[0]), float(result[1])
+        if not allowed:
+            return Verdict(False, retry_after=max(value, 1.0 / rate))
+        return Verdict(True, delay=value / rate if delay else 0.0)
 
     async def unlock(self, primary: bytes) -> None:
         await self._call("DEL lock", self.client.delete(f"{self.prefix}lock:{digest(primary)}"))

@@ -36,6 +36,7 @@ class AccessRecord:
     upstream: float = -1.0
     total: float = 0.0
     cache: str = "-"
+    route: str = "-"  # the [[routes]] entry it matched (its name)
     request_id: bytes = b"-"
     user_agent: str = "-"
     detail: str = ""

@@ -475,6 +475,23 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  cache        {text}")
     else:
         lines.append("  cache        off")
+    routes = status.get("routes") or []
+    if len(routes) > 1 or (routes and routes[0].get("name") != "default"):
+        lines.append(
+            "  routes       "
+            + ", ".join(f"{r['name']} -> {r['target']} {r['requests']}" for r in routes)
+        )
+    pools = status.get("pools") or []
+    if len(pools) > 1:
+        lines.append(
+            "  pools        "
+            + ", ".join(
+                f"{p['name']} ({p['backends']} backends"
+                + (f", queued {p['queued']}, refused {p['rejected']}" if p.get("maxconn") else "")
+                + ")"
+                for p in pools
+            )
+        )
     if status.get("panic"):
         lines.append(
             "  balancer     PANIC: too few backends available; passive ejections are ignored"

@@ -152,6 +152,12 @@ class Metrics:
         self.backend_errors = Counter(
             "pibl_backend_errors", "Failed attempts on a backend", ["backend"], registry=r
         )
+        self.route_requests = Counter(
+            "pibl_route_requests",
+            "Requests by the [[routes]] entry they matched and status class",
+            ["route", "code"],
+            registry=r,
+        )
         self.connect_refused = Counter(
             "pibl_backend_connects_refused",
             "Connections to a backend that nothing accepted (refused or unreachable)",

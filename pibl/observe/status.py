@@ -38,14 +38,24 @@ class StatusTracker:
         self.backend_latency: dict[str, float] = {}  # EWMA of upstream response time
         self.backend_requests: dict[str, int] = {}
         self.backend_errors: dict[str, int] = {}
+        self.route_requests: dict[str, int] = {}
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._last = (0, 0.0, 0, 0)  # requests, latency sum, hits, cacheable
         self._control_version = -1
 
     # -- fed by the exchange ----------------------------------------------------------
 
-    def record(self, status: int, total: float, backend: str, upstream: float, cache: str) -> None:
+    def record(
+        self,
+        status: int,
+        total: float,
+        backend: str,
+        upstream: float,
+        cache: str,
+        route: str = "-",
+    ) -> None:
         self.requests += 1
+        self.route_requests[route] = self.route_requests.get(route, 0) + 1
         klass = f"{status // 100}xx" if status else "aborted"
         self.by_class[klass] = self.by_class.get(klass, 0) + 1
         self.latency_sum += total
@@ -86,11 +96,12 @@ class StatusTracker:
         proxy = self.proxy
         now = time.monotonic()
         backends = []
-        for backend, state in zip(proxy.backends, proxy.states, strict=True):
+        for backend, state, group in zip(proxy.backends, proxy.states, proxy.group_of, strict=True):
             name = state.name
             backends.append(
                 {
                     "name": name,
+                    "pool": group.name,
                     "url": backend.url,
                     "state": state.state(now),
                     "weight": state.weight,
@@ -118,7 +129,26 @@ class StatusTracker:
                 else None
             ),
             "backends": backends,
-            "panic": proxy.balancer.panicking,  # passive ejections ignored (panic_threshold)
+            "panic": proxy.panicking,  # passive ejections ignored (panic_threshold)
+            "routes": [
+                {
+                    "name": r.name,
+                    "target": r.pool or ("redirect" if r.redirect else "respond"),
+                    "requests": self.route_requests.get(r.name, 0),
+                }
+                for r in proxy.router.routes
+            ],
+            "pools": [
+                {
+                    "name": g.name,
+                    "backends": len(g.backends),
+                    "maxconn": g.maxconn,
+                    "queued": g.queued,
+                    "rejected": g.rejected,
+                    "panic": g.balancer.panicking,
+                }
+                for g in proxy.groups.values()
+            ],
             "history": list(self.history),
         }
 
@@ -207,6 +237,19 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             }
         )
     out["backends"] = backends
+    out["routes"] = [
+        {**r, "requests": sum(s["routes"][i]["requests"] for s in snapshots if "routes" in s)}
+        for i, r in enumerate(first.get("routes", []))
+    ]
+    out["pools"] = [
+        {
+            **g,
+            "queued": sum(s["pools"][i]["queued"] for s in snapshots if "pools" in s),
+            "rejected": sum(s["pools"][i]["rejected"] for s in snapshots if "pools" in s),
+            "panic": any(s["pools"][i]["panic"] for s in snapshots if "pools" in s),
+        }
+        for i, g in enumerate(first.get("pools", []))
+    ]
     # history: sum the per-second samples of all workers, aligned on whole seconds
     buckets: dict[int, dict[str, Any]] = {}
     for s in snapshots:

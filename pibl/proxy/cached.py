@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from pibl.cache.redis_tier import RedisTier
     from pibl.proxy.client import ClientConnection, Incoming
     from pibl.proxy.exchange import Proxy
+    from pibl.routes import Route
 
 CONDITIONALS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"}
@@ -60,6 +61,11 @@ PASS_REASONS = frozenset(
 PASS_MAX = 10_000  # URIs remembered at most
 
 
+def _route_ttl(incoming: Incoming) -> float | None:
+    """The launch-time TTL a request's route gives instead of [cache] ttl (None: that)."""
+    return incoming.route.cache_ttl if incoming.route is not None else None
+
+
 class _StoreHook(ResponseHook):
     """Decides, on the response head, whether to store it and how to label it."""
 
@@ -71,8 +77,10 @@ class _StoreHook(ResponseHook):
         fwd: str,
         *,
         stale: tuple[Entry, float, float] | None = None,
+        ttl: float | None = None,
     ) -> None:
         self.layer = layer
+        self.ttl = layer.config.ttl if ttl is None else ttl  # a route's cache_ttl, if set
         self.primary = primary
         self.head = head
         self.fwd = fwd
@@ -102,7 +110,7 @@ class _StoreHook(ResponseHook):
             self.head.headers,
             resp.status,
             resp.headers,
-            default_ttl=cfg.ttl,
+            default_ttl=self.ttl,
             targeted=targeted,
         )
         if ok and resp.body is BodyKind.LENGTH and resp.content_length > cfg.max_entry_size:
@@ -114,7 +122,7 @@ class _StoreHook(ResponseHook):
             layer._wake(self.primary, self.event)  # nothing to wait for: followers go now
         if ok:
             lifetime = policy.freshness_lifetime(
-                resp.status, resp.headers, default_ttl=cfg.ttl, targeted=targeted
+                resp.status, resp.headers, default_ttl=self.ttl, targeted=targeted
             )
             initial = policy.initial_age(resp.headers, self.request_time, response_time)
             self.tee = layer.store.begin(
@@ -216,7 +224,7 @@ class CacheLayer:
                 detail = "stale-while-revalidate" if decision.background else "max-stale"
                 label = f"pibl; hit; ttl={int(entry.lifetime - age)}; detail={detail}"
                 if decision.background:
-                    self._refresh_in_background(conn, head, primary, entry)
+                    self._refresh_in_background(conn, incoming, head, primary, entry)
                 served = await self.serve(conn, head, entry, age, rid, record, label)
                 if served is not None:
                     return served
@@ -311,7 +319,7 @@ class CacheLayer:
     ) -> bool:
         """Forward a miss as the leader for ``primary`` (``event`` wakes the followers)."""
         record.cache = "MISS"
-        hook = _StoreHook(self, primary, head, fwd)
+        hook = _StoreHook(self, primary, head, fwd, ttl=_route_ttl(incoming))
         hook.event = event
         try:
             return await self.proxy.forward(conn, incoming, head, rid, record, hook=hook)
@@ -381,7 +389,14 @@ class CacheLayer:
         decision: policy.Decision,
     ) -> bool:
         validators = policy.validators(entry.headers)
-        hook = _StoreHook(self, primary, head, "stale", stale=(entry, age, decision.stale_if_error))
+        hook = _StoreHook(
+            self,
+            primary,
+            head,
+            "stale",
+            stale=(entry, age, decision.stale_if_error),
+            ttl=_route_ttl(incoming),
+        )
         record.cache = "EXPIRED"
         try:
             keep = await self.proxy.forward(
@@ -404,7 +419,7 @@ class CacheLayer:
             return keep
         resp = hook.response
         if resp.status == 304:
-            refreshed = self._refresh(entry, resp, hook.request_time)
+            refreshed = self._refresh(entry, resp, hook.request_time, hook.ttl)
             record.cache = "REVALIDATED"
             now_age = policy.current_age(
                 refreshed.initial_age, refreshed.response_time, self.clock()
@@ -418,7 +433,7 @@ class CacheLayer:
             return await self._fetch(conn, incoming, head, rid, record, primary, "miss", event)
         return await self._serve_stale_on_error(conn, head, entry, age, rid, record, resp.status)
 
-    def _refresh(self, entry: Entry, resp: ResponseHead, request_time: float) -> Entry:
+    def _refresh(self, entry: Entry, resp: ResponseHead, request_time: float, ttl: float) -> Entry:
         """Apply a 304 to a stored entry (RFC 9111 section 4.3.4) and persist it."""
         response_time = self.clock()
         entry.headers = policy.merge_304(entry.headers, stored_headers(resp.headers))
@@ -428,7 +443,7 @@ class CacheLayer:
         entry.lifetime = policy.freshness_lifetime(
             entry.status,
             entry.headers,
-            default_ttl=self.config.ttl,
+            default_ttl=ttl,
             targeted=self.config.targeted_fields,
         )
         with contextlib.suppress(OSError):
@@ -457,17 +472,29 @@ class CacheLayer:
         return served
 
     def _refresh_in_background(
-        self, conn: ClientConnection, head: RequestHead, primary: bytes, entry: Entry
+        self,
+        conn: ClientConnection,
+        incoming: Incoming,
+        head: RequestHead,
+        primary: bytes,
+        entry: Entry,
     ) -> None:
         if primary in self._refreshing:
             return
         self._refreshing.add(primary)
-        task = asyncio.get_running_loop().create_task(self._background(conn, head, primary, entry))
+        task = asyncio.get_running_loop().create_task(
+            self._background(conn, incoming.route, head, primary, entry)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _background(
-        self, conn: ClientConnection, head: RequestHead, primary: bytes, entry: Entry
+        self,
+        conn: ClientConnection,
+        route: Route | None,
+        head: RequestHead,
+        primary: bytes,
+        entry: Entry,
     ) -> None:
         from pibl.proxy.client import BodyStream, ClientConnection, Incoming
 
@@ -490,9 +517,11 @@ class CacheLayer:
         record.cache = "UPDATING"
         age = policy.current_age(entry.initial_age, entry.response_time, self.clock())
         decision = policy.Decision("revalidate", age, entry.lifetime, stale_if_error=float("inf"))
+        incoming = Incoming(bg_head, body)
+        incoming.route = route  # the same pool and policies as the request that saw it stale
         try:
             await self._revalidate(
-                sink, Incoming(bg_head, body), bg_head, b"-", record, primary, entry, age, decision
+                sink, incoming, bg_head, b"-", record, primary, entry, age, decision
             )
         except Exception as exc:
             record.detail = f"background revalidation failed: {exc}"

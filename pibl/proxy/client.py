@@ -24,6 +24,7 @@ from pibl.errors import ProtocolError
 from pibl.http.message import RequestHead
 from pibl.http.parse import Body, End, Head, RequestParser, Upgrade
 from pibl.proxy.flow import WriteFlow
+from pibl.routes import Route
 
 if TYPE_CHECKING:
     from pibl.proxy.exchange import Proxy
@@ -107,13 +108,14 @@ class BodyStream:
 class Incoming:
     """A parsed request waiting for, or in, its exchange."""
 
-    __slots__ = ("body", "error", "head", "upgrade_data")
+    __slots__ = ("body", "error", "head", "route", "upgrade_data")
 
     def __init__(self, head: RequestHead | None, body: BodyStream | None) -> None:
         self.head = head
         self.body = body
         self.upgrade_data: bytes | None = None
         self.error: ProtocolError | None = None  # a request PIBL rejects, answered in order
+        self.route: Route | None = None  # the route it matched (pool and policies)
 
 
 class ClientConnection(WriteFlow):

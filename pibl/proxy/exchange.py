@@ -18,20 +18,25 @@ Failure rules (what an nginx user expects):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
+import math
+import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pibl import compress
-from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedBalance
+from pibl.balance.health import SharedBalance
 from pibl.cache.store import BodyWriter
 from pibl.compress import CompressionSettings, Compressor
-from pibl.config import Config
+from pibl.config import Config, LimitConfig
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.forward import (
+    REASONS,
     body_length,
     client_response,
     interim_response,
@@ -39,13 +44,16 @@ from pibl.http.forward import (
     simple_response,
     upstream_request,
 )
-from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk
+from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk, http_date
 from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
 from pibl.http.parse import END, Body, End, Head, Upgrade
+from pibl.limits import RateLimiter, Verdict, bucket_key
 from pibl.observe.accesslog import AccessLog, AccessRecord
 from pibl.observe.metrics import Metrics, multiprocess_dir
 from pibl.observe.status import StatusTracker
+from pibl.proxy.groups import PoolGroup, build_groups
 from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
+from pibl.routes import NO_EDITS, Route, Router, compile_routes
 
 if TYPE_CHECKING:
     from pibl.proxy.cached import CacheLayer
@@ -106,42 +114,46 @@ class ResponseHook:
 class Proxy:
     """Per-worker state shared by all client connections."""
 
-    def __init__(self, config: Config, log: AccessLog, shared: SharedBalance | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        log: AccessLog,
+        shared: SharedBalance | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.via = config.server.via.encode()
-        self.backends = config.backends
-        health = config.health
-        settings = HealthSettings(
-            rise=health.rise,
-            fall=health.fall,
-            max_fails=health.max_fails,
-            window=health.window,
-            cooldown=health.cooldown,
-            slow_start=config.balance.slow_start,
-            panic_threshold=health.panic_threshold,
-        )
-        self.states = [BackendState(b.label, b.weight, settings) for b in config.backends]
-        self.balancer = Balancer(self.states, policy=config.balance.policy, shared=shared)
-        self.balancer.on_panic = self._panic
+        # every backend of every pool, numbered once (the default pool first)
+        self.backends = config.all_backends
+        self.groups, self.states = build_groups(config, shared, self._panic_handler)
+        self.group_of = [g for g in self.groups.values() for _ in g.backends]
+        self.default_group = next(iter(self.groups.values()))
+        self.balancer = self.default_group.balancer  # (the only one without [pools])
+        self.router = Router(compile_routes(config))
+        self._mirrors: set[asyncio.Task[None]] = set()
+        self.mirror_counts: collections.Counter[str] = collections.Counter()
+        self._random = random.Random()
+        shared_limiter = shared.limiter if shared is not None else None
+        self.limiter: RateLimiter = limiter or shared_limiter or RateLimiter(slots=4096)
         self._sticky_id = [
-            hashlib.sha256(b.label.encode()).hexdigest()[:12].encode() for b in config.backends
+            hashlib.sha256(b.label.encode()).hexdigest()[:12].encode() for b in self.backends
         ]
         self._sticky_ids = {v: i for i, v in enumerate(self._sticky_id)}
         self._default_hosts = [
-            f"{b.server_name or b.host}:{b.port}".encode() for b in config.backends
+            f"{b.server_name or b.host}:{b.port}".encode() for b in self.backends
         ]
         self.pools = [
             Pool(
                 b,
-                connect_timeout=config.timeouts.upstream_connect,
+                connect_timeout=group.connect_timeout,
                 idle_timeout=config.timeouts.upstream_idle,
-                idle_max=config.upstream.pool_idle_max,
+                idle_max=group.upstream.pool_idle_max,
                 ssl=upstream_tls(b),
             )
-            for b in config.backends
+            for b, group in zip(self.backends, self.group_of, strict=True)
         ]
-        for b in config.backends:
+        for b in self.backends:
             if b.scheme == "https" and not b.tls_verify:
                 log.warning(
                     f"backend {b.label}: TLS certificate verification is DISABLED "
@@ -165,18 +177,115 @@ class Proxy:
 
     # -- connection bookkeeping ---------------------------------------------------------
 
-    def _panic(self, on: bool, available: int, total: int) -> None:
-        """The balancer started or stopped ignoring passive ejections (logged once each)."""
-        self.metrics.panic.set(1 if on else 0)
-        if on:
-            self.metrics.panics.inc()
-            self.log.warning(
-                f"balancer panic: {available} of {total} backends available, below "
-                f"panic_threshold {self.config.health.panic_threshold:g}; passive ejections "
-                "are ignored until more come back"
-            )
-        else:
-            self.log.info(f"balancer panic over: {available} of {total} backends available")
+    def _panic_handler(self, group: PoolGroup) -> Callable[[bool, int, int], None]:
+        def panic(on: bool, available: int, total: int) -> None:
+            """A pool's balancer started or stopped ignoring passive ejections (logged once
+            each)."""
+            self.metrics.panic.set(1 if self.panicking else 0)
+            where = "" if len(self.groups) == 1 else f" in pool {group.name}"
+            if on:
+                self.metrics.panics.inc()
+                self.log.warning(
+                    f"balancer panic{where}: {available} of {total} backends available, below "
+                    f"panic_threshold {group.health.panic_threshold:g}; passive ejections "
+                    "are ignored until more come back"
+                )
+            else:
+                self.log.info(
+                    f"balancer panic over{where}: {available} of {total} backends available"
+                )
+
+        return panic
+
+    @property
+    def panicking(self) -> bool:
+        return any(g.balancer.panicking for g in self.groups.values())
+
+    def body_limit(self, incoming: Incoming) -> int:
+        """The largest request body accepted (a route's max_body_bytes, else [limits]'s)."""
+        route = incoming.route
+        if route is not None and route.max_body_bytes is not None:
+            return route.max_body_bytes
+        return self.config.limits.max_body_bytes
+
+    # -- request mirroring (nginx's mirror, Envoy's shadowing) --------------------------
+
+    MIRRORS_MAX = 64  # mirrored requests in flight per worker; more are skipped, not queued
+
+    def _maybe_mirror(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        rid: bytes,
+        route: Route,
+        body: bytes | None,
+    ) -> None:
+        """Send a copy of a share of the route's requests to its mirror pool, in the
+        background: the answer is read and dropped, and nothing waits for it. Requests whose
+        body streams (larger than [limits] request_buffer) are not mirrored."""
+        assert route.mirror is not None
+        pool_name, share = route.mirror
+        if head.body is not BodyKind.NONE and body is None:
+            return
+        if share < 1.0 and self._random.random() >= share:
+            return
+        if len(self._mirrors) >= self.MIRRORS_MAX:
+            self.mirror_counts["skipped"] += 1
+            return
+        group = self.groups[pool_name]
+        index = group.pick(time.monotonic(), set(), None)
+        if index is None:
+            self.mirror_counts["no backend"] += 1
+            return
+        request = upstream_request(
+            route.upstream_head(head),
+            client_ip=conn.client_ip,
+            scheme=conn.scheme,
+            rid=rid,
+            via=self.via,
+            default_host=self._default_hosts[index],
+            body=head.body if body is None else BodyKind.LENGTH,
+            content_length=head.content_length if body is None else len(body),
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._mirror(index, request + (body or b""), head.method == b"HEAD")
+        )
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
+
+    async def _mirror(self, index: int, request: bytes, head_request: bool) -> None:
+        group = self.group_of[index]
+        pool = self.pools[index]
+        ok = False
+        try:
+            upstream, _ = await pool.acquire()
+        except UpstreamError:
+            self.mirror_counts["failed"] += 1
+            return
+        try:
+            upstream.start(request, head_request=head_request)
+            async with asyncio.timeout(group.response_timeout):
+                while not ok:
+                    ok = any(isinstance(e, End) for e in await upstream.read())
+            self.mirror_counts["sent"] += 1
+        except (UpstreamError, TimeoutError, OSError):
+            self.mirror_counts["failed"] += 1
+        finally:
+            upstream.finish(reusable=ok)
+            pool.release(upstream)
+
+    # -- backend state, by global index ---------------------------------------------------
+
+    def record_failure(self, index: int, now: float, kind: str = "error") -> str | None:
+        group = self.group_of[index]
+        return group.balancer.record_failure(index - group.first, now, kind)
+
+    def record_check(self, index: int, ok: bool, now: float) -> str | None:
+        group = self.group_of[index]
+        return group.balancer.record_check(index - group.first, ok, now)
+
+    def probing_fast(self, index: int, now: float) -> bool:
+        return self.states[index].probing_fast(now)
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -222,9 +331,23 @@ class Proxy:
         if self.verbose:
             record.request_head = head_text(head)
         try:
+            route = incoming.route = self.router.match(
+                head.host, head.target, head.method, head.headers
+            )
+            record.route = route.name if route is not None else "-"
             if self.redirect_port is not None and conn.scheme == b"http":
                 keep_alive = self._redirect_to_https(conn, head, rid, record)
-            elif self.cache is not None:
+            elif route is None:
+                keep_alive = self._answer(conn, head, rid, record, 404, "no route matches")
+            elif not route.allowed(conn.client_ip):
+                keep_alive = self._answer(conn, head, rid, record, 403, "not allowed from here")
+            elif route.limit is not None and not await self._within_limit(
+                conn, head, rid, record, route
+            ):
+                keep_alive = head.keep_alive and not self.stopping
+            elif route.redirect is not None or route.respond is not None:
+                keep_alive = self._route_answer(conn, head, rid, record, route)
+            elif self.cache is not None and route.cache is not False:
                 keep_alive = await self.cache.handle(conn, incoming, head, rid, record)
             else:
                 keep_alive = await self.forward(conn, incoming, head, rid, record)
@@ -269,6 +392,119 @@ class Proxy:
             self.observe(record)
         return keep_alive
 
+    # -- what a route answers itself ------------------------------------------------------
+
+    def _answer(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+        status: int,
+        message: str,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> bool:
+        """One of PIBL's own short answers (403, 404, 429) on a connection kept open."""
+        keep_alive = head.keep_alive and not self.stopping
+        response = simple_response(
+            status,
+            message,
+            keep_alive=keep_alive,
+            rid=rid,
+            head_only=head.method == b"HEAD",
+            extra=extra,
+        )
+        conn.write(response)
+        record.status = status
+        record.detail = message
+        record.response_started = True
+        record.bytes_out = body_length(response)
+        return keep_alive
+
+    async def _within_limit(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+        route: Route,
+    ) -> bool:
+        """The route's rate limit: True to go on (after any delay), False when answered 429."""
+        limit = route.limit
+        assert limit is not None
+        if limit.key == "client":
+            key = conn.client_ip
+        elif limit.key == "route":
+            key = ""
+        else:
+            value = get_header(head.headers, limit.key.partition(":")[2].lower().encode())
+            key = "" if value is None else value.decode("latin-1")
+        verdict = await self.limit_check(route, key, limit)
+        if not verdict.allowed:
+            wait = max(1, math.ceil(verdict.retry_after))
+            self._answer(
+                conn,
+                head,
+                rid,
+                record,
+                429,
+                "rate limit exceeded",
+                extra=[(b"Retry-After", b"%d" % wait)],
+            )
+            return False
+        if verdict.delay > 0:
+            await asyncio.sleep(verdict.delay)
+        return True
+
+    async def limit_check(self, route: Route, key: str, limit: LimitConfig) -> Verdict:
+        """One request against a route's bucket (the node's; the fleet's through Redis)."""
+        bucket = bucket_key(route.index, key)
+        remote = self.cache.remote if self.cache is not None else None
+        if limit.shared == "fleet" and remote is not None:
+            verdict = await remote.rate_limit(bucket, limit.rate, limit.burst, limit.delay)
+            if verdict is not None:
+                return verdict
+            # Redis is down: the node's own buckets still hold the line
+        return self.limiter.check(
+            bucket, time.monotonic(), rate=limit.rate, burst=limit.burst, delay=limit.delay
+        )
+
+    def _route_answer(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        rid: bytes,
+        record: AccessRecord,
+        route: Route,
+    ) -> bool:
+        """A route's redirect or fixed response."""
+        keep_alive = head.keep_alive and not self.stopping
+        if route.redirect is not None:
+            status = route.redirect[0]
+            body = b""
+            fields = [(b"Location", route.redirect_location(head.target))]
+            content_type = b"text/plain; charset=utf-8"
+        else:
+            assert route.respond is not None
+            status, body, content_type = route.respond
+            fields = []
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))]
+        out.append(b"Date: %s\r\n" % http_date())
+        out.extend(b"%s: %s\r\n" % f for f in fields)
+        out.append(b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body)))
+        out.extend(b"%s: %s\r\n" % f for f in route.response_edits.apply([]))
+        out.append(b"X-Request-ID: %s\r\n" % rid)
+        out.append(
+            b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"
+        )
+        if head.method != b"HEAD":
+            out.append(body)
+        conn.write(b"".join(out))
+        record.status = status
+        record.response_started = True
+        record.bytes_out = len(body) if head.method != b"HEAD" else 0
+        return keep_alive
+
     def observe(self, record: AccessRecord) -> None:
         """Metrics and live status for one finished exchange."""
         m = self.metrics
@@ -288,7 +524,11 @@ class Proxy:
             batch.inc(m.retries, record.retries)
         if record.upstream >= 0 and record.backend:
             batch.observe(labelled(m.upstream_latency, record.backend), record.upstream)
-        self.status.record(status, record.total, record.backend, record.upstream, record.cache)
+        self.status.record(
+            status, record.total, record.backend, record.upstream, record.cache, record.route
+        )
+        if record.route != "-":
+            batch.inc(labelled(m.route_requests, record.route, klass))
 
     def _labelled(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once (the library's lookup costs per call)."""
@@ -317,8 +557,7 @@ class Proxy:
         response timeout or a malformed response), and replaying is safe: the connection
         was never established, or the method is idempotent and the request has no body.
         """
-        config = self.config
-        limit = config.limits.max_body_bytes
+        limit = self.body_limit(incoming)
         if limit and head.body is BodyKind.LENGTH and head.content_length > limit:
             raise ProtocolError(413, "request body too large")
         # A body already known to be malformed (it arrived with the head) is refused before
@@ -328,13 +567,21 @@ class Proxy:
         body = None
         if head.body is not BodyKind.NONE and head.upgrade is None:
             body = await self._buffer_body(conn, incoming, head, record)
-        prefer = self._sticky_backend(head) if config.balance.sticky else None
+        route = incoming.route
+        group = self.groups[route.pool] if route is not None and route.pool else self.default_group
+        if route is not None and route.mirror is not None:
+            self._maybe_mirror(conn, head, rid, route, body)
+        prefer = self._sticky_backend(head) if group.balance.sticky else None
         tried: set[int] = set()
         last_error: UpstreamError | None = None
-        deadline = time.monotonic() + config.retries.budget
+        deadline = time.monotonic() + group.retries.budget
         never_connected = True
         while True:
-            index = self.balancer.pick(time.monotonic(), exclude=tried, prefer=prefer)
+            now = time.monotonic()
+            index = group.pick(now, tried, prefer)
+            if index is None and group.full(now, tried):
+                await group.admit()  # every backend is at maxconn: wait in the pool's queue
+                continue
             if index is None:
                 if last_error is not None and not never_connected:
                     raise last_error
@@ -361,7 +608,7 @@ class Proxy:
                 # started: a body cut short is one URL's problem, not the server's health.
                 change = None
                 if not record.response_started:
-                    change = self.balancer.record_failure(index, now, exc.failure_kind)
+                    change = self.record_failure(index, now, exc.failure_kind)
                 self.metrics.backend_errors.labels(state.name).inc()
                 if exc.failure_kind == "refused":
                     self.metrics.connect_refused.labels(state.name).inc()
@@ -383,18 +630,24 @@ class Proxy:
                 if record.response_started or not exc.retryable or not safe:
                     raise
                 tried.add(index)
-                others = any(s.available(now) for i, s in enumerate(self.states) if i not in tried)
+                others = any(
+                    s.available(now)
+                    for i, s in enumerate(group.states, group.first)
+                    if i not in tried
+                )
                 if not others and never_connected:
                     # Every candidate refused the connection: the service is unavailable.
                     raise UpstreamError(
                         503, "no backend could be reached", connected=False
                     ) from exc
-                if not others or len(tried) >= config.retries.tries or now >= deadline:
+                if not others or len(tried) >= group.retries.tries or now >= deadline:
                     raise
                 record.retries += 1
                 self.log.info(f"retrying {head.request_line} after {state.name}: {exc.reason}")
             finally:
                 state.active -= 1
+                if group.maxconn:
+                    group.release()
 
     async def _buffer_body(
         self, conn: ClientConnection, incoming: Incoming, head: RequestHead, record: AccessRecord
@@ -414,7 +667,7 @@ class Proxy:
             record.continued = True
             conn.write(CONTINUE)
         timeout = self.config.timeouts.client_body
-        limit = self.config.limits.max_body_bytes
+        limit = self.body_limit(incoming)
         parts: list[bytes] = []
         size = 0
         while data := await incoming.body.read(timeout):
@@ -511,11 +764,12 @@ class Proxy:
         extra: list[tuple[bytes, bytes]] | None,
     ) -> bool:
         """One try on one backend; ``body`` is the request body when it was buffered."""
-        config = self.config
+        group = self.group_of[index]
+        route = incoming.route
         pool = self.pools[index]
         record.backend = self.states[index].name  # the backend's label, computed once
         request_bytes = upstream_request(
-            head,
+            route.upstream_head(head) if route is not None else head,
             client_ip=conn.client_ip,
             scheme=conn.scheme,
             rid=rid,
@@ -529,15 +783,20 @@ class Proxy:
         if body:
             request_bytes += body
         sticky: list[tuple[bytes, bytes]] = []
-        if config.balance.sticky:
-            cookie = config.balance.sticky_cookie.encode()
+        if group.balance.sticky:
+            cookie = group.balance.sticky_cookie.encode()
             sticky.append(
                 (b"Set-Cookie", b"%s=%s; Path=/; HttpOnly" % (cookie, self._sticky_id[index]))
             )
         head_request = head.method == b"HEAD"
         has_body = head.body is not BodyKind.NONE and body is None  # a body that streams
         replayable = not has_body and (body is None or head.method in IDEMPOTENT)
-        upstream, reused = await pool.acquire()
+        timeouts = route.timeouts if route is not None else None
+        connect_timeout = (timeouts.upstream_connect if timeouts else None) or group.connect_timeout
+        response_timeout = (
+            timeouts.upstream_response if timeouts else None
+        ) or group.response_timeout
+        upstream, reused = await pool.acquire(connect_timeout=connect_timeout)
         upstream_started = time.monotonic()
         ok = False
         pump: asyncio.Task[None] | None = None
@@ -553,14 +812,14 @@ class Proxy:
                     self._pump_body(incoming, head, upstream)
                 )
             try:
-                events = await self._read(upstream, pump)
+                events = await self._read(upstream, pump, response_timeout)
             except UpstreamError as exc:
                 if not (
                     exc.retryable
                     and reused
                     and replayable
                     and not upstream.got_bytes
-                    and config.upstream.retry_reused
+                    and group.upstream.retry_reused
                 ):
                     raise
                 # The idle connection was closed by the backend as we reused it. Either the
@@ -576,9 +835,9 @@ class Proxy:
                 if pool.suspect or not self.states[index].available(time.monotonic()):
                     raise
                 pool.suspect = True  # (cleared by the next connection that succeeds)
-                upstream, _ = await pool.acquire(fresh=True)
+                upstream, _ = await pool.acquire(fresh=True, connect_timeout=connect_timeout)
                 upstream.start(request_bytes, head_request=head_request, on_interim=interim)
-                events = await self._read(upstream, pump)
+                events = await self._read(upstream, pump, response_timeout)
             first = events[0]
             if not isinstance(first, Head):
                 raise UpstreamError(502, "invalid response from backend", retryable=False)
@@ -587,8 +846,10 @@ class Proxy:
             record.upstream = time.monotonic() - upstream_started
             record.status = resp.status
             state = self.states[index]
-            if resp.status in config.health.fail_statuses:
-                if self.balancer.record_failure(index, time.monotonic()) == "ejected":
+            if route is not None and route.response_edits is not NO_EDITS:
+                resp.headers = route.response_edits.apply(resp.headers)
+            if resp.status in group.health.fail_statuses:
+                if self.record_failure(index, time.monotonic()) == "ejected":
                     self.log.warning(f"backend {state.name} ejected after {resp.status} answers")
             else:
                 state.record_success(time.monotonic())
@@ -599,7 +860,7 @@ class Proxy:
                 return False
             comp: Compressor | None = None
             comp_slow = False
-            if self.compression is not None:
+            if self.compression is not None and (route is None or route.compression is not False):
                 resp, comp, comp_slow = self._plan_compression(head, resp)
             if hook is not None and hook.on_head(resp):
                 ok = await self._discard(upstream, events)
@@ -658,10 +919,14 @@ class Proxy:
             conn.write(interim_response(resp))
 
     async def _read(
-        self, upstream: UpstreamConnection, pump: asyncio.Task[None] | None
+        self,
+        upstream: UpstreamConnection,
+        pump: asyncio.Task[None] | None,
+        timeout: float | None = None,
     ) -> list[Head | Body | End | Upgrade]:
         """Next response events, bounded by the upstream response timeout."""
-        timeout = self.config.timeouts.upstream_response
+        if timeout is None:
+            timeout = self.config.timeouts.upstream_response
         try:
             if pump is None:
                 return await upstream.read(timeout)
@@ -686,7 +951,7 @@ class Proxy:
         """Stream the request body to the backend, framed as the client framed it."""
         assert incoming.body is not None
         timeouts = self.config.timeouts
-        limit = self.config.limits.max_body_bytes
+        limit = self.body_limit(incoming)
         chunked = head.body is BodyKind.CHUNKED
         sent = 0
         while True:

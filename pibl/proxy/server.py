@@ -55,8 +55,9 @@ def make_socket(
 
 async def announce_backends(config: Config, log: AccessLog) -> None:
     """One line per backend at startup, reachable or not."""
-    results = await asyncio.gather(*(probe(b, 1.0) for b in config.backends))
-    for backend, problem in zip(config.backends, results, strict=True):
+    backends = config.all_backends
+    results = await asyncio.gather(*(probe(b, 1.0) for b in backends))
+    for backend, problem in zip(backends, results, strict=True):
         if problem is None:
             log.info(f"backend {backend.label} ({backend.url}) weight={backend.weight}: reachable")
         else:
@@ -200,28 +201,25 @@ class Worker:
         self._start_health_checks()
 
     def _start_health_checks(self) -> None:
-        health = self.config.health
-        if not health.enabled:
-            return
+        """One prober per backend, with its pool's [health] settings."""
         loop = asyncio.get_running_loop()
-        balancer = self.proxy.balancer
-        for index, (backend, pool) in enumerate(
-            zip(self.config.backends, self.proxy.pools, strict=True)
-        ):
-            if backend.health_check is False:
+        proxy = self.proxy
+        for index, (backend, pool) in enumerate(zip(proxy.backends, proxy.pools, strict=True)):
+            health = proxy.group_of[index].health
+            if not health.enabled or backend.health_check is False:
                 continue
             self._checks.append(
                 loop.create_task(
                     run_checks(
                         backend,
-                        functools.partial(balancer.record_check, index),
+                        functools.partial(proxy.record_check, index),
                         path=backend.health_path or health.path,
                         interval=health.interval,
                         timeout=health.timeout,
                         status_range=(health.status_min, health.status_max),
                         log=self.log.warning,
                         ssl_context=pool.ssl_context,
-                        fast=functools.partial(balancer.probing_fast, index),
+                        fast=functools.partial(proxy.probing_fast, index),
                         fast_interval=health.down_interval,
                     )
                 )

@@ -280,7 +280,9 @@ class Pool:
     def __repr__(self) -> str:
         return f"<Pool {self.backend.label} idle={len(self._idle)} active={self.active}>"
 
-    async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
+    async def acquire(
+        self, *, fresh: bool = False, connect_timeout: float | None = None
+    ) -> tuple[UpstreamConnection, bool]:
         """A connection ready for a request, and whether it was reused from the pool."""
         if not fresh:
             now = time.monotonic()
@@ -292,15 +294,15 @@ class Pool:
                     continue
                 self.active += 1
                 return conn, True
-        conn = await self.connect()
+        conn = await self.connect(connect_timeout)
         self.active += 1
         return conn, False
 
-    async def connect(self) -> UpstreamConnection:
+    async def connect(self, timeout: float | None = None) -> UpstreamConnection:
         backend = self.backend
         loop = self._loop
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(timeout or self._connect_timeout):
                 _, protocol = await loop.create_connection(
                     lambda: UpstreamConnection(backend, loop),
                     backend.host,

@@ -183,3 +183,28 @@ def test_redis_stopped_mid_test_both_nodes_keep_answering(
     remote = a.worker.proxy.cache.remote
     assert remote is not None and remote.errors > 0
     assert "redis" in a.stream.getvalue() and "local tier only" in a.stream.getvalue()
+
+
+def test_a_fleet_rate_limit_holds_across_nodes_and_falls_back_when_redis_stops(
+    backends: list[Backend],
+    make_proxy: Callable[..., ProxyThread],
+    redis: RedisServer,
+    tmp_path: Path,
+) -> None:
+    limit = {"rate": 0.5, "burst": 3, "key": "route", "shared": "fleet"}
+
+    def node(name: str) -> ProxyThread:
+        return make_proxy(
+            backends[:1],
+            cache={"dir": str(tmp_path / name), "store": "redis", "redis_url": redis.url},
+            routes=[{"name": "api", "pool": "default", "limit": limit}],
+        )
+
+    a, b = node("a"), node("b")
+    codes = [get(p, f"/r{i}").status_code for i in range(4) for p in (a, b)]
+    assert codes.count(200) == 4, codes  # burst + 1 for the fleet, not per node
+    assert codes.count(429) == 4
+    redis.stop()
+    # Redis is gone: each node limits on its own (its own bucket starts empty)
+    later = [get(a, f"/s{i}").status_code for i in range(6)]
+    assert later[:4] == [200] * 4 and later[4:] == [429, 429]

@@ -1,0 +1,172 @@
+"""Backend pools as a worker sees them: per pool its balancer, policies and admission queue.
+
+A configuration has one pool per ``[pools.NAME]`` plus ``default`` for the top-level
+``[[backends]]``. Backends are numbered once across all pools (the flat lists
+``Proxy.states`` and ``Proxy.pools`` are indexed by that number, as the status page, the
+metrics and the health checks see them); each ``PoolGroup`` balances over its own slice
+and translates between its local indices and the global ones.
+
+Admission (HAProxy's ``maxconn``/``maxqueue``): with ``maxconn`` set, a backend takes at
+most that many requests at once; a request that finds every available backend full waits
+in the pool's queue (at most ``maxqueue`` requests, each for at most ``queue_timeout``
+seconds) and otherwise gets a quick 503 instead of piling up on the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedBalance
+from pibl.config import (
+    DEFAULT_POOL,
+    BackendConfig,
+    BalanceConfig,
+    Config,
+    HealthConfig,
+    PoolConfig,
+    RetriesConfig,
+    UpstreamConfig,
+)
+from pibl.errors import UpstreamError
+
+
+@dataclass(eq=False)
+class PoolGroup:
+    name: str
+    first: int  # global index of its first backend
+    backends: tuple[BackendConfig, ...]
+    states: list[BackendState]
+    balancer: Balancer
+    balance: BalanceConfig
+    health: HealthConfig
+    retries: RetriesConfig
+    upstream: UpstreamConfig
+    connect_timeout: float
+    response_timeout: float
+    maxconn: int = 0
+    maxqueue: int = 0
+    queue_timeout: float = 5.0
+    queued: int = 0
+    rejected: int = 0  # requests refused with 503 because the queue was full or too slow
+    _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+    def __repr__(self) -> str:
+        return f"<PoolGroup {self.name} {len(self.backends)} backends>"
+
+    def owns(self, index: int) -> bool:
+        return self.first <= index < self.first + len(self.backends)
+
+    def pick(self, now: float, exclude: set[int], prefer: int | None) -> int | None:
+        """A global backend index by the pool's policy, skipping full backends."""
+        first = self.first
+        local_exclude = {i - first for i in exclude if self.owns(i)}
+        if self.maxconn:
+            local_exclude |= {i for i, s in enumerate(self.states) if s.active >= self.maxconn}
+        local_prefer = prefer - first if prefer is not None and self.owns(prefer) else None
+        index = self.balancer.pick(now, exclude=local_exclude, prefer=local_prefer)
+        return None if index is None else index + first
+
+    def full(self, now: float, exclude: set[int]) -> bool:
+        """Whether an available backend exists but all available ones are at maxconn."""
+        if not self.maxconn:
+            return False
+        candidates = [
+            s
+            for i, s in enumerate(self.states)
+            if s.available(now) and i + self.first not in exclude
+        ]
+        return bool(candidates) and all(s.active >= self.maxconn for s in candidates)
+
+    async def admit(self) -> None:
+        """Wait for a free slot (FIFO), or raise a quick 503 when the queue is full/slow."""
+        if self.queued >= self.maxqueue:
+            self.rejected += 1
+            raise UpstreamError(503, "every backend of the pool is busy", connected=False)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.queued += 1
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await waiter
+        except TimeoutError:
+            self.rejected += 1
+            raise UpstreamError(
+                503, "queued too long for a busy backend", connected=False
+            ) from None
+        finally:
+            self.queued -= 1
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def release(self) -> None:
+        """A request on one of the pool's backends ended: wake the first queued one."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+def build_groups(
+    config: Config,
+    shared: SharedBalance | None,
+    on_panic: Callable[[PoolGroup], Callable[[bool, int, int], None]],
+) -> tuple[dict[str, PoolGroup], list[BackendState]]:
+    """The pools of a configuration, and every backend's state in global order."""
+    groups: dict[str, PoolGroup] = {}
+    states: list[BackendState] = []
+    entries: list[tuple[str, tuple[BackendConfig, ...], PoolConfig | None]] = []
+    if config.backends:
+        entries.append((DEFAULT_POOL, config.backends, None))
+    for pool_name, pool_config in config.pools.items():
+        entries.append((pool_name, pool_config.backends, pool_config))
+    for name, backends, pool in entries:
+        balance = getattr(pool, "balance", None) or config.balance
+        health = getattr(pool, "health", None) or config.health
+        retries = getattr(pool, "retries", None) or config.retries
+        upstream = getattr(pool, "upstream", None) or config.upstream
+        timeouts = getattr(pool, "timeouts", None)
+        settings = HealthSettings(
+            rise=health.rise,
+            fall=health.fall,
+            max_fails=health.max_fails,
+            window=health.window,
+            cooldown=health.cooldown,
+            slow_start=balance.slow_start,
+            panic_threshold=health.panic_threshold,
+        )
+        own = [BackendState(b.label, b.weight, settings) for b in backends]
+        first = len(states)
+        states.extend(own)
+        view = shared.view(first, len(own)) if shared is not None else None
+        balancer = Balancer(own, policy=balance.policy, shared=view)
+        group = PoolGroup(
+            name=name,
+            first=first,
+            backends=backends,
+            states=own,
+            balancer=balancer,
+            balance=balance,
+            health=health,
+            retries=retries,
+            upstream=upstream,
+            connect_timeout=(
+                timeouts.upstream_connect
+                if timeouts is not None and timeouts.upstream_connect
+                else config.timeouts.upstream_connect
+            ),
+            response_timeout=(
+                timeouts.upstream_response
+                if timeouts is not None and timeouts.upstream_response
+                else config.timeouts.upstream_response
+            ),
+            maxconn=getattr(pool, "maxconn", 0),
+            maxqueue=getattr(pool, "maxqueue", 0),
+            queue_timeout=getattr(pool, "queue_timeout", 5.0),
+        )
+        balancer.on_panic = on_panic(group)
+        groups[name] = group
+    return groups, states
