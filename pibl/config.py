@@ -54,6 +54,24 @@ class ServerConfig(_Section):
     # listen backlog of every listener (HTTP, HTTPS, admin); unset: the system's somaxconn,
     # as newer nginx versions use (a short queue drops connection bursts into SYN retries)
     backlog: int | None = Field(default=None, ge=1, le=65535)
+    # proxies in front of PIBL (CIDR): from them the client address is taken from
+    # X-Forwarded-For (the rightmost address not itself trusted), or from a PROXY protocol
+    # v1 header with proxy_protocol = true (plain HTTP listener), for access rules, rate
+    # limits, logs and the X-Forwarded-For sent on
+    trusted_proxies: tuple[str, ...] = ()
+    proxy_protocol: bool = False
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an address or network (CIDR)") from None
+        return value
 
     @property
     def listen_backlog(self) -> int:

@@ -166,6 +166,58 @@ class Route:
         return self.redirect[1].replace(b"$path", target)
 
 
+class TrustedProxies:
+    """Which peers may tell PIBL the client's address, and the address they tell."""
+
+    def __init__(self, networks: Sequence[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        self._cache: OrderedDict[str, bool] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusted(self, address: str) -> bool:
+        verdict = self._cache.get(address)
+        if verdict is None:
+            try:
+                addr = ipaddress.ip_address(address.strip().partition("%")[0])
+            except ValueError:
+                verdict = False
+            else:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    addr = addr.ipv4_mapped
+                verdict = any(addr in net for net in self.networks)
+            self._cache[address] = verdict
+            if len(self._cache) > ACCESS_CACHE_MAX:
+                self._cache.popitem(last=False)
+        return verdict
+
+    def client(self, peer: str, headers: HeaderList) -> str:
+        """The client's address: the peer's, or, from a trusted peer, the rightmost
+        X-Forwarded-For address that is not itself a trusted proxy (nginx's realip with
+        ``real_ip_recursive on``)."""
+        if not self.networks or not self.trusted(peer):
+            return peer
+        chain = [
+            part.strip()
+            for name, value in headers
+            if name.lower() == b"x-forwarded-for"
+            for part in value.decode("latin-1").split(",")
+        ]
+        for address in reversed(chain):
+            if not self.trusted(address):
+                return address if _is_address(address) else peer
+        return chain[0] if chain and _is_address(chain[0]) else peer
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 def normalize_host(host: bytes) -> str:
     """Host header -> lower-case name without port or trailing dot."""
     text = host.decode("latin-1").strip().lower()

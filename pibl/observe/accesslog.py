@@ -37,6 +37,7 @@ class AccessRecord:
     total: float = 0.0
     cache: str = "-"
     route: str = "-"  # the [[routes]] entry it matched (its name)
+    pool: str = "-"  # and the pool it goes to
     request_id: bytes = b"-"
     user_agent: str = "-"
     detail: str = ""

@@ -154,8 +154,8 @@ class Metrics:
         )
         self.route_requests = Counter(
             "pibl_route_requests",
-            "Requests by the [[routes]] entry they matched and status class",
-            ["route", "code"],
+            "Requests by the [[routes]] entry they matched, its pool and status class",
+            ["route", "pool", "code"],
             registry=r,
         )
         self.connect_refused = Counter(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -146,6 +147,7 @@ class ClientConnection(WriteFlow):
         self._task: asyncio.Task[None] | None = None
         self._stop_reading = False  # after an error or upgrade nothing more is parsed
         self._client_eof = False  # the client half-closed: nothing more will come
+        self._proxy_header: bytearray | None = None  # a PROXY protocol line being read
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.client_ip} queued={len(self._queue)} closed={self.closed}>"
@@ -157,6 +159,8 @@ class ClientConnection(WriteFlow):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        if self.proxy.config.server.proxy_protocol and self.scheme == b"http":
+            self._proxy_header = bytearray()  # the connection starts with a PROXY line
         self.proxy.connection_opened(self)
         self._arm("header")
 
@@ -166,6 +170,11 @@ class ClientConnection(WriteFlow):
             return
         if self._stop_reading:
             return
+        if self._proxy_header is not None:
+            rest = self._read_proxy_header(data)
+            if rest is None:
+                return
+            data = rest
         try:
             events = self._parser.feed(data)
         except ProtocolError as exc:
@@ -195,6 +204,39 @@ class ClientConnection(WriteFlow):
             self._reject(self._parser.error)
             return
         self._after_events()
+
+    def _read_proxy_header(self, data: bytes) -> bytes | None:
+        """PROXY protocol v1 (HAProxy's, 107 bytes at most): the bytes after it, or None
+        until it is complete (or refused). Its address counts only from a trusted proxy."""
+        buf = self._proxy_header
+        assert buf is not None
+        buf += data
+        end = buf.find(b"\r\n")
+        if end < 0:
+            if len(buf) > 107:
+                self._proxy_header = None
+                self._reject(ProtocolError(400, "invalid PROXY protocol header"))
+            return None
+        line, rest = bytes(buf[:end]), bytes(buf[end + 2 :])
+        self._proxy_header = None
+        parts = line.split(b" ")
+        source = None
+        if len(parts) == 6 and parts[0] == b"PROXY" and parts[1] in (b"TCP4", b"TCP6"):
+            try:
+                source = str(ipaddress.ip_address(parts[2].decode("ascii")))
+                ipaddress.ip_address(parts[3].decode("ascii"))
+                if not all(p.isdigit() and int(p) < 65536 for p in parts[4:]):
+                    source = None
+            except (ValueError, UnicodeDecodeError):
+                source = None
+        elif parts[:2] == [b"PROXY", b"UNKNOWN"]:
+            return rest
+        if source is None:
+            self._reject(ProtocolError(400, "invalid PROXY protocol header"))
+            return None
+        if self.proxy.trusted.trusted(self.client_ip):
+            self.client_ip = source
+        return rest
 
     def _after_events(self) -> None:
         queue = self._queue

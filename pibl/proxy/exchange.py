@@ -53,7 +53,7 @@ from pibl.observe.metrics import Metrics, multiprocess_dir
 from pibl.observe.status import StatusTracker
 from pibl.proxy.groups import PoolGroup, build_groups
 from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
-from pibl.routes import NO_EDITS, Route, Router, compile_routes
+from pibl.routes import NO_EDITS, Route, Router, TrustedProxies, compile_routes
 
 if TYPE_CHECKING:
     from pibl.proxy.cached import CacheLayer
@@ -131,6 +131,7 @@ class Proxy:
         self.default_group = next(iter(self.groups.values()))
         self.balancer = self.default_group.balancer  # (the only one without [pools])
         self.router = Router(compile_routes(config))
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._mirrors: set[asyncio.Task[None]] = set()
         self.mirror_counts: collections.Counter[str] = collections.Counter()
         self._random = random.Random()
@@ -335,14 +336,21 @@ class Proxy:
                 head.host, head.target, head.method, head.headers
             )
             record.route = route.name if route is not None else "-"
+            record.pool = (route.pool or "-") if route is not None else "-"
+            client = (
+                self.trusted.client(conn.client_ip, head.headers)
+                if self.trusted
+                else conn.client_ip
+            )
+            record.client = client  # (logged as the client, as nginx's realip does)
             if self.redirect_port is not None and conn.scheme == b"http":
                 keep_alive = self._redirect_to_https(conn, head, rid, record)
             elif route is None:
                 keep_alive = self._answer(conn, head, rid, record, 404, "no route matches")
-            elif not route.allowed(conn.client_ip):
+            elif not route.allowed(client):
                 keep_alive = self._answer(conn, head, rid, record, 403, "not allowed from here")
             elif route.limit is not None and not await self._within_limit(
-                conn, head, rid, record, route
+                conn, client, head, rid, record, route
             ):
                 keep_alive = head.keep_alive and not self.stopping
             elif route.redirect is not None or route.respond is not None:
@@ -424,6 +432,7 @@ class Proxy:
     async def _within_limit(
         self,
         conn: ClientConnection,
+        client: str,
         head: RequestHead,
         rid: bytes,
         record: AccessRecord,
@@ -433,7 +442,7 @@ class Proxy:
         limit = route.limit
         assert limit is not None
         if limit.key == "client":
-            key = conn.client_ip
+            key = client
         elif limit.key == "route":
             key = ""
         else:
@@ -528,7 +537,7 @@ class Proxy:
             status, record.total, record.backend, record.upstream, record.cache, record.route
         )
         if record.route != "-":
-            batch.inc(labelled(m.route_requests, record.route, klass))
+            batch.inc(labelled(m.route_requests, record.route, record.pool, klass))
 
     def _labelled(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once (the library's lookup costs per call)."""

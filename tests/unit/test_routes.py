@@ -206,3 +206,16 @@ def test_unreachable_routes_are_warned_about() -> None:
 )
 def test_normalize_host(raw: bytes, name: str) -> None:
     assert normalize_host(raw) == name
+
+
+def test_trusted_proxies_give_the_rightmost_untrusted_forwarded_address() -> None:
+    from pibl.routes import TrustedProxies
+
+    trusted = TrustedProxies(["10.0.0.0/8", "127.0.0.1"])
+    xff = [(b"X-Forwarded-For", b"203.0.113.9, 198.51.100.7"), (b"x-forwarded-for", b"10.1.1.1")]
+    assert trusted.client("127.0.0.1", xff) == "198.51.100.7"
+    assert trusted.client("192.0.2.1", xff) == "192.0.2.1"  # an untrusted peer's word is not taken
+    assert trusted.client("127.0.0.1", []) == "127.0.0.1"
+    assert trusted.client("127.0.0.1", [(b"X-Forwarded-For", b"10.2.2.2")]) == "10.2.2.2"
+    assert trusted.client("127.0.0.1", [(b"X-Forwarded-For", b"junk")]) == "127.0.0.1"
+    assert not TrustedProxies([])
