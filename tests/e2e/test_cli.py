@@ -45,7 +45,7 @@ def test_check_config_ok(tmp_path: Path) -> None:
         ),
         ("[[backends]]\nurl='ftp://a:1'\n", "backends[0].url: must start with http:// or https://"),
         ("[server]\nport = 70000\n[[backends]]\nurl='http://a:1'\n", "server.port:"),
-        ("[server]\nport = 8080\n", "backends: Field required"),
+        ("[server]\nport = 8080\n", "backends: required: at least one backend"),
         ("[server\nport=1", "invalid TOML"),
         ("[[backends]]\nurl='http://a:1'\nweight=0\n", "backends[0].weight:"),
     ],
