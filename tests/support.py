@@ -285,6 +285,10 @@ class ProxyThread:
         settings["server"] = server
         settings.setdefault("cache", {"enabled": False})
         settings.setdefault("health", {"enabled": False})  # probes would show up in `seen`
+        if os.environ.get("PIBL_FAST_PATH") == "0":  # the suite again on the coroutine path
+            upstream = dict(settings.get("upstream", {}))
+            upstream.setdefault("fast_path", False)
+            settings["upstream"] = upstream
         self.config = validate(settings, "test")
         self.stream = io.StringIO()
         self.log = AccessLog(path=log_path, stream=self.stream)

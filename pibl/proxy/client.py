@@ -5,8 +5,13 @@ in ``pibl.proxy.exchange``. State is grouped as:
 
 * connection: transport, peer, parser, timers, write flow control;
 * requests: a FIFO of ``Incoming`` requests. Pipelined requests are parsed as they arrive
-  and queued; one task serves the queue head to tail, so responses leave in request order.
+  and queued, and served head to tail, one at a time, so responses leave in request order.
   Reading pauses when too many requests wait or when a request body outpaces the backend.
+
+Two speeds serve the queue head (``_dispatch``): the fast path (``pibl.proxy.fast``) runs
+the common exchange in protocol callbacks and reports back with ``exchange_done``; anything
+else, or a fast exchange that leaves its path (``exchange_exit``), is served by one task
+running the coroutine path, ``Proxy.handle``, until the queue is empty.
 
 Timers: ``client_header`` runs from the first byte of a request to the end of its head (a
 slowloris gets 408), ``client_idle`` between requests on a kept-alive connection (closed
@@ -26,7 +31,9 @@ from pibl.http.parse import Body, End, Head, RequestParser, Upgrade
 from pibl.proxy.flow import WriteFlow
 
 if TYPE_CHECKING:
+    from pibl.observe.accesslog import AccessRecord
     from pibl.proxy.exchange import Proxy
+    from pibl.proxy.fast import Exit, FastExchange
 
 BODY_HIGH = 256 * 1024  # buffered request body bytes before reading pauses
 
@@ -60,6 +67,13 @@ class BodyStream:
     def finish(self) -> None:
         self._done = True
         self._wake()
+
+    def complete(self) -> bytes | None:
+        """The whole body if it has all arrived (and was not refused), left in place."""
+        if not self._done or self._error is not None:
+            return None
+        chunks = self._chunks
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def unread(self, data: bytes) -> None:
         """Put back what was read (a body that turned out too large to buffer)."""
@@ -105,15 +119,17 @@ class BodyStream:
 
 
 class Incoming:
-    """A parsed request waiting for, or in, its exchange."""
+    """A parsed request waiting for, or in, its exchange (on either path)."""
 
-    __slots__ = ("body", "error", "head", "upgrade_data")
+    __slots__ = ("body", "error", "head", "record", "resume", "upgrade_data")
 
     def __init__(self, head: RequestHead | None, body: BodyStream | None) -> None:
         self.head = head
         self.body = body
         self.upgrade_data: bytes | None = None
         self.error: ProtocolError | None = None  # a request PIBL rejects, answered in order
+        self.record: AccessRecord | None = None  # once its exchange started
+        self.resume: Exit | None = None  # where the fast path left it for the coroutine path
 
 
 class ClientConnection(WriteFlow):
@@ -141,7 +157,8 @@ class ClientConnection(WriteFlow):
         # requests
         self._queue: deque[Incoming] = deque()
         self._reading: Incoming | None = None  # request whose body is still arriving
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the coroutine path serving the queue
+        self._fast: FastExchange | None = None  # the fast path serving the queue head
         self._stop_reading = False  # after an error or upgrade nothing more is parsed
         self._client_eof = False  # the client half-closed: nothing more will come
 
@@ -203,8 +220,8 @@ class ClientConnection(WriteFlow):
             self._disarm()
         if len(queue) > self.proxy.config.limits.max_pipelined:
             self.pause_reading("pipeline")
-        if queue and self._task is None:
-            self._task = self.loop.create_task(self._serve())
+        if queue and self._task is None and self._fast is None:
+            self._dispatch()
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still wait for its responses (``nc -q``, HTTP/1.0 tools).
@@ -219,6 +236,9 @@ class ClientConnection(WriteFlow):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._disarm()
+        if self._fast is not None:
+            fast, self._fast = self._fast, None
+            fast.on_client_lost()
         if self._task is not None and not self._task.done():
             # The client went away (not a half-close): stop its exchange, as nginx does,
             # instead of letting a backend work on an answer nobody will read.
@@ -231,6 +251,11 @@ class ClientConnection(WriteFlow):
             self._reading.body.fail(ProtocolError(400, "client closed the connection"))
         self.release_drain()
         self.proxy.connection_closed(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._fast is not None:
+            self._fast.on_client_drain()
 
     # -- used by the exchange -----------------------------------------------------------
 
@@ -299,8 +324,37 @@ class ClientConnection(WriteFlow):
             rejected = Incoming(None, None)
             rejected.error = exc
             self._queue.append(rejected)
-        if self._task is None and self._queue:
-            self._task = self.loop.create_task(self._serve())
+        if self._task is None and self._fast is None and self._queue:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Serve the queue head: in callbacks if the fast path takes it, else in a task."""
+        incoming = self._queue[0]
+        if incoming.error is None and not self.closed:
+            self._fast = self.proxy.start_fast(self, incoming)
+            if self._fast is not None:
+                return
+        self._task = self.loop.create_task(self._serve())
+
+    def exchange_done(self, keep_alive: bool) -> None:
+        """The fast path answered the queue head (what ``_serve`` does after ``handle``)."""
+        self._fast = None
+        queue = self._queue
+        queue.popleft()
+        if not keep_alive:
+            self.close()
+            return
+        if len(queue) <= self.proxy.config.limits.max_pipelined:
+            self.resume_reading("pipeline")
+        if queue:
+            self._dispatch()
+        else:
+            self._served_all()
+
+    def exchange_exit(self) -> None:
+        """The fast path handed the queue head to the coroutine path."""
+        self._fast = None
+        self._task = self.loop.create_task(self._serve())
 
     async def _serve(self) -> None:
         queue = self._queue
@@ -325,7 +379,12 @@ class ClientConnection(WriteFlow):
             self.abort()
         finally:
             self._task = None
-        if not self.closed and not queue:
+        if not queue:
+            self._served_all()
+
+    def _served_all(self) -> None:
+        """The queue is empty: close after a half-close, else wait for the next request."""
+        if not self.closed:
             if self._client_eof:
                 self.close()
             elif self._parser.in_message:

@@ -18,6 +18,7 @@ Failure rules (what an nginx user expects):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -37,11 +38,13 @@ from pibl.http.parse import END, Body, End, Head, Upgrade
 from pibl.observe.accesslog import AccessLog, AccessRecord
 from pibl.observe.metrics import Metrics, multiprocess_dir
 from pibl.observe.status import StatusTracker
+from pibl.proxy import fast
 from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
 
 if TYPE_CHECKING:
     from pibl.proxy.cached import CacheLayer
     from pibl.proxy.client import ClientConnection, Incoming
+    from pibl.proxy.fast import FastExchange, ResponseSink
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -150,6 +153,11 @@ class Proxy:
         self._metric_children: dict[tuple[Any, ...], Any] = {}
         self.verbose = config.log.verbose
         self.status = StatusTracker(self, multiprocess_dir())
+        self.loop = asyncio.get_running_loop()
+        # The fast path (pibl.proxy.fast): exchanges it served, and why others left it.
+        self.fast_path = config.upstream.fast_path and self.redirect_port is None
+        self.fast_served = 0
+        self.fast_exits: collections.Counter[str] = collections.Counter()
 
     # -- connection bookkeeping ---------------------------------------------------------
 
@@ -182,20 +190,41 @@ class Proxy:
         self.log.access(record)
         self.observe(record)
 
-    async def handle(self, conn: ClientConnection, incoming: Incoming) -> bool:
-        head = incoming.head
-        assert head is not None and incoming.body is not None
-        self.in_flight += 1
+    def new_record(self, conn: ResponseSink, head: RequestHead) -> AccessRecord:
+        """The access record of a request, with its request id (kept or made)."""
         record = AccessRecord(
             client=conn.client_ip,
             request_line=head.request_line,
             host=head.host.decode("latin-1"),
             user_agent=(get_header(head.headers, b"user-agent") or b"-").decode("latin-1"),
         )
-        record.request_id = rid = request_id(get_header(head.headers, b"x-request-id"))
-        record.bytes_in = 0
+        record.request_id = request_id(get_header(head.headers, b"x-request-id"))
         if self.verbose:
             record.request_head = head_text(head)
+        return record
+
+    def finish_record(self, incoming: Incoming, record: AccessRecord) -> None:
+        """One log line and the metrics of a finished exchange, whichever path served it."""
+        self.in_flight -= 1
+        assert incoming.body is not None
+        record.bytes_in = incoming.body.received
+        record.total = time.monotonic() - record.started
+        self.log.access(record)
+        self.observe(record)
+
+    def start_fast(self, conn: ResponseSink, incoming: Incoming) -> FastExchange | None:
+        """The fast path's exchange for ``incoming``, or None: ``handle`` serves it."""
+        return fast.start_fast(self, conn, incoming)
+
+    async def handle(self, conn: ClientConnection, incoming: Incoming) -> bool:
+        """The coroutine path of a request, from its head or from where the fast path left."""
+        head = incoming.head
+        assert head is not None and incoming.body is not None
+        self.in_flight += 1
+        record = incoming.record  # set when the fast path started this request
+        if record is None:
+            record = incoming.record = self.new_record(conn, head)
+        rid = record.request_id
         try:
             if self.redirect_port is not None and conn.scheme == b"http":
                 keep_alive = self._redirect_to_https(conn, head, rid, record)
@@ -235,11 +264,7 @@ class Proxy:
             conn.abort()
             keep_alive = False
         finally:
-            self.in_flight -= 1
-            record.bytes_in = incoming.body.received
-            record.total = time.monotonic() - record.started
-            self.log.access(record)
-            self.observe(record)
+            self.finish_record(incoming, record)
         return keep_alive
 
     def observe(self, record: AccessRecord) -> None:
@@ -301,13 +326,18 @@ class Proxy:
         body = None
         if head.body is not BodyKind.NONE and head.upgrade is None:
             body = await self._buffer_body(conn, incoming, head, record)
-        prefer = self._sticky_backend(head) if config.balance.sticky else None
+        prefer = self.sticky_backend(head) if config.balance.sticky else None
         tried: set[int] = set()
         last_error: UpstreamError | None = None
         deadline = time.monotonic() + config.retries.budget
         never_connected = True
+        # Where the fast path left this request, if it did: the backend it picked, and the
+        # failure of its attempt, which is handled below as any attempt's failure is.
+        resume, incoming.resume = incoming.resume, None
         while True:
-            index = self.balancer.pick(time.monotonic(), exclude=tried, prefer=prefer)
+            index: int | None = resume.index if resume is not None else None
+            if index is None:
+                index = self.balancer.pick(time.monotonic(), exclude=tried, prefer=prefer)
             if index is None:
                 if last_error is not None and not never_connected:
                     raise last_error
@@ -315,6 +345,9 @@ class Proxy:
             state = self.states[index]
             state.active += 1
             try:
+                left, resume = resume, None
+                if left is not None and left.error is not None:
+                    raise left.error
                 return await self._attempt(
                     conn,
                     incoming,
@@ -326,6 +359,7 @@ class Proxy:
                     hook=hook,
                     drop=drop,
                     extra=extra,
+                    left=left,
                 )
             except UpstreamError as exc:
                 last_error = exc
@@ -416,26 +450,38 @@ class Proxy:
         )
         return False
 
-    def security_headers(self, conn: ClientConnection) -> list[tuple[bytes, bytes]]:
+    def security_headers(self, conn: ResponseSink) -> list[tuple[bytes, bytes]]:
         if self.hsts is not None and conn.scheme == b"https":
             return [(b"Strict-Transport-Security", self.hsts)]
         return []
 
-    def _plan_compression(
+    def compressible(self, head: RequestHead, resp: ResponseHead) -> bool:
+        """Whether the response is one PIBL compresses for a client that accepts a coding."""
+        settings = self.compression
+        if settings is None:
+            return False
+        if resp.body is BodyKind.NONE and head.method != b"HEAD":
+            return False  # nothing to compress (Content-Length: 0, 204, 304)
+        length = resp.content_length if resp.body is BodyKind.LENGTH else None
+        return compress.compressible(resp.status, resp.headers, settings, content_length=length)
+
+    @staticmethod
+    def uncompressed(resp: ResponseHead) -> ResponseHead:
+        """A compressible response sent as it is: the answer depends on Accept-Encoding."""
+        resp.headers = compress.add_vary_accept_encoding(resp.headers)
+        return resp
+
+    def plan_compression(
         self, head: RequestHead, resp: ResponseHead
     ) -> tuple[ResponseHead, Compressor | None, bool]:
         """The response as the client will see it, and the compressor to get there."""
+        if not self.compressible(head, resp):
+            return resp, None, False
         settings = self.compression
         assert settings is not None
-        if resp.body is BodyKind.NONE and head.method != b"HEAD":
-            return resp, None, False  # nothing to compress (Content-Length: 0, 204, 304)
-        length = resp.content_length if resp.body is BodyKind.LENGTH else None
-        if not compress.compressible(resp.status, resp.headers, settings, content_length=length):
-            return resp, None, False
         encoding = compress.request_coding(head.method, head.headers, settings)
         if encoding is None:  # the answer still depends on Accept-Encoding
-            resp.headers = compress.add_vary_accept_encoding(resp.headers)
-            return resp, None, False
+            return self.uncompressed(resp), None, False
         transformed = ResponseHead(
             status=resp.status,
             reason=resp.reason,
@@ -451,7 +497,7 @@ class Proxy:
             compress.expensive(encoding, settings),
         )
 
-    def _sticky_backend(self, head: RequestHead) -> int | None:
+    def sticky_backend(self, head: RequestHead) -> int | None:
         name = self.config.balance.sticky_cookie.encode()
         for key, value in head.headers:
             if key.lower() != b"cookie":
@@ -461,6 +507,105 @@ class Proxy:
                 if k == name:
                     return self._sticky_ids.get(v)
         return None
+
+    # -- rules both paths share (the fast path is pibl.proxy.fast) -----------------------
+
+    def request_bytes(
+        self,
+        conn: ResponseSink,
+        head: RequestHead,
+        rid: bytes,
+        index: int,
+        body: bytes | None,
+        drop: frozenset[bytes] = frozenset(),
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> bytes:
+        """The request as backend ``index`` gets it, with the body when it was buffered."""
+        request_bytes = upstream_request(
+            head,
+            client_ip=conn.client_ip,
+            scheme=conn.scheme,
+            rid=rid,
+            via=self.via,
+            default_host=self._default_hosts[index],
+            body=head.body if body is None else BodyKind.LENGTH,
+            content_length=head.content_length if body is None else len(body),
+            drop=drop,
+            extra=extra,
+        )
+        return request_bytes + body if body else request_bytes
+
+    @staticmethod
+    def replayable(head: RequestHead, body: bytes | None) -> bool:
+        """Whether the request may be sent again: no body streamed, and idempotent if any."""
+        has_body = head.body is not BodyKind.NONE and body is None  # a body that streams
+        return not has_body and (body is None or head.method in IDEMPOTENT)
+
+    def retry_reused(self, exc: UpstreamError, upstream: UpstreamConnection) -> bool:
+        """A reused idle connection closed by the backend as it was used: try a fresh one.
+
+        Only for a request that can be replayed, and only once; the caller checks both.
+        """
+        return exc.retryable and not upstream.got_bytes and self.config.upstream.retry_reused
+
+    def backend_answered(
+        self, index: int, head: RequestHead, resp: ResponseHead, record: AccessRecord
+    ) -> None:
+        """A response head arrived: the backend's health, the status to log, a bad 101."""
+        record.status = resp.status
+        state = self.states[index]
+        if resp.status in self.config.health.fail_statuses:
+            if self.balancer.record_failure(index, time.monotonic()) == "ejected":
+                self.log.warning(f"backend {state.name} ejected after {resp.status} answers")
+        else:
+            state.record_success(time.monotonic())
+        if resp.status == 101 and head.upgrade is None:
+            raise UpstreamError(502, "backend switched protocols unasked", retryable=False)
+
+    def client_extra(
+        self, conn: ResponseSink, index: int, hook: ResponseHook | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """Headers PIBL adds to the client's response: the cache's, sticky cookie, HSTS."""
+        extra = list(hook.extra or ()) if hook is not None else []
+        if self.config.balance.sticky:
+            cookie = self.config.balance.sticky_cookie.encode()
+            extra.append(
+                (b"Set-Cookie", b"%s=%s; Path=/; HttpOnly" % (cookie, self._sticky_id[index]))
+            )
+        extra.extend(self.security_headers(conn))
+        return extra
+
+    def response_head(
+        self,
+        head: RequestHead,
+        resp: ResponseHead,
+        rid: bytes,
+        record: AccessRecord,
+        extra: list[tuple[bytes, bytes]],
+    ) -> tuple[BodyKind, bool, bytes]:
+        """How the client gets ``resp``: (body framing, keep-alive, the head's bytes)."""
+        framing = client_framing(resp.body, head.version)
+        if head.method == b"HEAD":
+            framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
+        keep_alive = (
+            head.keep_alive
+            and framing is not BodyKind.CLOSE
+            and head.upgrade is None
+            and not self.stopping
+        )
+        out = client_response(
+            resp,
+            framing=framing,
+            keep_alive=keep_alive,
+            client_version=head.version,
+            rid=rid,
+            via=self.via,
+            extra=extra,
+        )
+        record.response_started = True
+        if self.verbose:
+            record.response_head = out.decode("latin-1")
+        return framing, keep_alive, out
 
     async def _attempt(
         self,
@@ -475,40 +620,31 @@ class Proxy:
         hook: ResponseHook | None,
         drop: frozenset[bytes],
         extra: list[tuple[bytes, bytes]] | None,
+        left: fast.Exit | None = None,
     ) -> bool:
-        """One try on one backend; ``body`` is the request body when it was buffered."""
-        config = self.config
+        """One try on one backend; ``body`` is the request body when it was buffered.
+
+        ``left``: the fast path's attempt continued here, on a fresh connection (its reused
+        one was closed under it) or from the response head it received.
+        """
         pool = self.pools[index]
         record.backend = self.states[index].name  # the backend's label, computed once
-        request_bytes = upstream_request(
-            head,
-            client_ip=conn.client_ip,
-            scheme=conn.scheme,
-            rid=rid,
-            via=self.via,
-            default_host=self._default_hosts[index],
-            body=head.body if body is None else BodyKind.LENGTH,
-            content_length=head.content_length if body is None else len(body),
-            drop=drop,
-            extra=extra,
-        )
-        if body:
-            request_bytes += body
-        sticky: list[tuple[bytes, bytes]] = []
-        if config.balance.sticky:
-            cookie = config.balance.sticky_cookie.encode()
-            sticky.append(
-                (b"Set-Cookie", b"%s=%s; Path=/; HttpOnly" % (cookie, self._sticky_id[index]))
-            )
+        request_bytes = self.request_bytes(conn, head, rid, index, body, drop, extra)
         head_request = head.method == b"HEAD"
         has_body = head.body is not BodyKind.NONE and body is None  # a body that streams
-        replayable = not has_body and (body is None or head.method in IDEMPOTENT)
-        upstream, reused = await pool.acquire()
-        upstream_started = time.monotonic()
+        replayable = self.replayable(head, body)
+        events: list[Head | Body | End | Upgrade] | None = None
+        if left is not None and left.upstream is not None:
+            upstream, reused, events = left.upstream, True, left.events
+            upstream_started = left.started
+        else:
+            upstream, reused = await pool.acquire(fresh=left is not None and left.fresh)
+            upstream_started = time.monotonic()
         ok = False
         pump: asyncio.Task[None] | None = None
         try:
-            upstream.start(request_bytes, head_request=head_request)
+            if events is None:
+                upstream.start(request_bytes, head_request=head_request)
             if has_body:
                 if head.expect_continue and not record.continued:
                     record.continued = True
@@ -517,15 +653,10 @@ class Proxy:
                     self._pump_body(incoming, head, upstream)
                 )
             try:
-                events = await self._read(upstream, pump)
+                if events is None:
+                    events = await self._read(upstream, pump)
             except UpstreamError as exc:
-                if not (
-                    exc.retryable
-                    and reused
-                    and replayable
-                    and not upstream.got_bytes
-                    and config.upstream.retry_reused
-                ):
+                if not (reused and replayable and self.retry_reused(exc, upstream)):
                     raise
                 # The idle connection was closed by the backend as we reused it: retry once.
                 upstream.abort()
@@ -539,30 +670,18 @@ class Proxy:
             resp = first.head
             assert isinstance(resp, ResponseHead)
             record.upstream = time.monotonic() - upstream_started
-            record.status = resp.status
-            state = self.states[index]
-            if resp.status in config.health.fail_statuses:
-                if self.balancer.record_failure(index, time.monotonic()) == "ejected":
-                    self.log.warning(f"backend {state.name} ejected after {resp.status} answers")
-            else:
-                state.record_success(time.monotonic())
-            if resp.status == 101 and head.upgrade is None:
-                raise UpstreamError(502, "backend switched protocols unasked", retryable=False)
+            self.backend_answered(index, head, resp, record)
             if resp.status == 101:
                 ok = await self._tunnel(conn, incoming, upstream, resp, events, rid)
                 return False
             comp: Compressor | None = None
             comp_slow = False
             if self.compression is not None:
-                resp, comp, comp_slow = self._plan_compression(head, resp)
+                resp, comp, comp_slow = self.plan_compression(head, resp)
             if hook is not None and hook.on_head(resp):
                 ok = await self._discard(upstream, events)
                 return head.keep_alive and not self.stopping and (pump is None or pump.done())
-            client_extra = [
-                *(hook.extra or () if hook is not None else ()),
-                *sticky,
-                *self.security_headers(conn),
-            ]
+            client_extra = self.client_extra(conn, index, hook)
             try:
                 keep_alive, ok = await self._respond(
                     conn,
@@ -686,27 +805,7 @@ class Proxy:
         the cache keeps); what a batch of backend reads produced is flushed before PIBL
         waits for more, so slow streams (server-sent events) are not held back.
         """
-        framing = client_framing(resp.body, head.version)
-        if head.method == b"HEAD":
-            framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
-        keep_alive = (
-            head.keep_alive
-            and framing is not BodyKind.CLOSE
-            and head.upgrade is None
-            and not self.stopping
-        )
-        out = client_response(
-            resp,
-            framing=framing,
-            keep_alive=keep_alive,
-            client_version=head.version,
-            rid=rid,
-            via=self.via,
-            extra=extra_headers,
-        )
-        record.response_started = True
-        if self.verbose:
-            record.response_head = out.decode("latin-1")
+        framing, keep_alive, out = self.response_head(head, resp, rid, record, extra_headers)
         tee = hook.tee if hook is not None else None
         send_body = head.method != b"HEAD"
         chunked = framing is BodyKind.CHUNKED and send_body

@@ -9,6 +9,10 @@ control is explicit in both directions:
 * writing: ``drain()`` waits while the kernel buffer towards the backend is full, so a fast
   client uploading to a slow backend is slowed down instead of filling memory.
 
+The events go one of two ways. An exchange on the coroutine path awaits ``read()``; a
+fast-path exchange (``pibl.proxy.fast``) sets itself as the connection's ``sink`` and gets
+them in this protocol's own callbacks, with no queue, Future or Task in between.
+
 ``Pool`` keeps idle connections per backend (most recently used first, so idle ones age out
 and close), never hands out one whose previous exchange did not end cleanly, and drops
 those idle longer than the configured timeout.
@@ -21,7 +25,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from typing import cast
+from typing import Protocol, cast
 
 from pibl.config import BackendConfig, resolve_path
 from pibl.errors import ProtocolError, UpstreamError
@@ -31,6 +35,14 @@ from pibl.proxy.flow import WriteFlow
 from pibl.tls import client_context
 
 READ_HIGH = 256 * 1024
+
+
+class BackendSink(Protocol):
+    """Where a backend's response events go when no coroutine waits for them."""
+
+    def on_backend_events(self, events: list[Event]) -> None: ...
+
+    def on_backend_error(self, error: UpstreamError) -> None: ...
 
 
 class UpstreamConnection(WriteFlow):
@@ -48,6 +60,7 @@ class UpstreamConnection(WriteFlow):
         "got_bytes",
         "idle_since",
         "reusable",
+        "sink",
         "transport",
         "tunnel_done",
     )
@@ -62,6 +75,7 @@ class UpstreamConnection(WriteFlow):
         self.close_delimited = False
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_done: asyncio.Future[None] | None = None
+        self.sink: BackendSink | None = None  # a fast-path exchange taking events directly
         self._loop = loop
         self._parser: ResponseParser | None = None
         self._events: deque[Event] = deque()
@@ -91,11 +105,21 @@ class UpstreamConnection(WriteFlow):
             self.close()
             return
         self.got_bytes = True
+        sink = self.sink
         try:
             events = parser.feed(data)
         except ProtocolError as exc:
-            self._fail(UpstreamError(502, exc.reason, retryable=False))
             self.close()
+            if sink is not None:
+                sink.on_backend_error(UpstreamError(502, exc.reason, retryable=False))
+            else:
+                self._fail(UpstreamError(502, exc.reason, retryable=False))
+            return
+        if sink is not None:
+            if parser.trailing_junk:
+                self.close()  # before the sink sees the end: never pooled again
+            if events:
+                sink.on_backend_events(events)
             return
         for ev in events:
             if isinstance(ev, Body):
@@ -120,6 +144,12 @@ class UpstreamConnection(WriteFlow):
             self.tunnel.close()
             if self.tunnel_done is not None and not self.tunnel_done.done():
                 self.tunnel_done.set_result(None)
+        elif self.sink is not None:
+            sink = self.sink
+            if self.close_delimited:
+                sink.on_backend_events([END])
+            else:
+                sink.on_backend_error(UpstreamError(502, "backend closed the connection"))
         elif self._parser is not None:
             if self.close_delimited and self._error is None:
                 self._events.append(END)
@@ -184,9 +214,23 @@ class UpstreamConnection(WriteFlow):
             self.transport.resume_reading()
         return events
 
+    def pause(self) -> None:
+        """Stop reading the backend (a fast-path exchange whose client reads slowly)."""
+        if not self._read_paused and not self.closed and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._read_paused and not self.closed and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
     def finish(self, *, reusable: bool) -> None:
         """The exchange is over; ``reusable`` only if the response ended cleanly."""
         self._parser = None
+        self.sink = None
+        if self._read_paused:
+            self.resume()
         self.reusable = reusable and not self.closed and not self._events
         if not self.reusable:
             self.close()
@@ -265,18 +309,27 @@ class Pool:
     def __repr__(self) -> str:
         return f"<Pool {self.backend.label} idle={len(self._idle)} active={self.active}>"
 
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection still fit for a request, if any."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or now - conn.idle_since > self._idle_timeout:
+                conn.close()
+                continue
+            self.active += 1
+            return conn
+        return None
+
     async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection ready for a request, and whether it was reused from the pool."""
         if not fresh:
-            now = time.monotonic()
-            idle = self._idle
-            while idle:
-                conn = idle.pop()
-                if conn.closed or now - conn.idle_since > self._idle_timeout:
-                    conn.close()
-                    continue
-                self.active += 1
-                return conn, True
+            reused = self.take_idle()
+            if reused is not None:
+                return reused, True
         conn = await self.connect()
         self.active += 1
         return conn, False
