@@ -78,7 +78,7 @@ from functools import cache, lru_cache
 from types import ModuleType
 from typing import Final, Protocol
 
-from pibl.http.message import HeaderList, get_all, header_tokens
+from pibl.http.message import HeaderList
 
 ENCODINGS: Final = ("br", "zstd", "gzip")
 """Every content coding this module can produce, in the default preference order."""
@@ -274,13 +274,6 @@ def negotiate(accept_encoding: list[bytes], offered: tuple[str, ...]) -> str | N
 # --- the decision -------------------------------------------------------------------------
 
 
-def _no_transform(headers: HeaderList) -> bool:
-    return any(
-        token.partition(b"=")[0].strip() == b"no-transform"
-        for token in header_tokens(headers, b"cache-control")
-    )
-
-
 _TYPE_CACHE_MAX = 512
 
 
@@ -342,8 +335,12 @@ def _rules_out(lname: bytes, value: bytes) -> bool:
     if lname == b"content-encoding":
         return any(c != b"identity" for c in _tokens(value))
     if lname == b"cache-control":
-        return any(t.partition(b"=")[0].strip() == b"no-transform" for t in _tokens(value))
+        return _no_transform(value)
     return False
+
+
+def _no_transform(cache_control: bytes) -> bool:
+    return any(t.partition(b"=")[0].strip() == b"no-transform" for t in _tokens(cache_control))
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -374,14 +371,22 @@ def plan(
 def request_coding(
     method: bytes, request_headers: HeaderList, settings: CompressionSettings
 ) -> str | None:
-    """The request's side of ``plan()``, for a response already known to be compressible."""
+    """The request's side of ``plan()``, for a response already known to be compressible.
+
+    None for a HEAD, a ``Range`` request or ``Cache-Control: no-transform``; otherwise what
+    ``negotiate`` makes of every ``Accept-Encoding`` line. One pass over the fields: the
+    fast path asks this of every request.
+    """
     if method == b"HEAD":
         return None
-    if any(name.lower() == b"range" for name, _ in request_headers):
-        return None
-    if _no_transform(request_headers):
-        return None
-    return negotiate(get_all(request_headers, b"accept-encoding"), _offered(settings))
+    accept: list[bytes] = []
+    for name, value in request_headers:
+        lname = name.lower()
+        if lname == b"accept-encoding":
+            accept.append(value)
+        elif lname == b"range" or (lname == b"cache-control" and _no_transform(value)):
+            return None
+    return negotiate(accept, _offered(settings)) if accept else None
 
 
 # --- header rewriting ---------------------------------------------------------------------

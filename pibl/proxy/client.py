@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, cast
 from pibl.errors import ProtocolError
 from pibl.http.message import RequestHead
 from pibl.http.parse import Body, End, Head, RequestParser, Upgrade
-from pibl.proxy.flow import WriteFlow
+from pibl.proxy.flow import Deadline, WriteFlow
 
 if TYPE_CHECKING:
     from pibl.observe.accesslog import AccessRecord
@@ -149,7 +149,7 @@ class ClientConnection(WriteFlow):
             max_headers=limits.max_headers,
             max_head_bytes=limits.max_head_bytes,
         )
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = Deadline(self.loop, self._on_timeout)
         self._timer_kind = ""
         self._paused: set[str] = set()
         self._write_paused = False
@@ -235,7 +235,8 @@ class ClientConnection(WriteFlow):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._disarm()
+        self._timer.cancel()
+        self._timer_kind = ""
         if self._fast is not None:
             fast, self._fast = self._fast, None
             fast.on_client_lost()
@@ -393,21 +394,17 @@ class ClientConnection(WriteFlow):
                 self._arm("idle")
 
     def _arm(self, kind: str) -> None:
-        self._disarm()
         timeouts = self.proxy.config.timeouts
         delay = timeouts.client_header if kind == "header" else timeouts.client_idle
         self._timer_kind = kind
-        self._timer = self.loop.call_later(delay, self._on_timeout)
+        self._timer.set(delay)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.clear()
         self._timer_kind = ""
 
     def _on_timeout(self) -> None:
         kind = self._timer_kind
-        self._timer = None
         self._timer_kind = ""
         if self.closed:
             return

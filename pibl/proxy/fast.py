@@ -54,8 +54,6 @@ from pibl.http.message import BodyKind, RequestHead, ResponseHead
 from pibl.http.parse import Body, End, Event, Head
 
 if TYPE_CHECKING:
-    import asyncio
-
     from pibl.observe.accesslog import AccessRecord
     from pibl.proxy.client import Incoming
     from pibl.proxy.exchange import Proxy
@@ -170,11 +168,10 @@ class FastExchange:
         "_chunked",
         "_coding",
         "_keep_alive",
-        "_last_event",
         "_paused",
         "_sent",
         "_started",
-        "_timer",
+        "_timeout",
         "head",
         "incoming",
         "index",
@@ -219,8 +216,7 @@ class FastExchange:
         self._sent = 0
         self._paused = False
         self._started = 0.0
-        self._last_event = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = proxy.config.timeouts.upstream_response
 
     def __repr__(self) -> str:
         return f"<FastExchange {self.head.request_line!r} {self.state.value}>"
@@ -237,15 +233,13 @@ class FastExchange:
         upstream = self.upstream
         upstream.sink = self
         upstream.start(request, head_request=not self.send_body)
-        self._started = self._last_event = time.monotonic()
-        timeout = proxy.config.timeouts.upstream_response
-        self._timer = proxy.loop.call_later(timeout, self.on_timeout)
+        self._started = time.monotonic()
+        upstream.response_timer.set(self._timeout)
 
     def on_backend_events(self, events: list[Event]) -> None:
         """What one read from the backend produced (``UpstreamConnection.data_received``)."""
         if self.state is State.DONE:
             return
-        self._last_event = time.monotonic()
         parts: list[bytes] = []
         try:
             for i, ev in enumerate(events):
@@ -269,6 +263,8 @@ class FastExchange:
             return
         if parts:
             self._write(parts)
+        if not self._paused:
+            self.upstream.response_timer.set(self._timeout)  # between two reads, as nginx
 
     def on_backend_head(self, resp: ResponseHead) -> bytes:
         """The response head: health, status, the head the client gets (returned)."""
@@ -307,19 +303,12 @@ class FastExchange:
         """The slow client's buffer drained: read the backend again."""
         if self._paused and self.state is not State.DONE:
             self._paused = False
-            self._last_event = time.monotonic()
+            self.upstream.response_timer.set(self._timeout)
             self.upstream.resume()
 
     def on_timeout(self) -> None:
-        """The response timer: the backend was silent for ``upstream_response`` seconds."""
-        self._timer = None
+        """The backend was silent for ``upstream_response`` seconds (not while paused)."""
         if self.state is State.DONE:
-            return
-        timeout = self.proxy.config.timeouts.upstream_response
-        idle = time.monotonic() - self._last_event
-        if self._paused or idle < timeout:  # waiting for the client, or data came meanwhile
-            wait = timeout if self._paused else timeout - idle
-            self._timer = self.proxy.loop.call_later(wait, self.on_timeout)
             return
         if self.state is State.AWAITING_HEAD:
             self.on_error(UpstreamError(504, "backend timed out", retryable=False))
@@ -360,14 +349,12 @@ class FastExchange:
         sink.write(parts[0] if len(parts) == 1 else b"".join(parts))
         self.record.bytes_out = self._sent  # kept current: a response cut short logs what went
         if sink.write_paused and not self._paused and self.state is not State.DONE:
-            self._paused = True
+            self._paused = True  # the client reads slowly: so does PIBL from the backend
+            self.upstream.response_timer.clear()
             self.upstream.pause()
 
     def _release(self, *, reusable: bool) -> None:
         self.state = State.DONE
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         upstream = self.upstream
         upstream.finish(reusable=reusable)
         self.pool.release(upstream)
@@ -385,10 +372,8 @@ class FastExchange:
     def _leave_at_head(self, events: list[Event]) -> None:
         """Leave with the response head received: the coroutine path streams the rest."""
         self.state = State.DONE
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         upstream = self.upstream
+        upstream.response_timer.clear()
         upstream.sink = None  # later reads queue up for ``UpstreamConnection.read``
         self.proxy.states[self.index].active -= 1
         exit = Exit(

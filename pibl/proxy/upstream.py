@@ -31,7 +31,7 @@ from pibl.config import BackendConfig, resolve_path
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.message import BodyKind
 from pibl.http.parse import END, Body, End, Event, Head, ResponseParser, Upgrade
-from pibl.proxy.flow import WriteFlow
+from pibl.proxy.flow import Deadline, WriteFlow
 from pibl.tls import client_context
 
 READ_HIGH = 256 * 1024
@@ -43,6 +43,8 @@ class BackendSink(Protocol):
     def on_backend_events(self, events: list[Event]) -> None: ...
 
     def on_backend_error(self, error: UpstreamError) -> None: ...
+
+    def on_timeout(self) -> None: ...
 
 
 class UpstreamConnection(WriteFlow):
@@ -59,6 +61,7 @@ class UpstreamConnection(WriteFlow):
         "closed",
         "got_bytes",
         "idle_since",
+        "response_timer",
         "reusable",
         "sink",
         "transport",
@@ -76,6 +79,8 @@ class UpstreamConnection(WriteFlow):
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_done: asyncio.Future[None] | None = None
         self.sink: BackendSink | None = None  # a fast-path exchange taking events directly
+        # the sink's response timeout: kept with the connection, moved for each exchange
+        self.response_timer = Deadline(loop, self._response_timeout)
         self._loop = loop
         self._parser: ResponseParser | None = None
         self._events: deque[Event] = deque()
@@ -140,6 +145,7 @@ class UpstreamConnection(WriteFlow):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
+        self.response_timer.cancel()
         if self.tunnel is not None:
             self.tunnel.close()
             if self.tunnel_done is not None and not self.tunnel_done.done():
@@ -229,6 +235,7 @@ class UpstreamConnection(WriteFlow):
         """The exchange is over; ``reusable`` only if the response ended cleanly."""
         self._parser = None
         self.sink = None
+        self.response_timer.clear()
         if self._read_paused:
             self.resume()
         self.reusable = reusable and not self.closed and not self._events
@@ -254,6 +261,10 @@ class UpstreamConnection(WriteFlow):
         if self.transport is not None:
             self.transport.abort()
         self.closed = True
+
+    def _response_timeout(self) -> None:
+        if self.sink is not None:
+            self.sink.on_timeout()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
