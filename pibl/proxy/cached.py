@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from pibl.cache.redis_tier import RedisTier
     from pibl.proxy.client import ClientConnection, Incoming
     from pibl.proxy.exchange import Proxy
+    from pibl.proxy.fast import ResponseSink
 
 CONDITIONALS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"}
@@ -196,17 +197,10 @@ class CacheLayer:
         ):
             entry, found = None, "miss"
         if entry is not None:
-            age = policy.current_age(entry.initial_age, entry.response_time, self.clock())
-            decision = policy.usable(
-                head.headers,
-                entry.headers,
-                lifetime=entry.lifetime,
-                age=age,
-                max_stale_on_error=self.config.max_stale_on_error,
-            )
+            age, decision = self._judge(head, entry)
             if decision.action == "fresh":
                 record.cache = "HIT"
-                label = f"pibl; hit; ttl={int(entry.lifetime - age)}"
+                label = self.hit_label(entry, age)
                 if collapsed:
                     label += "; collapsed"
                 served = await self.serve(conn, head, entry, age, rid, record, label)
@@ -263,6 +257,40 @@ class CacheLayer:
             locked = got is True
         fwd = "vary-miss" if found == "vary-miss" else "miss"
         return await self._fetch(conn, incoming, head, rid, record, primary, fwd, event, locked)
+
+    def fresh_hit(self, conn: ResponseSink, head: RequestHead) -> tuple[Entry, float] | None:
+        """The stored entry and its age when ``handle`` would serve it fresh, else None.
+
+        The same steps as the start of ``handle``, without waiting for anything: for the
+        fast path, which serves such a hit in the callback the request arrived in. Bodies
+        large enough for ``sendfile`` are left to ``handle``.
+        """
+        if policy.bypass_reason(head.method, head.headers) is not None:
+            return None
+        primary = primary_key(conn.scheme, head.host or b"-", head.target)
+        entry, _ = self.store.lookup(primary, head.headers)
+        if entry is None or entry.body_length >= SENDFILE_MIN:
+            return None
+        if not policy.may_serve_with_authorization(head.headers, entry.headers):
+            return None
+        age, decision = self._judge(head, entry)
+        return (entry, age) if decision.action == "fresh" else None
+
+    def _judge(self, head: RequestHead, entry: Entry) -> tuple[float, policy.Decision]:
+        """The entry's age now, and whether it may answer this request (RFC 9111)."""
+        age = policy.current_age(entry.initial_age, entry.response_time, self.clock())
+        decision = policy.usable(
+            head.headers,
+            entry.headers,
+            lifetime=entry.lifetime,
+            age=age,
+            max_stale_on_error=self.config.max_stale_on_error,
+        )
+        return age, decision
+
+    @staticmethod
+    def hit_label(entry: Entry, age: float) -> str:
+        return f"pibl; hit; ttl={int(entry.lifetime - age)}"
 
     # -- misses -------------------------------------------------------------------------
 
@@ -487,17 +515,18 @@ class CacheLayer:
         )
         return head.keep_alive
 
-    async def serve(
+    def hit_response(
         self,
-        conn: ClientConnection,
+        conn: ResponseSink,
         head: RequestHead,
         entry: Entry,
         age: float,
         rid: bytes,
         record: AccessRecord,
         label: str,
-    ) -> bool | None:
-        """Answer from a stored entry; None if its body turned out unreadable (a miss)."""
+    ) -> tuple[list[bytes], bool, bool, bytes | None] | None:
+        """The head of a hit (a list of lines), keep-alive, whether a body follows, and
+        the body itself unless it goes out with ``sendfile``; None if it is unreadable."""
         store = self.store
         keep_alive = head.keep_alive and not self.proxy.stopping
         # RFC 9110 section 13.2.1: preconditions apply to 2xx answers only (a stored 404
@@ -541,6 +570,24 @@ class CacheLayer:
         if self.proxy.verbose:
             record.response_head = b"".join(out).decode("latin-1")
         store.stats.hits += 1
+        return out, keep_alive, send_body, body
+
+    async def serve(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        entry: Entry,
+        age: float,
+        rid: bytes,
+        record: AccessRecord,
+        label: str,
+    ) -> bool | None:
+        """Answer from a stored entry; None if its body turned out unreadable (a miss)."""
+        hit = self.hit_response(conn, head, entry, age, rid, record, label)
+        if hit is None:
+            return None
+        out, keep_alive, send_body, body = hit
+        store = self.store
         if not send_body:
             conn.write(b"".join(out))
             return keep_alive

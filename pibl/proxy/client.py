@@ -33,7 +33,7 @@ from pibl.proxy.flow import Deadline, WriteFlow
 if TYPE_CHECKING:
     from pibl.observe.accesslog import AccessRecord
     from pibl.proxy.exchange import Proxy
-    from pibl.proxy.fast import Exit, FastExchange
+    from pibl.proxy.fast import ClientExchange, Exit
 
 BODY_HIGH = 256 * 1024  # buffered request body bytes before reading pauses
 
@@ -158,7 +158,7 @@ class ClientConnection(WriteFlow):
         self._queue: deque[Incoming] = deque()
         self._reading: Incoming | None = None  # request whose body is still arriving
         self._task: asyncio.Task[None] | None = None  # the coroutine path serving the queue
-        self._fast: FastExchange | None = None  # the fast path serving the queue head
+        self._fast: ClientExchange | None = None  # the fast path serving the queue head
         self._stop_reading = False  # after an error or upgrade nothing more is parsed
         self._client_eof = False  # the client half-closed: nothing more will come
 
@@ -329,28 +329,43 @@ class ClientConnection(WriteFlow):
             self._dispatch()
 
     def _dispatch(self) -> None:
-        """Serve the queue head: in callbacks if the fast path takes it, else in a task."""
-        incoming = self._queue[0]
-        if incoming.error is None and not self.closed:
-            self._fast = self.proxy.start_fast(self, incoming)
-            if self._fast is not None:
+        """Serve the queue: in callbacks while the fast path takes it, else in a task."""
+        queue = self._queue
+        while queue and not self.closed:
+            incoming = queue[0]
+            if incoming.error is not None:
+                break
+            fast = self.proxy.start_fast(self, incoming)
+            if fast is None:
+                break
+            if not fast.finished:  # the answer comes in later callbacks
+                self._fast = fast
                 return
-        self._task = self.loop.create_task(self._serve())
+            if not self._answered(fast.keep_alive):  # answered at once (a cache hit)
+                return
+        if self.closed:
+            return
+        if queue:
+            self._task = self.loop.create_task(self._serve())
+        else:
+            self._served_all()
 
     def exchange_done(self, keep_alive: bool) -> None:
-        """The fast path answered the queue head (what ``_serve`` does after ``handle``)."""
+        """The fast path answered the queue head; serve the next request, if any."""
         self._fast = None
+        if self._answered(keep_alive):
+            self._dispatch()
+
+    def _answered(self, keep_alive: bool) -> bool:
+        """What ``_serve`` does after ``handle``; whether the connection goes on."""
         queue = self._queue
         queue.popleft()
         if not keep_alive:
             self.close()
-            return
+            return False
         if len(queue) <= self.proxy.config.limits.max_pipelined:
             self.resume_reading("pipeline")
-        if queue:
-            self._dispatch()
-        else:
-            self._served_all()
+        return True
 
     def exchange_exit(self) -> None:
         """The fast path handed the queue head to the coroutine path."""

@@ -44,7 +44,7 @@ from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
 if TYPE_CHECKING:
     from pibl.proxy.cached import CacheLayer
     from pibl.proxy.client import ClientConnection, Incoming
-    from pibl.proxy.fast import FastExchange, ResponseSink
+    from pibl.proxy.fast import ClientExchange, ResponseSink
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -212,7 +212,7 @@ class Proxy:
         self.log.access(record)
         self.observe(record)
 
-    def start_fast(self, conn: ResponseSink, incoming: Incoming) -> FastExchange | None:
+    def start_fast(self, conn: ResponseSink, incoming: Incoming) -> ClientExchange | None:
         """The fast path's exchange for ``incoming``, or None: ``handle`` serves it."""
         return fast.start_fast(self, conn, incoming)
 

@@ -83,6 +83,17 @@ class ResponseSink(Protocol):
     def exchange_exit(self) -> None: ...
 
 
+class ClientExchange(Protocol):
+    """A fast-path exchange as the client connection sees it."""
+
+    finished: bool  # answered already, in the call that started it (a cache hit)
+    keep_alive: bool  # (once finished) whether the client connection goes on
+
+    def on_client_drain(self) -> None: ...
+
+    def on_client_lost(self) -> None: ...
+
+
 class Exit:
     """Where a request left the fast path: what the coroutine path starts from."""
 
@@ -119,16 +130,21 @@ class State(enum.Enum):
     DONE = "done"
 
 
-def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> FastExchange | None:
+def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientExchange | None:
     """Serve ``incoming`` on the fast path, or return None for the coroutine path."""
     head = incoming.head
     assert head is not None and incoming.body is not None
-    if not proxy.fast_path or proxy.cache is not None:
+    if not proxy.fast_path:
         return None  # decided by the configuration: every request takes the coroutine path
     exits = proxy.fast_exits
     if head.upgrade is not None:
         exits["upgrade"] += 1
         return None
+    if proxy.cache is not None:
+        if head.body is not BodyKind.NONE:
+            exits["body to stream"] += 1
+            return None
+        return serve_hit(proxy, sink, incoming, head)
     body: bytes | None = None
     if head.body is not BodyKind.NONE:
         limit = proxy.config.limits.max_body_bytes
@@ -161,20 +177,95 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> FastExch
     return exchange
 
 
+def serve_hit(
+    proxy: Proxy, sink: ResponseSink, incoming: Incoming, head: RequestHead
+) -> HitExchange | None:
+    """Answer a fresh cache hit at once (body in memory or small), or None for ``handle``.
+
+    The decisions are the cache layer's (``fresh_hit``, ``hit_response``); what is left
+    here is writing the answer, and waiting for a slow client to drain it before the next
+    request, as ``CacheLayer.serve`` does.
+    """
+    cache = proxy.cache
+    assert cache is not None
+    hit = cache.fresh_hit(sink, head)
+    if hit is None:
+        proxy.fast_exits["cache miss"] += 1
+        return None
+    entry, age = hit
+    record = incoming.record = proxy.new_record(sink, head)
+    record.cache = "HIT"
+    label = cache.hit_label(entry, age)
+    response = cache.hit_response(sink, head, entry, age, record.request_id, record, label)
+    if response is None:  # the stored body is unreadable: handle() answers as for a miss
+        proxy.fast_exits["cache miss"] += 1
+        return None
+    proxy.in_flight += 1
+    out, keep_alive, send_body, body = response
+    if send_body:
+        assert body is not None
+        out.append(body)
+        record.bytes_out = len(body)
+    sink.write(b"".join(out))
+    exchange = HitExchange(proxy, sink, incoming, record, keep_alive)
+    if not (send_body and sink.write_paused):
+        exchange.finish()
+    return exchange
+
+
+class HitExchange:
+    """A cache hit answered on the fast path; it waits only for a slow client to drain."""
+
+    __slots__ = ("finished", "incoming", "keep_alive", "proxy", "record", "sink")
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        sink: ResponseSink,
+        incoming: Incoming,
+        record: AccessRecord,
+        keep_alive: bool,
+    ) -> None:
+        self.proxy = proxy
+        self.sink = sink
+        self.incoming = incoming
+        self.record = record
+        self.keep_alive = keep_alive
+        self.finished = False
+
+    def finish(self) -> None:
+        self.finished = True
+        self.proxy.fast_served += 1
+        self.proxy.finish_record(self.incoming, self.record)
+
+    def on_client_drain(self) -> None:
+        """The answer left PIBL's buffer: the next request may be served."""
+        if not self.finished:
+            self.finish()
+            self.sink.exchange_done(self.keep_alive)
+
+    def on_client_lost(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.record.detail = "client closed the connection"
+            self.proxy.finish_record(self.incoming, self.record)
+
+
 class FastExchange:
     """One request on the fast path: its state and one method per event."""
 
     __slots__ = (
         "_chunked",
         "_coding",
-        "_keep_alive",
         "_paused",
         "_sent",
         "_started",
         "_timeout",
+        "finished",
         "head",
         "incoming",
         "index",
+        "keep_alive",
         "pool",
         "proxy",
         "record",
@@ -212,7 +303,8 @@ class FastExchange:
         self.replayable = True
         self._coding = coding  # the content coding the client would get, if any
         self._chunked = False
-        self._keep_alive = False
+        self.finished = False  # answered in later callbacks (exchange_done)
+        self.keep_alive = False
         self._sent = 0
         self._paused = False
         self._started = 0.0
@@ -274,7 +366,7 @@ class FastExchange:
         proxy.backend_answered(self.index, self.head, resp, record)
         if proxy.compressible(self.head, resp):  # a client that accepts no coding PIBL offers
             resp = proxy.uncompressed(resp)
-        framing, self._keep_alive, out = proxy.response_head(
+        framing, self.keep_alive, out = proxy.response_head(
             self.head, resp, record.request_id, record, proxy.client_extra(self.sink, self.index)
         )
         self.resp = resp
@@ -297,7 +389,7 @@ class FastExchange:
         assert self.resp is not None
         self._finish(reusable=self.resp.keep_alive)
         self.proxy.fast_served += 1
-        self.sink.exchange_done(self._keep_alive)
+        self.sink.exchange_done(self.keep_alive)
 
     def on_client_drain(self) -> None:
         """The slow client's buffer drained: read the backend again."""

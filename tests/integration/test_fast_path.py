@@ -15,6 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,7 +52,12 @@ def warm(proxy: ProxyThread, count: int = 3) -> None:
 
 
 def _comparable(response: httpx.Response) -> tuple[int, list[tuple[str, str]], bytes]:
-    headers = [(k, v) for k, v in response.headers.multi_items() if k not in ("date", "server")]
+    """Status, headers and body, without what moves with the clock (Date, Age, ttl=)."""
+    headers = [
+        (k, re.sub(r"ttl=\d+", "ttl=", v))
+        for k, v in response.headers.multi_items()
+        if k not in ("date", "server", "age")
+    ]
     return response.status_code, headers, response.content
 
 
@@ -227,8 +233,19 @@ def test_a_compressible_response_leaves_at_its_head_to_be_compressed(
     )
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"Content-Encoding: gzip" in head and b"Transfer-Encoding: chunked" in head
-    size, _, rest = body.partition(b"\r\n")
-    assert gzip.decompress(rest[: int(size, 16)]).startswith(b"PIBL streams this line")
+    data = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        data += body[: int(size, 16)]
+        body = body[int(size, 16) + 2 :]
+    assert (
+        gzip.decompress(data)
+        == b"".join(
+            b"PIBL streams this line again and again to test compression.\n" for _ in range(100)
+        )[:3000]
+    )
 
 
 def test_an_upgrade_request_takes_the_coroutine_path(
@@ -327,3 +344,104 @@ def test_a_client_that_resets_during_a_fast_exchange_is_logged_499(
     # the backend connection of the abandoned exchange was not pooled; the rest still serve
     with httpx.Client(base_url=proxy.url) as client:
         assert [client.get(f"/after/{i}").status_code for i in range(3)] == [200] * 3
+
+
+# -- cache hits ------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def _stored(proxy: ProxyThread) -> None:
+    """Wait until the responses being stored are committed (the next request is a hit)."""
+    assert proxy.worker is not None and proxy.worker.proxy.cache is not None
+    cache = proxy.worker.proxy.cache
+    assert wait_for(lambda: not cache._inflight)
+
+
+def _cached(
+    make_proxy: Callable[..., ProxyThread], backend: Backend, tmp: Path, upstream: dict[str, Any]
+) -> tuple[ProxyThread, _Clock]:
+    proxy = make_proxy([backend], upstream=upstream, cache={"dir": str(tmp), "ttl": 60})
+    clock = _Clock()
+    assert proxy.worker is not None and proxy.worker.proxy.cache is not None
+    proxy.worker.proxy.cache.clock = clock
+    return proxy, clock
+
+
+def test_fresh_cache_hits_are_answered_in_the_callback_with_the_same_answers(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    fast, _ = _cached(make_proxy, backends[0], tmp_path / "fast", FAST)
+    slow, _ = _cached(make_proxy, backends[0], tmp_path / "slow", SLOW)
+
+    def answers(proxy: ProxyThread) -> list[Any]:
+        out = []
+        with httpx.Client(base_url=proxy.url, headers={"Accept-Encoding": "identity"}) as c:
+            for path in ("/cache/a?cc=max-age=100", "/cache/b?cc=max-age=100&size=3000"):
+                c.get(path)  # a miss, stored
+                _stored(proxy)
+                out.append(c.get(path, headers={"X-Request-ID": "r1"}))
+                out.append(c.head(path, headers={"X-Request-ID": "r2"}))
+                etag = c.get(path + "&etag=%22v1%22").headers.get("etag")
+                _stored(proxy)
+                conditional = {"If-None-Match": etag or "", "X-Request-ID": "r3"}
+                out.append(c.get(path + "&etag=%22v1%22", headers=conditional))
+        return [_comparable(r) for r in out]
+
+    backends[0].hits = 0
+    fast_answers = answers(fast)
+    hits_fast = backends[0].hits
+    backends[0].hits = 0
+    slow_answers = answers(slow)
+    # (the bodies name how often the backend served the URI: the same count both times)
+    assert fast_answers == slow_answers
+    assert hits_fast == backends[0].hits == 4
+    assert wait_for(lambda: served(fast) == 6)
+    assert exits(fast) == {"cache miss": 4}
+    line_shapes = [_log_shape(x) for x in fast.log_lines()]
+    assert line_shapes == [_log_shape(x) for x in slow.log_lines()]
+
+
+def test_a_stale_entry_leaves_the_fast_path_and_is_revalidated(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    proxy, clock = _cached(make_proxy, backends[0], tmp_path, FAST)
+    path = "/cache/s?cc=max-age=10&etag=%22e%22"
+    with httpx.Client(base_url=proxy.url) as client:
+        client.get(path)
+        _stored(proxy)
+        assert client.get(path).headers["cache-status"].startswith("pibl; hit")
+        clock.offset = 20  # past max-age
+        r = client.get(path)
+    assert r.status_code == 200
+    assert r.headers["cache-status"].startswith("pibl; fwd=stale")
+    assert exits(proxy) == {"cache miss": 2} and wait_for(lambda: served(proxy) == 1)
+
+
+def test_a_slow_client_of_a_cache_hit_is_drained_before_the_next_answer(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    proxy, _ = _cached(make_proxy, backends[0], tmp_path, FAST)
+    size = 900_000  # below the sendfile threshold: answered from the callback
+    path = b"/cache/big?cc=max-age=100&size=%d" % size
+    request = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(request)
+        [first] = read_responses(s, 1)
+    assert b"stored" in first
+    _stored(proxy)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        s.sendall(request * 3)
+        time.sleep(0.3)
+        responses = read_responses(s, 3)
+    assert len(responses) == 3
+    for r in responses:
+        assert b"Cache-Status: pibl; hit" in r and len(r.partition(b"\r\n\r\n")[2]) == size
+    assert wait_for(lambda: served(proxy) == 3)
