@@ -335,7 +335,12 @@ class ClientConnection(WriteFlow):
             incoming = queue[0]
             if incoming.error is not None:
                 break
-            fast = self.proxy.start_fast(self, incoming)
+            try:
+                fast = self.proxy.start_fast(self, incoming)
+            except Exception:  # a bug: as ``_serve`` handles one
+                self.proxy.log_exception("error while serving a client connection")
+                self.abort()
+                return
             if fast is None:
                 break
             if not fast.finished:  # the answer comes in later callbacks

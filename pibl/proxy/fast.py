@@ -353,6 +353,11 @@ class FastExchange:
         except UpstreamError as exc:  # raised before anything was written (parts is empty)
             self.on_error(exc)
             return
+        except Exception:  # a bug: handled like the coroutine path's, never a hang
+            self.proxy.log_exception("error in a fast-path exchange")
+            self.sink.abort()
+            self.on_error(UpstreamError(502, "internal error", retryable=False))
+            return
         if parts:
             self._write(parts)
         if not self._paused:

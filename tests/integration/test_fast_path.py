@@ -445,3 +445,25 @@ def test_a_slow_client_of_a_cache_hit_is_drained_before_the_next_answer(
     for r in responses:
         assert b"Cache-Status: pibl; hit" in r and len(r.partition(b"\r\n\r\n")[2]) == size
     assert wait_for(lambda: served(proxy) == 3)
+
+
+def test_an_unexpected_error_in_a_fast_exchange_closes_that_client_only(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    assert proxy.worker is not None
+    worker_proxy = proxy.worker.proxy
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    worker_proxy.response_head = broken  # type: ignore[method-assign]
+    raw = raw_request(proxy.port, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw == b""  # closed without an answer, as the coroutine path does
+    del worker_proxy.response_head
+    assert wait_for(lambda: "RuntimeError: a bug" in proxy.stream.getvalue())
+    assert "error in a fast-path exchange" in proxy.stream.getvalue()
+    with httpx.Client(base_url=proxy.url) as client:
+        assert [client.get(f"/after/{i}").status_code for i in range(3)] == [200] * 3
+    assert wait_for(lambda: worker_proxy.in_flight == 0)
