@@ -116,6 +116,10 @@ compressor whenever the backend pauses."""
 # content coding (RFC 9659 section 3); levels up to 19 stay within it.
 _ZSTD_MAX_LEVEL: Final = 19
 _DIGEST_FIELDS: Final = (b"content-digest", b"repr-digest", b"digest", b"content-md5")
+# the response fields _rules_out() looks at (one set test per field instead of a call)
+_RULING_FIELDS: Final = frozenset(
+    {b"content-range", b"content-encoding", b"cache-control", *_DIGEST_FIELDS}
+)
 _TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+\Z")
 _QVALUE = re.compile(rb"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)\Z")
 
@@ -323,7 +327,7 @@ def compressible(
             if content_type is not None and value != content_type:
                 return False  # conflicting values: do not guess
             content_type = value
-        elif _rules_out(lname, value):
+        elif lname in _RULING_FIELDS and _rules_out(lname, value):
             return False
     return content_type is not None and _type_matches(content_type, settings.types)
 

@@ -54,6 +54,9 @@ class RequestHead:
     keep_alive: bool = True
     expect_continue: bool = False
     upgrade: bytes | None = None  # the Upgrade header value when the client asks to switch
+    # the tokens of every Connection field (lower case), when the parser collected them
+    # (derived from ``headers``: not compared)
+    connection: frozenset[bytes] | None = field(default=None, compare=False)
 
     @property
     def request_line(self) -> str:
@@ -70,3 +73,4 @@ class ResponseHead:
     body: BodyKind = BodyKind.NONE
     content_length: int = 0
     keep_alive: bool = True
+    connection: frozenset[bytes] | None = field(default=None, compare=False)  # as in RequestHead

@@ -33,7 +33,7 @@ from pibl.config import Config
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.forward import client_response, request_id, simple_response, upstream_request
 from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk
-from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
+from pibl.http.message import BodyKind, RequestHead, ResponseHead
 from pibl.http.parse import END, Body, End, Head, Upgrade
 from pibl.observe.accesslog import AccessLog, AccessRecord
 from pibl.observe.metrics import Metrics, multiprocess_dir
@@ -192,13 +192,20 @@ class Proxy:
 
     def new_record(self, conn: ResponseSink, head: RequestHead) -> AccessRecord:
         """The access record of a request, with its request id (kept or made)."""
+        agent = client_id = None
+        for name, value in head.headers:  # the first of each, in one pass
+            lname = name.lower()
+            if lname == b"user-agent":
+                agent = value if agent is None else agent
+            elif lname == b"x-request-id":
+                client_id = value if client_id is None else client_id
         record = AccessRecord(
             client=conn.client_ip,
             request_line=head.request_line,
             host=head.host.decode("latin-1"),
-            user_agent=(get_header(head.headers, b"user-agent") or b"-").decode("latin-1"),
+            user_agent=(agent or b"-").decode("latin-1"),
         )
-        record.request_id = request_id(get_header(head.headers, b"x-request-id"))
+        record.request_id = request_id(client_id)
         if self.verbose:
             record.request_head = head_text(head)
         return record
