@@ -113,6 +113,9 @@ class LimitsConfig(_Section):
 class UpstreamConfig(_Section):
     pool_idle_max: int = Field(default=32, ge=0)  # idle keep-alive connections per backend
     retry_reused: bool = True  # retry once when a reused idle connection was closed under us
+    # serve the common exchange (an idle pooled connection at hand, nothing to stream in or
+    # compress) in protocol callbacks; false sends every request through the coroutine path
+    fast_path: bool = True
 
 
 class BackendConfig(_Section):

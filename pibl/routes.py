@@ -83,6 +83,23 @@ class Route:
         target = self.pool or ("redirect" if self.redirect else "respond")
         return f"<Route {self.index} {self.name} -> {target}>"
 
+    @property
+    def plain(self) -> bool:
+        """Only a pool to go to: nothing the fast path would have to apply."""
+        return (
+            self.pool is not None
+            and self.allow is None
+            and not self.deny
+            and self.limit is None
+            and self.mirror is None
+            and self.rewrite is None
+            and self.request_edits is NO_EDITS
+            and self.response_edits is NO_EDITS
+            and self.timeouts is None
+            and self.max_body_bytes is None
+            and self.compression is not False
+        )
+
     # -- matching --------------------------------------------------------------------
 
     def matches(self, path: bytes, method: bytes, headers: HeaderList) -> bool:

@@ -310,6 +310,10 @@ class ProxyThread:
         settings.setdefault("health", {"enabled": False})  # probes would show up in `seen`
         if TEST_EVENT_LOOP:  # the suite can be run again under another loop
             server.setdefault("event_loop", TEST_EVENT_LOOP)
+        if os.environ.get("PIBL_FAST_PATH") == "0":  # the suite again on the coroutine path
+            upstream = dict(settings.get("upstream", {}))
+            upstream.setdefault("fast_path", False)
+            settings["upstream"] = upstream
         self.config = validate(settings, "test")
         self.stream = io.StringIO()
         self.log = AccessLog(path=log_path, stream=self.stream)

@@ -134,7 +134,9 @@ def upstream_request(
     ``drop`` removes more fields (the cache drops the client's conditionals when it
     revalidates with its own) and ``extra`` appends fields (those validators).
     """
-    named = _connection_named(head.headers) | drop
+    named = head.connection if head.connection is not None else _connection_named(head.headers)
+    if drop:
+        named = named | drop
     host = head.host or default_host
     out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
     append = out.append
@@ -198,7 +200,7 @@ def client_response(
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
     """The response head PIBL sends to the client for a backend's response ``resp``."""
-    named = _connection_named(resp.headers)
+    named = resp.connection if resp.connection is not None else _connection_named(resp.headers)
     status = resp.status
     reason = resp.reason if _SANE_REASON.match(resp.reason) else b""
     out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]

@@ -54,6 +54,9 @@ class RequestHead:
     keep_alive: bool = True
     expect_continue: bool = False
     upgrade: bytes | None = None  # the Upgrade header value when the client asks to switch
+    # the tokens of every Connection field (lower case), when the parser collected them
+    # (derived from ``headers``: not compared)
+    connection: frozenset[bytes] | None = field(default=None, compare=False)
 
     @property
     def request_line(self) -> str:
@@ -73,3 +76,4 @@ class ResponseHead:
     # transfer codings besides chunked (gzip, deflate), in the order applied: the parser
     # removes them, so bodies past it are the representation's bytes
     codings: tuple[bytes, ...] = ()
+    connection: frozenset[bytes] | None = field(default=None, compare=False)  # as in RequestHead

@@ -302,6 +302,7 @@ def build_request_head(
         keep_alive=keep_alive,
         expect_continue=expect_continue,
         upgrade=upgrade,
+        connection=frozenset(connection),
     )
 
 
@@ -550,6 +551,7 @@ def build_response_head(
     codings: tuple[bytes, ...] = ()
     te: list[bytes] = []
     content_length: bytes | None = None
+    connection: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
         if lname == b"transfer-encoding":
@@ -558,6 +560,8 @@ def build_response_head(
             if content_length is not None and content_length != value:
                 raise ProtocolError(502, "backend sent conflicting Content-Length")
             content_length = value
+        elif lname == b"connection":
+            connection.extend(t.strip().lower() for t in value.split(b","))
     if head_request or status in (204, 304) or status < 200:
         body = BodyKind.NONE
         length = 0
@@ -596,4 +600,5 @@ def build_response_head(
         body=body,
         content_length=length,
         keep_alive=keep_alive,
+        connection=frozenset(connection),
     )

@@ -50,10 +50,22 @@ class AccessRecord:
     when: float = field(default_factory=time.time)
 
 
-def _clf_time(when: float) -> str:
-    t = time.gmtime(when)
+def _format_clf_time(second: int) -> str:
+    t = time.gmtime(second)
     day = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}"
     return f"{day}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+
+
+_last_clf: tuple[int, str] = (-1, "")
+
+
+def _clf_time(when: float) -> str:
+    """The log's time field; formatted once per second (lines of one second share it)."""
+    global _last_clf
+    second = int(when)
+    if _last_clf[0] != second:
+        _last_clf = (second, _format_clf_time(second))
+    return _last_clf[1]
 
 
 def _quote(text: str) -> str:

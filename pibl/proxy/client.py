@@ -5,8 +5,13 @@ in ``pibl.proxy.exchange``. State is grouped as:
 
 * connection: transport, peer, parser, timers, write flow control;
 * requests: a FIFO of ``Incoming`` requests. Pipelined requests are parsed as they arrive
-  and queued; one task serves the queue head to tail, so responses leave in request order.
+  and queued, and served head to tail, one at a time, so responses leave in request order.
   Reading pauses when too many requests wait or when a request body outpaces the backend.
+
+Two speeds serve the queue head (``_dispatch``): the fast path (``pibl.proxy.fast``) runs
+the common exchange in protocol callbacks and reports back with ``exchange_done``; anything
+else, or a fast exchange that leaves its path (``exchange_exit``), is served by one task
+running the coroutine path, ``Proxy.handle``, until the queue is empty.
 
 Timers: ``client_header`` runs from the first byte of a request to the end of its head (a
 slowloris gets 408), ``client_idle`` between requests on a kept-alive connection (closed
@@ -24,11 +29,13 @@ from typing import TYPE_CHECKING, cast
 from pibl.errors import ProtocolError
 from pibl.http.message import RequestHead
 from pibl.http.parse import Body, End, Head, RequestParser, Upgrade
-from pibl.proxy.flow import WriteFlow
+from pibl.proxy.flow import Deadline, WriteFlow
 from pibl.routes import Route
 
 if TYPE_CHECKING:
+    from pibl.observe.accesslog import AccessRecord
     from pibl.proxy.exchange import Proxy
+    from pibl.proxy.fast import ClientExchange, Exit
 
 BODY_HIGH = 256 * 1024  # buffered request body bytes before reading pauses
 
@@ -62,6 +69,13 @@ class BodyStream:
     def finish(self) -> None:
         self._done = True
         self._wake()
+
+    def complete(self) -> bytes | None:
+        """The whole body if it has all arrived (and was not refused), left in place."""
+        if not self._done or self._error is not None:
+            return None
+        chunks = self._chunks
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def unread(self, data: bytes) -> None:
         """Put back what was read (a body that turned out too large to buffer)."""
@@ -107,9 +121,9 @@ class BodyStream:
 
 
 class Incoming:
-    """A parsed request waiting for, or in, its exchange."""
+    """A parsed request waiting for, or in, its exchange (on either path)."""
 
-    __slots__ = ("body", "error", "head", "route", "upgrade_data")
+    __slots__ = ("body", "error", "head", "record", "resume", "route", "upgrade_data")
 
     def __init__(self, head: RequestHead | None, body: BodyStream | None) -> None:
         self.head = head
@@ -117,6 +131,8 @@ class Incoming:
         self.upgrade_data: bytes | None = None
         self.error: ProtocolError | None = None  # a request PIBL rejects, answered in order
         self.route: Route | None = None  # the route it matched (pool and policies)
+        self.record: AccessRecord | None = None  # once its exchange started
+        self.resume: Exit | None = None  # where the fast path left it for the coroutine path
 
 
 class ClientConnection(WriteFlow):
@@ -136,7 +152,7 @@ class ClientConnection(WriteFlow):
             max_headers=limits.max_headers,
             max_head_bytes=limits.max_head_bytes,
         )
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = Deadline(self.loop, self._on_timeout)
         self._timer_kind = ""
         self._paused: set[str] = set()
         self._write_paused = False
@@ -144,7 +160,8 @@ class ClientConnection(WriteFlow):
         # requests
         self._queue: deque[Incoming] = deque()
         self._reading: Incoming | None = None  # request whose body is still arriving
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the coroutine path serving the queue
+        self._fast: ClientExchange | None = None  # the fast path serving the queue head
         self._stop_reading = False  # after an error or upgrade nothing more is parsed
         self._client_eof = False  # the client half-closed: nothing more will come
         self._proxy_header: bytearray | None = None  # a PROXY protocol line being read
@@ -247,8 +264,8 @@ class ClientConnection(WriteFlow):
             self._disarm()
         if len(queue) > self.proxy.config.limits.max_pipelined:
             self.pause_reading("pipeline")
-        if queue and self._task is None:
-            self._task = self.loop.create_task(self._serve())
+        if queue and self._task is None and self._fast is None:
+            self._dispatch()
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still wait for its responses (``nc -q``, HTTP/1.0 tools).
@@ -262,7 +279,11 @@ class ClientConnection(WriteFlow):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._disarm()
+        self._timer.cancel()
+        self._timer_kind = ""
+        if self._fast is not None:
+            fast, self._fast = self._fast, None
+            fast.on_client_lost()
         if self._task is not None and not self._task.done():
             # The client went away (not a half-close): stop its exchange, as nginx does,
             # instead of letting a backend work on an answer nobody will read.
@@ -275,6 +296,11 @@ class ClientConnection(WriteFlow):
             self._reading.body.fail(ProtocolError(400, "client closed the connection"))
         self.release_drain()
         self.proxy.connection_closed(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._fast is not None:
+            self._fast.on_client_drain()
 
     # -- used by the exchange -----------------------------------------------------------
 
@@ -343,8 +369,57 @@ class ClientConnection(WriteFlow):
             rejected = Incoming(None, None)
             rejected.error = exc
             self._queue.append(rejected)
-        if self._task is None and self._queue:
+        if self._task is None and self._fast is None and self._queue:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Serve the queue: in callbacks while the fast path takes it, else in a task."""
+        queue = self._queue
+        while queue and not self.closed:
+            incoming = queue[0]
+            if incoming.error is not None:
+                break
+            try:
+                fast = self.proxy.start_fast(self, incoming)
+            except Exception:  # a bug: as ``_serve`` handles one
+                self.proxy.log_exception("error while serving a client connection")
+                self.abort()
+                return
+            if fast is None:
+                break
+            if not fast.finished:  # the answer comes in later callbacks
+                self._fast = fast
+                return
+            if not self._answered(fast.keep_alive):  # answered at once (a cache hit)
+                return
+        if self.closed:
+            return
+        if queue:
             self._task = self.loop.create_task(self._serve())
+        else:
+            self._served_all()
+
+    def exchange_done(self, keep_alive: bool) -> None:
+        """The fast path answered the queue head; serve the next request, if any."""
+        self._fast = None
+        if self._answered(keep_alive):
+            self._dispatch()
+
+    def _answered(self, keep_alive: bool) -> bool:
+        """What ``_serve`` does after ``handle``; whether the connection goes on."""
+        queue = self._queue
+        queue.popleft()
+        if not keep_alive:
+            self.close()
+            return False
+        if len(queue) <= self.proxy.config.limits.max_pipelined:
+            self.resume_reading("pipeline")
+        return True
+
+    def exchange_exit(self) -> None:
+        """The fast path handed the queue head to the coroutine path."""
+        self._fast = None
+        self._task = self.loop.create_task(self._serve())
 
     async def _serve(self) -> None:
         queue = self._queue
@@ -369,7 +444,12 @@ class ClientConnection(WriteFlow):
             self.abort()
         finally:
             self._task = None
-        if not self.closed and not queue:
+        if not queue:
+            self._served_all()
+
+    def _served_all(self) -> None:
+        """The queue is empty: close after a half-close, else wait for the next request."""
+        if not self.closed:
             if self._client_eof:
                 self.close()
             elif self._parser.in_message:
@@ -378,21 +458,17 @@ class ClientConnection(WriteFlow):
                 self._arm("idle")
 
     def _arm(self, kind: str) -> None:
-        self._disarm()
         timeouts = self.proxy.config.timeouts
         delay = timeouts.client_header if kind == "header" else timeouts.client_idle
         self._timer_kind = kind
-        self._timer = self.loop.call_later(delay, self._on_timeout)
+        self._timer.set(delay)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.clear()
         self._timer_kind = ""
 
     def _on_timeout(self) -> None:
         kind = self._timer_kind
-        self._timer = None
         self._timer_kind = ""
         if self.closed:
             return

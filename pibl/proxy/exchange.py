@@ -51,6 +51,7 @@ from pibl.limits import RateLimiter, Verdict, bucket_key
 from pibl.observe.accesslog import AccessLog, AccessRecord
 from pibl.observe.metrics import Metrics, multiprocess_dir
 from pibl.observe.status import StatusTracker
+from pibl.proxy import fast
 from pibl.proxy.groups import PoolGroup, build_groups
 from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
 from pibl.routes import NO_EDITS, Route, Router, TrustedProxies, compile_routes
@@ -58,6 +59,7 @@ from pibl.routes import NO_EDITS, Route, Router, TrustedProxies, compile_routes
 if TYPE_CHECKING:
     from pibl.proxy.cached import CacheLayer
     from pibl.proxy.client import ClientConnection, Incoming
+    from pibl.proxy.fast import ClientExchange, ResponseSink
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -128,6 +130,7 @@ class Proxy:
         self.backends = config.all_backends
         self.groups, self.states = build_groups(config, shared, self._panic_handler)
         self.group_of = [g for g in self.groups.values() for _ in g.backends]
+        self._group_by_label = {s.name: g for g, s in zip(self.group_of, self.states, strict=True)}
         self.default_group = next(iter(self.groups.values()))
         self.balancer = self.default_group.balancer  # (the only one without [pools])
         self.router = Router(compile_routes(config))
@@ -175,6 +178,11 @@ class Proxy:
             self.metrics.connect_refused.labels(state.name)
         self.verbose = config.log.verbose
         self.status = StatusTracker(self, multiprocess_dir())
+        self.loop = asyncio.get_running_loop()
+        # The fast path (pibl.proxy.fast): exchanges it served, and why others left it.
+        self.fast_path = config.upstream.fast_path and self.redirect_port is None
+        self.fast_served = 0
+        self.fast_exits: collections.Counter[str] = collections.Counter()
 
     # -- connection bookkeeping ---------------------------------------------------------
 
@@ -317,32 +325,59 @@ class Proxy:
         self.log.access(record)
         self.observe(record)
 
+    def new_record(self, conn: ResponseSink, head: RequestHead) -> AccessRecord:
+        """The access record of a request, with its request id (kept or made)."""
+        agent = client_id = None
+        for name, value in head.headers:  # the first of each, in one pass
+            lname = name.lower()
+            if lname == b"user-agent":
+                agent = value if agent is None else agent
+            elif lname == b"x-request-id":
+                client_id = value if client_id is None else client_id
+        record = AccessRecord(
+            client=(
+                self.trusted.client(conn.client_ip, head.headers)
+                if self.trusted
+                else conn.client_ip
+            ),
+            request_line=head.request_line,
+            host=head.host.decode("latin-1"),
+            user_agent=(agent or b"-").decode("latin-1"),
+        )
+        record.request_id = request_id(client_id)
+        if self.verbose:
+            record.request_head = head_text(head)
+        return record
+
+    def finish_record(self, incoming: Incoming, record: AccessRecord) -> None:
+        """One log line and the metrics of a finished exchange, whichever path served it."""
+        self.in_flight -= 1
+        assert incoming.body is not None
+        record.bytes_in = incoming.body.received
+        record.total = time.monotonic() - record.started
+        self.log.access(record)
+        self.observe(record)
+
+    def start_fast(self, conn: ResponseSink, incoming: Incoming) -> ClientExchange | None:
+        """The fast path's exchange for ``incoming``, or None: ``handle`` serves it."""
+        return fast.start_fast(self, conn, incoming)
+
     async def handle(self, conn: ClientConnection, incoming: Incoming) -> bool:
+        """The coroutine path of a request, from its head or from where the fast path left."""
         head = incoming.head
         assert head is not None and incoming.body is not None
         self.in_flight += 1
-        record = AccessRecord(
-            client=conn.client_ip,
-            request_line=head.request_line,
-            host=head.host.decode("latin-1"),
-            user_agent=(get_header(head.headers, b"user-agent") or b"-").decode("latin-1"),
-        )
-        record.request_id = rid = request_id(get_header(head.headers, b"x-request-id"))
-        record.bytes_in = 0
-        if self.verbose:
-            record.request_head = head_text(head)
+        record = incoming.record  # set when the fast path started this request
+        if record is None:
+            record = incoming.record = self.new_record(conn, head)
+        rid = record.request_id
         try:
             route = incoming.route = self.router.match(
                 head.host, head.target, head.method, head.headers
             )
             record.route = route.name if route is not None else "-"
             record.pool = (route.pool or "-") if route is not None else "-"
-            client = (
-                self.trusted.client(conn.client_ip, head.headers)
-                if self.trusted
-                else conn.client_ip
-            )
-            record.client = client  # (logged as the client, as nginx's realip does)
+            client = record.client  # behind trusted proxies, the one they name (realip)
             if self.redirect_port is not None and conn.scheme == b"http":
                 keep_alive = self._redirect_to_https(conn, head, rid, record)
             elif route is None:
@@ -393,11 +428,7 @@ class Proxy:
             conn.abort()
             keep_alive = False
         finally:
-            self.in_flight -= 1
-            record.bytes_in = incoming.body.received
-            record.total = time.monotonic() - record.started
-            self.log.access(record)
-            self.observe(record)
+            self.finish_record(incoming, record)
         return keep_alive
 
     # -- what a route answers itself ------------------------------------------------------
@@ -580,14 +611,19 @@ class Proxy:
         group = self.groups[route.pool] if route is not None and route.pool else self.default_group
         if route is not None and route.mirror is not None:
             self._maybe_mirror(conn, head, rid, route, body)
-        prefer = self._sticky_backend(head) if group.balance.sticky else None
+        prefer = self.sticky_backend(head, group) if group.balance.sticky else None
         tried: set[int] = set()
         last_error: UpstreamError | None = None
         deadline = time.monotonic() + group.retries.budget
         never_connected = True
+        # Where the fast path left this request, if it did: the backend it picked, and the
+        # failure of its attempt, which is handled below as any attempt's failure is.
+        resume, incoming.resume = incoming.resume, None
         while True:
             now = time.monotonic()
-            index = group.pick(now, tried, prefer)
+            index: int | None = resume.index if resume is not None else None
+            if index is None:
+                index = group.pick(now, tried, prefer)
             if index is None and group.full(now, tried):
                 await group.admit()  # every backend is at maxconn: wait in the pool's queue
                 continue
@@ -598,6 +634,9 @@ class Proxy:
             state = self.states[index]
             state.active += 1
             try:
+                left, resume = resume, None
+                if left is not None and left.error is not None:
+                    raise left.error
                 return await self._attempt(
                     conn,
                     incoming,
@@ -609,6 +648,7 @@ class Proxy:
                     hook=hook,
                     drop=drop,
                     extra=extra,
+                    left=left,
                 )
             except UpstreamError as exc:
                 last_error = exc
@@ -712,26 +752,38 @@ class Proxy:
         record.bytes_out = body_length(response)
         return False
 
-    def security_headers(self, conn: ClientConnection) -> list[tuple[bytes, bytes]]:
+    def security_headers(self, conn: ResponseSink) -> list[tuple[bytes, bytes]]:
         if self.hsts is not None and conn.scheme == b"https":
             return [(b"Strict-Transport-Security", self.hsts)]
         return []
 
-    def _plan_compression(
+    def compressible(self, head: RequestHead, resp: ResponseHead) -> bool:
+        """Whether the response is one PIBL compresses for a client that accepts a coding."""
+        settings = self.compression
+        if settings is None:
+            return False
+        if resp.body is BodyKind.NONE and head.method != b"HEAD":
+            return False  # nothing to compress (Content-Length: 0, 204, 304)
+        length = resp.content_length if resp.body is BodyKind.LENGTH else None
+        return compress.compressible(resp.status, resp.headers, settings, content_length=length)
+
+    @staticmethod
+    def uncompressed(resp: ResponseHead) -> ResponseHead:
+        """A compressible response sent as it is: the answer depends on Accept-Encoding."""
+        resp.headers = compress.add_vary_accept_encoding(resp.headers)
+        return resp
+
+    def plan_compression(
         self, head: RequestHead, resp: ResponseHead
     ) -> tuple[ResponseHead, Compressor | None, bool]:
         """The response as the client will see it, and the compressor to get there."""
+        if not self.compressible(head, resp):
+            return resp, None, False
         settings = self.compression
         assert settings is not None
-        if resp.body is BodyKind.NONE and head.method != b"HEAD":
-            return resp, None, False  # nothing to compress (Content-Length: 0, 204, 304)
-        length = resp.content_length if resp.body is BodyKind.LENGTH else None
-        if not compress.compressible(resp.status, resp.headers, settings, content_length=length):
-            return resp, None, False
         encoding = compress.request_coding(head.method, head.headers, settings)
         if encoding is None:  # the answer still depends on Accept-Encoding
-            resp.headers = compress.add_vary_accept_encoding(resp.headers)
-            return resp, None, False
+            return self.uncompressed(resp), None, False
         transformed = ResponseHead(
             status=resp.status,
             reason=resp.reason,
@@ -747,8 +799,8 @@ class Proxy:
             compress.expensive(encoding, settings),
         )
 
-    def _sticky_backend(self, head: RequestHead) -> int | None:
-        name = self.config.balance.sticky_cookie.encode()
+    def sticky_backend(self, head: RequestHead, group: PoolGroup | None = None) -> int | None:
+        name = (group or self.default_group).balance.sticky_cookie.encode()
         for key, value in head.headers:
             if key.lower() != b"cookie":
                 continue
@@ -757,6 +809,123 @@ class Proxy:
                 if k == name:
                     return self._sticky_ids.get(v)
         return None
+
+    # -- rules both paths share (the fast path is pibl.proxy.fast) -----------------------
+
+    def request_bytes(
+        self,
+        conn: ResponseSink,
+        head: RequestHead,
+        rid: bytes,
+        index: int,
+        body: bytes | None,
+        drop: frozenset[bytes] = frozenset(),
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> bytes:
+        """The request as backend ``index`` gets it, with the body when it was buffered."""
+        request_bytes = upstream_request(
+            head,
+            client_ip=conn.client_ip,
+            scheme=conn.scheme,
+            rid=rid,
+            via=self.via,
+            default_host=self._default_hosts[index],
+            body=head.body if body is None else BodyKind.LENGTH,
+            content_length=head.content_length if body is None else len(body),
+            drop=drop,
+            extra=extra,
+        )
+        return request_bytes + body if body else request_bytes
+
+    @staticmethod
+    def replayable(head: RequestHead, body: bytes | None) -> bool:
+        """Whether the request may be sent again: no body streamed, and idempotent if any."""
+        has_body = head.body is not BodyKind.NONE and body is None  # a body that streams
+        return not has_body and (body is None or head.method in IDEMPOTENT)
+
+    def retry_reused(self, exc: UpstreamError, upstream: UpstreamConnection) -> bool:
+        """A reused idle connection closed by the backend as it was used: try a fresh one.
+
+        Only for a request that can be replayed, and only once; the caller checks both.
+        """
+        group = self._group_by_label.get(upstream.backend.label, self.default_group)
+        return exc.retryable and not upstream.got_bytes and group.upstream.retry_reused
+
+    def _suspect_pool(self, index: int, exc: UpstreamError | None = None) -> None:
+        """A reused connection to backend ``index`` failed before any answer.
+
+        Either the backend closed it while it idled (a race), or the backend is gone and
+        so are its other idle connections: drop them all, and let this request try a new
+        connection only while the backend is still in rotation and no other request is
+        already finding out (a refused connection ejects it at once, so the other requests
+        caught out by the same death go to another backend instead of dialling this one
+        again). Raises to send the request elsewhere.
+        """
+        pool = self.pools[index]
+        pool.drop_idle()
+        if pool.suspect or not self.states[index].available(time.monotonic()):
+            raise exc or UpstreamError(502, "backend closed the connection")
+        pool.suspect = True  # (cleared by the next connection that succeeds)
+
+    def backend_answered(
+        self, index: int, head: RequestHead, resp: ResponseHead, record: AccessRecord
+    ) -> None:
+        """A response head arrived: the backend's health, the status to log, a bad 101."""
+        record.status = resp.status
+        state = self.states[index]
+        if resp.status in self.group_of[index].health.fail_statuses:
+            if self.record_failure(index, time.monotonic()) == "ejected":
+                self.log.warning(f"backend {state.name} ejected after {resp.status} answers")
+        else:
+            state.record_success(time.monotonic())
+        if resp.status == 101 and head.upgrade is None:
+            raise UpstreamError(502, "backend switched protocols unasked", retryable=False)
+
+    def client_extra(
+        self, conn: ResponseSink, index: int, hook: ResponseHook | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """Headers PIBL adds to the client's response: the cache's, sticky cookie, HSTS."""
+        extra = list(hook.extra or ()) if hook is not None else []
+        balance = self.group_of[index].balance
+        if balance.sticky:
+            cookie = balance.sticky_cookie.encode()
+            extra.append(
+                (b"Set-Cookie", b"%s=%s; Path=/; HttpOnly" % (cookie, self._sticky_id[index]))
+            )
+        extra.extend(self.security_headers(conn))
+        return extra
+
+    def response_head(
+        self,
+        head: RequestHead,
+        resp: ResponseHead,
+        rid: bytes,
+        record: AccessRecord,
+        extra: list[tuple[bytes, bytes]],
+    ) -> tuple[BodyKind, bool, bytes]:
+        """How the client gets ``resp``: (body framing, keep-alive, the head's bytes)."""
+        framing = client_framing(resp.body, head.version)
+        if head.method == b"HEAD":
+            framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
+        keep_alive = (
+            head.keep_alive
+            and framing is not BodyKind.CLOSE
+            and head.upgrade is None
+            and not self.stopping
+        )
+        out = client_response(
+            resp,
+            framing=framing,
+            keep_alive=keep_alive,
+            client_version=head.version,
+            rid=rid,
+            via=self.via,
+            extra=extra,
+        )
+        record.response_started = True
+        if self.verbose:
+            record.response_head = out.decode("latin-1")
+        return framing, keep_alive, out
 
     async def _attempt(
         self,
@@ -771,48 +940,46 @@ class Proxy:
         hook: ResponseHook | None,
         drop: frozenset[bytes],
         extra: list[tuple[bytes, bytes]] | None,
+        left: fast.Exit | None = None,
     ) -> bool:
-        """One try on one backend; ``body`` is the request body when it was buffered."""
+        """One try on one backend; ``body`` is the request body when it was buffered.
+
+        ``left``: the fast path's attempt continued here, on a fresh connection (its reused
+        one was closed under it) or from the response head it received.
+        """
         group = self.group_of[index]
         route = incoming.route
         pool = self.pools[index]
         record.backend = self.states[index].name  # the backend's label, computed once
-        request_bytes = upstream_request(
-            route.upstream_head(head) if route is not None else head,
-            client_ip=conn.client_ip,
-            scheme=conn.scheme,
-            rid=rid,
-            via=self.via,
-            default_host=self._default_hosts[index],
-            body=head.body if body is None else BodyKind.LENGTH,
-            content_length=head.content_length if body is None else len(body),
-            drop=drop,
-            extra=extra,
-        )
-        if body:
-            request_bytes += body
-        sticky: list[tuple[bytes, bytes]] = []
-        if group.balance.sticky:
-            cookie = group.balance.sticky_cookie.encode()
-            sticky.append(
-                (b"Set-Cookie", b"%s=%s; Path=/; HttpOnly" % (cookie, self._sticky_id[index]))
-            )
+        up_head = route.upstream_head(head) if route is not None else head
+        request_bytes = self.request_bytes(conn, up_head, rid, index, body, drop, extra)
         head_request = head.method == b"HEAD"
         has_body = head.body is not BodyKind.NONE and body is None  # a body that streams
-        replayable = not has_body and (body is None or head.method in IDEMPOTENT)
+        replayable = self.replayable(head, body)
         timeouts = route.timeouts if route is not None else None
         connect_timeout = (timeouts.upstream_connect if timeouts else None) or group.connect_timeout
         response_timeout = (
             timeouts.upstream_response if timeouts else None
         ) or group.response_timeout
-        upstream, reused = await pool.acquire(connect_timeout=connect_timeout)
-        upstream_started = time.monotonic()
+        events: list[Head | Body | End | Upgrade] | None = None
+        if left is not None and left.upstream is not None:
+            upstream, reused, events = left.upstream, True, left.events
+            upstream_started = left.started
+        else:
+            if left is not None and left.fresh:
+                # the fast path's reused connection was closed under it: as below
+                self._suspect_pool(index)
+            upstream, reused = await pool.acquire(
+                fresh=left is not None and left.fresh, connect_timeout=connect_timeout
+            )
+            upstream_started = time.monotonic()
         ok = False
         pump: asyncio.Task[None] | None = None
         # 1xx answers (103 Early Hints) go on to HTTP/1.1 clients, never to HTTP/1.0 ones
         interim = functools.partial(self._interim, conn) if head.version == b"1.1" else None
         try:
-            upstream.start(request_bytes, head_request=head_request, on_interim=interim)
+            if events is None:
+                upstream.start(request_bytes, head_request=head_request, on_interim=interim)
             if has_body:
                 if head.expect_continue and not record.continued:
                     record.continued = True
@@ -821,29 +988,16 @@ class Proxy:
                     self._pump_body(incoming, head, upstream)
                 )
             try:
-                events = await self._read(upstream, pump, response_timeout)
+                if events is None:
+                    events = await self._read(upstream, pump, response_timeout)
             except UpstreamError as exc:
-                if not (
-                    exc.retryable
-                    and reused
-                    and replayable
-                    and not upstream.got_bytes
-                    and group.upstream.retry_reused
-                ):
+                if not (reused and replayable and self.retry_reused(exc, upstream)):
                     raise
-                # The idle connection was closed by the backend as we reused it. Either the
-                # backend closed it while it idled (a race), or the backend is gone and so
-                # are its other idle connections: drop them all, and retry on a new
-                # connection only while the backend is still in rotation and no other
-                # request is already finding out (a refused connection ejects it at once,
-                # so the other requests caught out by the same death go to another backend
-                # instead of dialling this one again).
+                # The idle connection was closed by the backend as we reused it: a new one,
+                # unless the backend looks gone (see _suspect_pool).
                 upstream.abort()
                 pool.release(upstream)
-                pool.drop_idle()
-                if pool.suspect or not self.states[index].available(time.monotonic()):
-                    raise
-                pool.suspect = True  # (cleared by the next connection that succeeds)
+                self._suspect_pool(index, exc)
                 upstream, _ = await pool.acquire(fresh=True, connect_timeout=connect_timeout)
                 upstream.start(request_bytes, head_request=head_request, on_interim=interim)
                 events = await self._read(upstream, pump, response_timeout)
@@ -853,32 +1007,20 @@ class Proxy:
             resp = first.head
             assert isinstance(resp, ResponseHead)
             record.upstream = time.monotonic() - upstream_started
-            record.status = resp.status
-            state = self.states[index]
             if route is not None and route.response_edits is not NO_EDITS:
                 resp.headers = route.response_edits.apply(resp.headers)
-            if resp.status in group.health.fail_statuses:
-                if self.record_failure(index, time.monotonic()) == "ejected":
-                    self.log.warning(f"backend {state.name} ejected after {resp.status} answers")
-            else:
-                state.record_success(time.monotonic())
-            if resp.status == 101 and head.upgrade is None:
-                raise UpstreamError(502, "backend switched protocols unasked", retryable=False)
+            self.backend_answered(index, head, resp, record)
             if resp.status == 101:
                 ok = await self._tunnel(conn, incoming, upstream, resp, events, rid)
                 return False
             comp: Compressor | None = None
             comp_slow = False
             if self.compression is not None and (route is None or route.compression is not False):
-                resp, comp, comp_slow = self._plan_compression(head, resp)
+                resp, comp, comp_slow = self.plan_compression(head, resp)
             if hook is not None and hook.on_head(resp):
                 ok = await self._discard(upstream, events)
                 return head.keep_alive and not self.stopping and (pump is None or pump.done())
-            client_extra = [
-                *(hook.extra or () if hook is not None else ()),
-                *sticky,
-                *self.security_headers(conn),
-            ]
+            client_extra = self.client_extra(conn, index, hook)
             try:
                 keep_alive, ok = await self._respond(
                     conn,
@@ -918,8 +1060,11 @@ class Proxy:
             upstream.finish(reusable=ok)
             pool.release(upstream)
 
+    def interim_writer(self, conn: ResponseSink) -> Callable[[ResponseHead], None]:
+        return functools.partial(self._interim, conn)
+
     @staticmethod
-    def _interim(conn: ClientConnection, resp: ResponseHead) -> None:
+    def _interim(conn: ResponseSink, resp: ResponseHead) -> None:
         """A backend's interim response, forwarded as it arrives (before the final one).
 
         100 Continue is PIBL's own business with its client (it answers Expect itself).
@@ -1015,27 +1160,7 @@ class Proxy:
         the cache keeps); what a batch of backend reads produced is flushed before PIBL
         waits for more, so slow streams (server-sent events) are not held back.
         """
-        framing = client_framing(resp.body, head.version)
-        if head.method == b"HEAD":
-            framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
-        keep_alive = (
-            head.keep_alive
-            and framing is not BodyKind.CLOSE
-            and head.upgrade is None
-            and not self.stopping
-        )
-        out = client_response(
-            resp,
-            framing=framing,
-            keep_alive=keep_alive,
-            client_version=head.version,
-            rid=rid,
-            via=self.via,
-            extra=extra_headers,
-        )
-        record.response_started = True
-        if self.verbose:
-            record.response_head = out.decode("latin-1")
+        framing, keep_alive, out = self.response_head(head, resp, rid, record, extra_headers)
         tee = hook.tee if hook is not None else None
         send_body = head.method != b"HEAD"
         chunked = framing is BodyKind.CHUNKED and send_body

@@ -10,6 +10,7 @@ bytes pile up in memory.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class WriteFlow(asyncio.Protocol):
@@ -41,3 +42,59 @@ class WriteFlow(asyncio.Protocol):
         if self._write_paused:
             self._drain_waiter = loop.create_future()
             await self._drain_waiter
+
+
+class Deadline:
+    """A timeout moved by changing a number, not by a new timer per request.
+
+    Keep-alive connections re-arm their timers for every request: the client's idle and
+    header timers, a backend's response timer. ``set`` only moves the deadline when a
+    timer due no later than it is already scheduled; that timer, when it fires, schedules
+    itself again for the deadline or, if the deadline passed, calls ``callback``. So a
+    busy connection schedules about one timer per timeout period instead of one per
+    request, and ``clear`` costs nothing.
+    """
+
+    __slots__ = ("_callback", "_handle", "_loop", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._handle: asyncio.TimerHandle | None = None
+        self._when: float | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._when is not None
+
+    def set(self, delay: float) -> None:
+        """Call back ``delay`` seconds from now, unless set again or cleared before."""
+        loop = self._loop
+        when = self._when = loop.time() + delay
+        handle = self._handle
+        if handle is None:
+            self._handle = loop.call_at(when, self._fire)
+        elif handle.when() > when:  # due later than this deadline: schedule it earlier
+            handle.cancel()
+            self._handle = loop.call_at(when, self._fire)
+
+    def clear(self) -> None:
+        self._when = None
+
+    def cancel(self) -> None:
+        """Clear, and drop the scheduled timer too (the connection is closing)."""
+        self._when = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        when = self._when
+        if when is None:
+            return
+        if self._loop.time() < when:
+            self._handle = self._loop.call_at(when, self._fire)
+            return
+        self._when = None
+        self._callback()

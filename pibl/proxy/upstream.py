@@ -9,6 +9,10 @@ control is explicit in both directions:
 * writing: ``drain()`` waits while the kernel buffer towards the backend is full, so a fast
   client uploading to a slow backend is slowed down instead of filling memory.
 
+The events go one of two ways. An exchange on the coroutine path awaits ``read()``; a
+fast-path exchange (``pibl.proxy.fast``) sets itself as the connection's ``sink`` and gets
+them in this protocol's own callbacks, with no queue, Future or Task in between.
+
 ``Pool`` keeps idle connections per backend (most recently used first, so idle ones age out
 and close), never hands out one whose previous exchange did not end cleanly, and drops
 those idle longer than the configured timeout.
@@ -22,16 +26,26 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from pibl.config import BackendConfig, resolve_path
 from pibl.errors import ProtocolError, UpstreamError
 from pibl.http.message import BodyKind, ResponseHead
 from pibl.http.parse import END, Body, End, Event, Head, ResponseParser, Upgrade
-from pibl.proxy.flow import WriteFlow
+from pibl.proxy.flow import Deadline, WriteFlow
 from pibl.tls import client_context
 
 READ_HIGH = 256 * 1024
+
+
+class BackendSink(Protocol):
+    """Where a backend's response events go when no coroutine waits for them."""
+
+    def on_backend_events(self, events: list[Event]) -> None: ...
+
+    def on_backend_error(self, error: UpstreamError) -> None: ...
+
+    def on_timeout(self) -> None: ...
 
 
 class UpstreamConnection(WriteFlow):
@@ -48,7 +62,9 @@ class UpstreamConnection(WriteFlow):
         "closed",
         "got_bytes",
         "idle_since",
+        "response_timer",
         "reusable",
+        "sink",
         "transport",
         "tunnel_done",
     )
@@ -63,6 +79,9 @@ class UpstreamConnection(WriteFlow):
         self.close_delimited = False
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_done: asyncio.Future[None] | None = None
+        self.sink: BackendSink | None = None  # a fast-path exchange taking events directly
+        # the sink's response timeout: kept with the connection, moved for each exchange
+        self.response_timer = Deadline(loop, self._response_timeout)
         self._loop = loop
         self._parser: ResponseParser | None = None
         self._events: deque[Event] = deque()
@@ -92,11 +111,21 @@ class UpstreamConnection(WriteFlow):
             self.close()
             return
         self.got_bytes = True
+        sink = self.sink
         try:
             events = parser.feed(data)
         except ProtocolError as exc:
-            self._fail(UpstreamError(502, exc.reason, retryable=False))
             self.close()
+            if sink is not None:
+                sink.on_backend_error(UpstreamError(502, exc.reason, retryable=False))
+            else:
+                self._fail(UpstreamError(502, exc.reason, retryable=False))
+            return
+        if sink is not None:
+            if parser.trailing_junk:
+                self.close()  # before the sink sees the end: never pooled again
+            if events:
+                sink.on_backend_events(events)
             return
         for ev in events:
             if isinstance(ev, Body):
@@ -117,10 +146,20 @@ class UpstreamConnection(WriteFlow):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
+        self.response_timer.cancel()
         if self.tunnel is not None:
             self.tunnel.close()
             if self.tunnel_done is not None and not self.tunnel_done.done():
                 self.tunnel_done.set_result(None)
+        elif self.sink is not None:
+            sink = self.sink
+            if self.close_delimited and self._parser is not None:
+                try:
+                    sink.on_backend_events(self._parser.feed_eof())
+                except ProtocolError as exc:
+                    sink.on_backend_error(UpstreamError(502, exc.reason, retryable=False))
+            else:
+                sink.on_backend_error(UpstreamError(502, "backend closed the connection"))
         elif self._parser is not None:
             if self.close_delimited and self._error is None:
                 try:
@@ -195,9 +234,24 @@ class UpstreamConnection(WriteFlow):
             self.transport.resume_reading()
         return events
 
+    def pause(self) -> None:
+        """Stop reading the backend (a fast-path exchange whose client reads slowly)."""
+        if not self._read_paused and not self.closed and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._read_paused and not self.closed and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
     def finish(self, *, reusable: bool) -> None:
         """The exchange is over; ``reusable`` only if the response ended cleanly."""
         self._parser = None
+        self.sink = None
+        self.response_timer.clear()
+        if self._read_paused:
+            self.resume()
         self.reusable = reusable and not self.closed and not self._events
         if not self.reusable:
             self.close()
@@ -221,6 +275,10 @@ class UpstreamConnection(WriteFlow):
         if self.transport is not None:
             self.transport.abort()
         self.closed = True
+
+    def _response_timeout(self) -> None:
+        if self.sink is not None:
+            self.sink.on_timeout()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
@@ -280,20 +338,29 @@ class Pool:
     def __repr__(self) -> str:
         return f"<Pool {self.backend.label} idle={len(self._idle)} active={self.active}>"
 
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection still fit for a request, if any."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or now - conn.idle_since > self._idle_timeout:
+                conn.close()
+                continue
+            self.active += 1
+            return conn
+        return None
+
     async def acquire(
         self, *, fresh: bool = False, connect_timeout: float | None = None
     ) -> tuple[UpstreamConnection, bool]:
         """A connection ready for a request, and whether it was reused from the pool."""
         if not fresh:
-            now = time.monotonic()
-            idle = self._idle
-            while idle:
-                conn = idle.pop()
-                if conn.closed or now - conn.idle_since > self._idle_timeout:
-                    conn.close()
-                    continue
-                self.active += 1
-                return conn, True
+            reused = self.take_idle()
+            if reused is not None:
+                return reused, True
         conn = await self.connect(connect_timeout)
         self.active += 1
         return conn, False

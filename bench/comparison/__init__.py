@@ -1,0 +1,1 @@
+"""bench/compare.py, as modules: see that script's docstring."""

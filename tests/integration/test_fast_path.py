@@ -1,0 +1,469 @@
+"""The fast path (``pibl.proxy.fast``): what it serves, and each way out of it.
+
+Every test warms the pool first (one request per backend), so that the request under test
+finds an idle connection and starts on the fast path; ``Proxy.fast_served`` and
+``Proxy.fast_exits`` tell which way it went. Where it matters, the same requests are sent
+through a proxy with the fast path off, and the answers must be the same.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import (
+    Backend,
+    ProxyThread,
+    RawServer,
+    pattern_sha256,
+    raw_request,
+    read_responses,
+    wait_for,
+)
+
+FAST = {"fast_path": True}
+SLOW = {"fast_path": False}
+
+
+def served(proxy: ProxyThread) -> int:
+    assert proxy.worker is not None
+    return proxy.worker.proxy.fast_served
+
+
+def exits(proxy: ProxyThread) -> dict[str, int]:
+    assert proxy.worker is not None
+    return dict(proxy.worker.proxy.fast_exits)
+
+
+def warm(proxy: ProxyThread, count: int = 3) -> None:
+    """One request per backend: each pool keeps an idle connection."""
+    with httpx.Client(base_url=proxy.url) as client:
+        for i in range(count):
+            assert client.get(f"/warm/{i}").status_code == 200
+
+
+def _comparable(response: httpx.Response) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body, without what moves with the clock (Date, Age, ttl=)."""
+    headers = [
+        (k, re.sub(r"ttl=\d+", "ttl=", v))
+        for k, v in response.headers.multi_items()
+        if k not in ("date", "server", "age")
+    ]
+    return response.status_code, headers, response.content
+
+
+def _log_shape(line: str) -> str:
+    """An access-log line without what differs between two runs (times, ports, ids)."""
+    return re.sub(r"\[[^]]*\]|host=\"[^\"]*\"|up=\S+|total=\S+|rid=\S+", "", line)
+
+
+def test_common_requests_are_served_in_callbacks_with_the_same_answers(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    fast = make_proxy(backends, upstream=FAST)
+    slow = make_proxy(backends, upstream=SLOW)
+
+    def answers(proxy: ProxyThread) -> list[Any]:
+        with httpx.Client(base_url=proxy.url, headers={"Accept-Encoding": "identity"}) as c:
+            out = [c.get(f"/a/{i}", headers={"X-Request-ID": f"id-{i}"}) for i in range(6)]
+            out.append(c.head("/head", headers={"X-Request-ID": "id-head"}))
+            out.append(c.get("/status?code=204", headers={"X-Request-ID": "id-204"}))
+            out.append(c.get("/download?size=5000&chunked=1", headers={"X-Request-ID": "c"}))
+            out.append(c.post("/echo", content=b"small body", headers={"X-Request-ID": "p"}))
+        return [_comparable(r) for r in out]
+
+    assert answers(fast) == answers(slow)
+    # the first request to each backend needs a connection; the other seven are fast, but
+    # the POST when its body came in a later read than its head (then it streams)
+    assert wait_for(lambda: served(fast) + exits(fast).get("body to stream", 0) == 7)
+    assert exits(fast).keys() <= {"needs a connection", "body to stream"}
+    assert exits(fast)["needs a connection"] == 3
+    assert served(slow) == 0 and exits(slow) == {}
+    assert [_log_shape(x) for x in fast.log_lines()] == [_log_shape(x) for x in slow.log_lines()]
+
+
+def test_a_body_that_must_stream_leaves_before_the_exchange_starts(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST, limits={"request_buffer": 1024})
+    warm(proxy)
+    big = b"x" * 200_000
+    with httpx.Client(base_url=proxy.url) as client:
+        r = client.post("/upload", content=big)
+        assert r.text == f"{len(big)} {hashlib.sha256(big).hexdigest()}"
+        r = client.post("/echo", content=b"fits", headers={"Expect": "100-continue"})
+        assert r.text.endswith("body=fits")
+    assert exits(proxy)["body to stream"] == 2
+    assert served(proxy) == 0
+
+
+def _pooled_then(second: Callable[[socket.socket], None]) -> RawServer:
+    """A backend whose first connection answers one request, then does ``second``."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.recv(65536)
+        if server.accepted == 1:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+            conn.recv(65536)  # the second request arrives on the pooled connection
+            second(conn)
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+            conn.recv(65536)
+
+    server = RawServer(handle)
+    return server
+
+
+def test_a_pooled_connection_closed_by_the_backend_is_retried_on_a_fresh_one(
+    make_proxy: Callable[..., ProxyThread],
+) -> None:
+    backend = _pooled_then(lambda conn: None)  # closes without answering
+    proxy = make_proxy([backend.url], upstream=FAST)
+    with httpx.Client(base_url=proxy.url) as client:
+        assert client.get("/1").text == "first"
+        r = client.get("/2")
+    backend.close()
+    assert r.status_code == 200 and r.text == "fresh"
+    assert exits(proxy) == {"needs a connection": 1, "retry": 1}
+    assert backend.accepted == 2
+
+
+def test_a_backend_that_cannot_be_reached_is_left_to_the_retry_rules(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()  # nothing listens there: connecting is refused
+    proxy = make_proxy([backends[0], dead_url], upstream=FAST)
+    with httpx.Client(base_url=proxy.url) as client:
+        statuses = [client.get(f"/r/{i}").status_code for i in range(4)]
+    assert statuses == [200, 200, 200, 200]
+    # b1 is fast once pooled; the dead one always needs a connection, which fails and is
+    # retried on b1 by the coroutine path
+    assert exits(proxy)["needs a connection"] >= 2
+    assert served(proxy) >= 1
+
+
+def test_a_backend_failing_mid_response_cuts_the_client_as_before(
+    make_proxy: Callable[..., ProxyThread],
+) -> None:
+    def cut(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+
+    for upstream in (FAST, SLOW):
+        backend = _pooled_then(cut)
+        proxy = make_proxy([backend.url], upstream=upstream)
+        with httpx.Client(base_url=proxy.url) as client:
+            assert client.get("/1").text == "first"
+        raw = raw_request(proxy.port, b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        backend.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 100" in head
+        assert body == b"0123456789"  # short: the client can tell the body was cut
+        line = proxy.log_lines()[-1]
+        assert '"GET /2 HTTP/1.1" 200 10' in line and 'detail="backend closed' in line
+    assert exits(proxy) == {}  # the fast path off
+
+
+def test_failures_at_the_response_head_answer_as_the_coroutine_path_does(
+    make_proxy: Callable[..., ProxyThread],
+) -> None:
+    answers = {
+        "unasked-101": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+        "malformed": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+        "silent": b"",
+    }
+    for name, answer in answers.items():
+        results = []
+        for upstream in (FAST, SLOW):
+
+            def second(conn: socket.socket, answer: bytes = answer) -> None:
+                if answer:
+                    conn.sendall(answer)
+                else:
+                    time.sleep(1.5)  # longer than the response timeout
+
+            backend = _pooled_then(second)
+            proxy = make_proxy(
+                [backend.url], upstream=upstream, timeouts={"upstream_response": 0.5}
+            )
+            with httpx.Client(base_url=proxy.url) as client:
+                assert client.get("/1").text == "first"
+                r = client.get("/2", timeout=5)
+            backend.close()
+            results.append((r.status_code, r.headers["content-type"], r.content))
+            if upstream is FAST:
+                assert exits(proxy) == {"needs a connection": 1, "failure": 1}, name
+        assert results[0] == results[1], name
+        assert results[0][0] == (504 if name == "silent" else 502), name
+
+
+def test_a_compressible_response_leaves_at_its_head_to_be_compressed(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    with httpx.Client(base_url=proxy.url) as client:
+        r = client.get("/text?size=50000", headers={"Accept-Encoding": "gzip"})
+        assert r.headers["content-encoding"] == "gzip"
+        assert len(r.content) == 50000  # httpx decoded it
+        plain = client.get("/text?size=50000", headers={"Accept-Encoding": "identity"})
+        assert "content-encoding" not in plain.headers
+        assert plain.headers["vary"] == "Accept-Encoding"
+        assert plain.content == r.content
+        # a response that is not compressible stays on the fast path despite the header
+        binary = client.get("/download?size=3000", headers={"Accept-Encoding": "gzip"})
+        assert "content-encoding" not in binary.headers and len(binary.content) == 3000
+    assert exits(proxy) == {"needs a connection": 3, "compression": 1}
+    assert wait_for(lambda: served(proxy) == 2)
+    raw = raw_request(
+        proxy.port,
+        b"GET /text?size=3000 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Content-Encoding: gzip" in head and b"Transfer-Encoding: chunked" in head
+    data = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        data += body[: int(size, 16)]
+        body = body[int(size, 16) + 2 :]
+    assert (
+        gzip.decompress(data)
+        == b"".join(
+            b"PIBL streams this line again and again to test compression.\n" for _ in range(100)
+        )[:3000]
+    )
+
+
+def test_an_upgrade_request_takes_the_coroutine_path(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    raw = raw_request(
+        proxy.port,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 200")  # the backend did not switch
+    assert exits(proxy) == {"needs a connection": 3, "upgrade": 1}
+
+
+def test_a_slow_client_pauses_the_backend_and_gets_every_byte(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    size = 8 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        s.sendall(b"GET /download?size=%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+        time.sleep(0.5)  # let the buffers fill: the proxy must stop reading the backend
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % size in head
+        digest = hashlib.sha256(body)
+        received = len(body)
+        while received < size:
+            chunk = s.recv(256 * 1024)
+            assert chunk
+            digest.update(chunk)
+            received += len(chunk)
+        assert received == size and digest.hexdigest() == pattern_sha256(size)
+        s.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is still good
+        [after] = read_responses(s, 1)
+        assert after.startswith(b"HTTP/1.1 200")
+    assert wait_for(lambda: served(proxy) == 2) and exits(proxy) == {"needs a connection": 3}
+
+
+def test_pipelined_requests_on_the_fast_path_answer_in_order(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    paths = [b"/p/0", b"/slow?s=0.3", b"/p/2", b"/status?code=204", b"/p/4", b"/p/5"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p for p in paths))
+        responses = read_responses(s, len(paths))
+    assert [r.split(b"\r\n", 1)[0] for r in responses] == [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 204 No Content",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+    ]
+    bodies = [r.partition(b"\r\n\r\n")[2] for r in responses]
+    for path, body in zip(paths, bodies, strict=True):
+        assert body == b"" or body.endswith(b"GET " + path)
+    assert wait_for(lambda: served(proxy) == len(paths)), exits(proxy)
+
+
+def test_a_half_closed_client_gets_its_fast_answers_then_the_connection_closes(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as s:
+        s.sendall(b"GET /h1 HTTP/1.1\r\nHost: x\r\n\r\nGET /h2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):  # TimeoutError if PIBL waits for more
+            data += chunk
+    assert data.count(b"HTTP/1.1 200") == 2 and data.endswith(b"GET /h2")
+    assert wait_for(lambda: served(proxy) == 2)
+
+
+def test_a_client_that_resets_during_a_fast_exchange_is_logged_499(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"GET /slow?s=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert wait_for(lambda: any(r.path.startswith("/slow") for b in backends for r in b.seen))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    assert wait_for(lambda: '"GET /slow?s=2 HTTP/1.1" 499' in proxy.stream.getvalue(), 1.5)
+    assert exits(proxy) == {"needs a connection": 3} and served(proxy) == 0
+    assert proxy.worker is not None
+    assert wait_for(lambda: proxy.worker is not None and proxy.worker.proxy.in_flight == 0)
+    # the backend connection of the abandoned exchange was not pooled; the rest still serve
+    with httpx.Client(base_url=proxy.url) as client:
+        assert [client.get(f"/after/{i}").status_code for i in range(3)] == [200] * 3
+
+
+# -- cache hits ------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def _stored(proxy: ProxyThread) -> None:
+    """Wait until the responses being stored are committed (the next request is a hit)."""
+    assert proxy.worker is not None and proxy.worker.proxy.cache is not None
+    cache = proxy.worker.proxy.cache
+    assert wait_for(lambda: not cache._inflight)
+
+
+def _cached(
+    make_proxy: Callable[..., ProxyThread], backend: Backend, tmp: Path, upstream: dict[str, Any]
+) -> tuple[ProxyThread, _Clock]:
+    proxy = make_proxy([backend], upstream=upstream, cache={"dir": str(tmp), "ttl": 60})
+    clock = _Clock()
+    assert proxy.worker is not None and proxy.worker.proxy.cache is not None
+    proxy.worker.proxy.cache.clock = clock
+    return proxy, clock
+
+
+def test_fresh_cache_hits_are_answered_in_the_callback_with_the_same_answers(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    fast, _ = _cached(make_proxy, backends[0], tmp_path / "fast", FAST)
+    slow, _ = _cached(make_proxy, backends[0], tmp_path / "slow", SLOW)
+
+    def answers(proxy: ProxyThread) -> list[Any]:
+        out = []
+        with httpx.Client(base_url=proxy.url, headers={"Accept-Encoding": "identity"}) as c:
+            for path in ("/cache/a?cc=max-age=100", "/cache/b?cc=max-age=100&size=3000"):
+                c.get(path)  # a miss, stored
+                _stored(proxy)
+                out.append(c.get(path, headers={"X-Request-ID": "r1"}))
+                out.append(c.head(path, headers={"X-Request-ID": "r2"}))
+                etag = c.get(path + "&etag=%22v1%22").headers.get("etag")
+                _stored(proxy)
+                conditional = {"If-None-Match": etag or "", "X-Request-ID": "r3"}
+                out.append(c.get(path + "&etag=%22v1%22", headers=conditional))
+        return [_comparable(r) for r in out]
+
+    backends[0].hits = 0
+    fast_answers = answers(fast)
+    hits_fast = backends[0].hits
+    backends[0].hits = 0
+    slow_answers = answers(slow)
+    # (the bodies name how often the backend served the URI: the same count both times)
+    assert fast_answers == slow_answers
+    assert hits_fast == backends[0].hits == 4
+    assert wait_for(lambda: served(fast) == 6)
+    assert exits(fast) == {"cache miss": 4}
+    line_shapes = [_log_shape(x) for x in fast.log_lines()]
+    assert line_shapes == [_log_shape(x) for x in slow.log_lines()]
+
+
+def test_a_stale_entry_leaves_the_fast_path_and_is_revalidated(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    proxy, clock = _cached(make_proxy, backends[0], tmp_path, FAST)
+    path = "/cache/s?cc=max-age=10&etag=%22e%22"
+    with httpx.Client(base_url=proxy.url) as client:
+        client.get(path)
+        _stored(proxy)
+        assert client.get(path).headers["cache-status"].startswith("pibl; hit")
+        clock.offset = 20  # past max-age
+        r = client.get(path)
+    assert r.status_code == 200
+    assert r.headers["cache-status"].startswith("pibl; fwd=stale")
+    assert exits(proxy) == {"cache miss": 2} and wait_for(lambda: served(proxy) == 1)
+
+
+def test_a_slow_client_of_a_cache_hit_is_drained_before_the_next_answer(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    proxy, _ = _cached(make_proxy, backends[0], tmp_path, FAST)
+    size = 900_000  # below the sendfile threshold: answered from the callback
+    path = b"/cache/big?cc=max-age=100&size=%d" % size
+    request = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(request)
+        [first] = read_responses(s, 1)
+    assert b"stored" in first
+    _stored(proxy)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        s.sendall(request * 3)
+        time.sleep(0.3)
+        responses = read_responses(s, 3)
+    assert len(responses) == 3
+    for r in responses:
+        assert b"Cache-Status: pibl; hit" in r and len(r.partition(b"\r\n\r\n")[2]) == size
+    assert wait_for(lambda: served(proxy) == 3)
+
+
+def test_an_unexpected_error_in_a_fast_exchange_closes_that_client_only(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    assert proxy.worker is not None
+    worker_proxy = proxy.worker.proxy
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    worker_proxy.response_head = broken  # type: ignore[method-assign]
+    raw = raw_request(proxy.port, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw == b""  # closed without an answer, as the coroutine path does
+    del worker_proxy.response_head
+    assert wait_for(lambda: "RuntimeError: a bug" in proxy.stream.getvalue())
+    assert "error in a fast-path exchange" in proxy.stream.getvalue()
+    with httpx.Client(base_url=proxy.url) as client:
+        assert [client.get(f"/after/{i}").status_code for i in range(3)] == [200] * 3
+    assert wait_for(lambda: worker_proxy.in_flight == 0)
