@@ -367,3 +367,26 @@ def test_the_proxy_protocol_header_names_the_client(
     missing = raw_request(proxy.port, b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
     assert missing.startswith(b"HTTP/1.1 400")
     assert len(backends[0].seen) == 1
+
+
+def test_plain_routes_take_the_fast_path_and_routes_with_policies_the_other(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(
+        [],
+        pools=pools(backends),
+        routes=[
+            {"path_prefix": "/guarded", "pool": "web", "deny": ["10.0.0.0/8"]},
+            {"pool": "api"},
+        ],
+    )
+    assert proxy.worker is not None
+    worker = proxy.worker.proxy
+    if not worker.fast_path:
+        pytest.skip("the fast path is off (PIBL_FAST_PATH=0)")
+    with httpx.Client(base_url=proxy.url, timeout=5) as client:
+        for i in range(8):  # the first ones open the pooled connections
+            assert served_by(client.get(f"/x{i}")) in ("b2", "b3")
+        assert served_by(client.get("/guarded")) == "b1"
+    assert worker.fast_served >= 4
+    assert worker.fast_exits["route policy"] == 1
