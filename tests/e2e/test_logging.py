@@ -156,9 +156,9 @@ def test_worker_lines_name_their_worker(tmp_path: Path, backends: list[Backend])
     cfg = write_config(tmp_path / "pibl.toml", port, [backends[0].url, dead], extra)
     proc = start_pibl_process(cfg, tmp_path, "--workers", "2")
     try:
-        wait_port(port)
+        wait_port(port)  # (the master listens before its workers are forked)
+        assert wait_for(lambda: len(process_tree(proc.pid)) == 3, 10)
         workers = [p for p in process_tree(proc.pid) if p != proc.pid]
-        assert len(workers) == 2
         assert wait_for(lambda: (tmp_path / "pibl.log").read_text().count("is DOWN") >= 2, 10)
     finally:
         out = stop(proc)
