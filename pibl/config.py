@@ -367,6 +367,27 @@ class PoolConfig(_Section):
     queue_timeout: PositiveFloat = 5.0
 
 
+# Fields a route may not edit: message framing and connection management (hop-by-hop),
+# and what PIBL sets itself on every request and response.
+PIBL_OWNED_FIELDS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "via",
+    }
+)
+
+
 class HeaderEdits(_Section):
     add: dict[str, str] = {}  # set (replacing any field of that name)
     remove: tuple[str, ...] = ()
@@ -377,6 +398,8 @@ class HeaderEdits(_Section):
         for name in value:
             if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
                 raise ValueError(f"{name!r} is not a header field name")
+            if name.lower() in PIBL_OWNED_FIELDS:
+                raise ValueError(f"{name} is set by PIBL itself (framing, forwarding, ids)")
         if isinstance(value, dict):
             for name, v in value.items():
                 if any(c in v for c in "\r\n\0"):
@@ -560,6 +583,11 @@ class Config(_Section):
             if any(b.discover for b in pool_config.backends):
                 raise ValueError(
                     f"pools.{pool_name}: discover = true works for the top-level [[backends]] only"
+                )
+        for i, route in enumerate(self.routes):
+            if not self.backends and not (route.pool or route.redirect or route.respond):
+                raise ValueError(
+                    f"routes[{i}]: needs pool, redirect or respond (there is no default pool)"
                 )
         if not self.backends and self.pools and not self.routes and len(self.pools) > 1:
             raise ValueError("several [pools] and no [[routes]]: add routes that name them")

@@ -41,6 +41,7 @@ class UpstreamError(PiblError):
         connected: bool = True,
         retryable: bool = True,
         unreachable: bool = False,
+        counts: bool = True,
     ) -> None:
         super().__init__(f"{status}: {reason}")
         self.status = status
@@ -48,6 +49,7 @@ class UpstreamError(PiblError):
         self.connected = connected
         self.retryable = retryable
         self.unreachable = unreachable  # refused or timed out at TCP level (503 when all are)
+        self.counts = counts  # whether it says something about the backend's health
 
     @property
     def failure_kind(self) -> str:

@@ -83,18 +83,29 @@ class RateLimiter:
         return cls(ctx.RawArray("q", slots), ctx.RawArray("d", 2 * slots), ctx.Lock())
 
     def check(self, key: int, now: float, *, rate: float, burst: int, delay: bool) -> Verdict:
-        with self._lock:
-            slot, fresh = self._slot(key, now)
-            values = self._values
-            excess, last = values[2 * slot], values[2 * slot + 1]
-            allowed, new = leak(excess, last, now, rate=rate, burst=burst, fresh=fresh)
-            if not allowed:
-                # one more fits once the bucket has leaked to burst - 1 + 1
-                wait = (excess - rate * max(0.0, now - last) + 1.0 - burst) / rate
-                return Verdict(False, retry_after=max(wait, 1.0 / rate))
-            self._keys[slot] = key
-            values[2 * slot] = new
-            values[2 * slot + 1] = now
+        lock = self._lock
+        acquire = getattr(lock, "acquire", None)
+        if acquire is not None and not acquire(timeout=0.05):
+            # a worker killed while it held the lock: let requests through, never hang
+            return Verdict(True)
+        try:
+            return self._check(key, now, rate=rate, burst=burst, delay=delay)
+        finally:
+            if acquire is not None:
+                lock.release()  # type: ignore[attr-defined]
+
+    def _check(self, key: int, now: float, *, rate: float, burst: int, delay: bool) -> Verdict:
+        slot, fresh = self._slot(key, now)
+        values = self._values
+        excess, last = values[2 * slot], values[2 * slot + 1]
+        allowed, new = leak(excess, last, now, rate=rate, burst=burst, fresh=fresh)
+        if not allowed:
+            # one more fits once the bucket has leaked to burst - 1 + 1
+            wait = (excess - rate * max(0.0, now - last) + 1.0 - burst) / rate
+            return Verdict(False, retry_after=max(wait, 1.0 / rate))
+        self._keys[slot] = key
+        values[2 * slot] = new
+        values[2 * slot + 1] = now
         return Verdict(True, delay=new / rate if delay else 0.0)
 
     def _slot(self, key: int, now: float) -> tuple[int, bool]:

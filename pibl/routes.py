@@ -158,9 +158,11 @@ class Route:
         if self.rewrite is None:
             return target
         prefix, replacement = self.rewrite
-        if not target.startswith(prefix):
+        path, mark, query = target.partition(b"?")
+        path = normalize_path(path)  # as it was matched
+        if not path.startswith(prefix):
             return target
-        rest = target[len(prefix) :]
+        rest = path[len(prefix) :] + mark + query
         if rest.startswith(b"/") and replacement.endswith(b"/"):
             rest = rest[1:]
         out = replacement + rest
@@ -169,13 +171,14 @@ class Route:
         return out
 
     def upstream_head(self, head: RequestHead) -> RequestHead:
-        """The request as the pool's backend gets it: target rewritten, fields edited."""
+        """The request as the pool's backend gets it: target rewritten, fields edited
+        (a Host set by the route is the one the backend gets)."""
         if self.rewrite is None and self.request_edits is NO_EDITS:
             return head
+        headers = self.request_edits.apply(head.headers)
+        host = next((v for k, v in self.request_edits.add if k.lower() == b"host"), head.host)
         return dataclasses.replace(
-            head,
-            target=self.rewrite_target(head.target),
-            headers=self.request_edits.apply(head.headers),
+            head, target=self.rewrite_target(head.target), headers=headers, host=host
         )
 
     def redirect_location(self, target: bytes) -> bytes:
@@ -233,6 +236,49 @@ def _is_address(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def normalize_path(target: bytes) -> bytes:
+    """The path of a request target as routes compare it (RFC 3986 sections 6.2.2-6.2.3).
+
+    The query is dropped; ``%XX`` of an unreserved character is decoded (a reserved one,
+    ``%2F`` say, stays encoded: it is data, not a separator); ``.`` and ``..`` segments
+    are removed; runs of slashes are merged.
+    """
+    path = target.partition(b"?")[0]
+    if b"%" in path:
+        out = bytearray()
+        i = 0
+        while i < len(path):
+            c = path[i]
+            if c == 0x25 and i + 2 < len(path) and path[i + 1] in _HEX and path[i + 2] in _HEX:
+                value = int(path[i + 1 : i + 3], 16)
+                if value in _UNRESERVED:
+                    out.append(value)
+                else:
+                    out += path[i : i + 3].upper()
+                i += 3
+                continue
+            out.append(c)
+            i += 1
+        path = bytes(out)
+    if b"//" not in path and b"/." not in path:
+        return path or b"/"
+    segments: list[bytes] = []
+    for segment in path.split(b"/"):
+        if segment in (b"", b"."):
+            continue
+        if segment == b"..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    trailing = path.endswith((b"/", b"/.", b"/..")) and bool(segments)
+    return b"/" + b"/".join(segments) + (b"/" if trailing else b"")
 
 
 def normalize_host(host: bytes) -> str:
@@ -322,9 +368,18 @@ class Router:
                 self._by_host.popitem(last=False)
         return found
 
-    def match(self, host: bytes, path: bytes, method: bytes, headers: HeaderList) -> Route | None:
-        """The first route this request matches; None when none does (a 404)."""
+    def match(self, host: bytes, target: bytes, method: bytes, headers: HeaderList) -> Route | None:
+        """The first route this request matches; None when none does (a 404).
+
+        Paths are compared as the backend will understand them (``normalize_path``: no
+        query, percent-encoded unreserved characters decoded, dot segments removed, slashes
+        merged), as nginx matches ``$uri``: ``/%61dmin``, ``//admin`` and ``/x/../admin``
+        are ``/admin`` for an ``allow`` rule too.
+        """
         only = self._only
+        if only is not None and only.prefix is None and only.regex is None:
+            return only if only.matches(b"/", method, headers) else None
+        path = normalize_path(target)
         if only is not None:
             return only if only.matches(path, method, headers) else None
         for route in self.candidates(normalize_host(host)):

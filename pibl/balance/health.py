@@ -286,8 +286,12 @@ class Balancer:
 
     def record_check(self, index: int, ok: bool, now: float) -> str | None:
         """An active probe result on backend ``index``; coming back up ends its ejection."""
-        change = self.states[index].record_check(ok, now)
-        if change == "up":
+        state = self.states[index]
+        seen = state.shared_until
+        change = state.record_check(ok, now)
+        # end the shared ejection only if it is still the one this worker saw: another
+        # worker may have made a fresh one meanwhile
+        if change == "up" and (self._ejected is None or self._ejected[index] in (seen, 0.0)):
             self._share(index, 0.0, False)
         return change
 

@@ -74,7 +74,7 @@ class CacheControl:
         value = value.strip().strip('"')
         if not (value.isascii() and value.isdigit()):
             return None
-        return min(int(value), 2**31)
+        return min(int(value[:11]) if len(value) <= 11 else 2**31, 2**31)
 
 
 def parse_cache_control(headers: HeaderList, field: bytes = b"cache-control") -> CacheControl:
@@ -325,7 +325,7 @@ def initial_age(headers: HeaderList, request_time: float, response_time: float) 
     return max(apparent_age, corrected_age_value)
 
 
-_DELTA_SECONDS = re.compile(rb"[ \t]*([0-9]+)")
+_DELTA_SECONDS = re.compile(rb"[ \t]*([0-9]{1,10})")
 
 
 def parse_age(value: bytes | None) -> int:
@@ -431,7 +431,7 @@ def bypass_reason(method: bytes, request_headers: HeaderList) -> str | None:
 # -- ranges (RFC 9110 section 14) ----------------------------------------------------------
 
 UNSATISFIABLE = (-1, -1)
-_RANGE_SPEC = re.compile(rb"^\s*(?:([0-9]+)-([0-9]*)|-([0-9]+))\s*$")
+_RANGE_SPEC = re.compile(rb"^\s*(?:([0-9]{1,18})-([0-9]{0,18})|-([0-9]{1,18}))\s*$")
 
 
 def byte_range(value: bytes | None, length: int) -> tuple[int, int] | None:

@@ -45,6 +45,7 @@ BACKOFF = 5.0  # seconds Redis is left alone after a failure
 # nginx's limit_req bucket (see pibl.limits), kept in Redis with the server's clock: returns
 # {1, excess} when the request passes, {0, seconds until one fits} when it does not.
 _LEAKY_BUCKET = """
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rate, burst, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])

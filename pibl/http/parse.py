@@ -510,8 +510,11 @@ class _TransferDecoder:
         self._z = zlib.decompressobj(wbits=15 if coding == b"deflate" else 31)
         self._started = False
 
+    MAX_EXPANSION = 64 * 1024 * 1024  # decoded bytes one read may produce (a zip bomb guard)
+
     def decode(self, data: bytes) -> bytes:
-        out = []
+        out: list[bytes] = []
+        produced = 0
         while data:
             try:
                 out.append(self._z.decompress(data))
@@ -522,6 +525,9 @@ class _TransferDecoder:
                     continue
                 raise ProtocolError(502, "backend sent a corrupt transfer-coded body") from None
             self._started = True
+            produced += len(out[-1])
+            if produced > self.MAX_EXPANSION:
+                raise ProtocolError(502, "backend sent a transfer-coded body that expands too much")
             data = self._z.unused_data
             if data:
                 if self._coding != b"deflate" and self._z.eof:  # another gzip member

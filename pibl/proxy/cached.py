@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pibl.cache import policy
 from pibl.cache.key import primary_key
 from pibl.cache.store import DiskStore, Entry
-from pibl.config import CacheConfig
+from pibl.config import DEFAULT_POOL, CacheConfig
 from pibl.errors import UpstreamError
 from pibl.http.forward import REASONS, body_length, simple_response, stored_headers
 from pibl.http.framing import http_date
@@ -60,6 +60,22 @@ PASS_REASONS = frozenset(
     {"no-store", "private", "set-cookie", "vary *", "no freshness information", "too large"}
 )
 PASS_MAX = 10_000  # URIs remembered at most
+
+
+def _verify_own_fd(store: DiskStore, entry: Entry, fd: int) -> bool:
+    try:
+        return store.verify_body(entry, fd)
+    finally:
+        os.close(fd)
+
+
+def key_host(host: bytes, route: Route | None) -> bytes:
+    """The host part of a cache key: with [pools], the pool too (as nginx's default
+    proxy_cache_key has $proxy_host), so two routes of one URL to different pools never
+    share entries; the default pool keeps plain keys."""
+    if route is None or route.pool in (None, DEFAULT_POOL):
+        return host
+    return b"%s#%s" % (route.pool.encode(), host)  # "#" never appears in a Host
 
 
 def _route_ttl(incoming: Incoming) -> float | None:
@@ -187,7 +203,7 @@ class CacheLayer:
         collapsed: bool = False,
     ) -> bool:
         host = head.host or b"-"
-        primary = primary_key(conn.scheme, host, head.target)
+        primary = primary_key(conn.scheme, key_host(host, incoming.route), head.target)
         bypass = policy.bypass_reason(head.method, head.headers)
         if bypass is not None:
             why = b"pibl; fwd=method" if bypass == "method" else b"pibl; fwd=bypass"
@@ -293,10 +309,14 @@ class CacheLayer:
         keep = await self.proxy.forward(conn, incoming, head, rid, record, hook=tracker)
         if response and policy.invalidates(head.method, response[0].status):
             host = head.host or b"-"
-            self.invalidate(conn.scheme, host, head.target, response[0].headers)
+            self.invalidate(
+                conn.scheme, host, head.target, response[0].headers, route=incoming.route
+            )
         return keep
 
-    def fresh_hit(self, conn: ResponseSink, head: RequestHead) -> tuple[Entry, float] | None:
+    def fresh_hit(
+        self, conn: ResponseSink, head: RequestHead, route: Route | None = None
+    ) -> tuple[Entry, float] | None:
         """The stored entry and its age when ``handle`` would serve it fresh, else None.
 
         The same steps as the start of ``handle``, without waiting for anything: for the
@@ -305,7 +325,7 @@ class CacheLayer:
         """
         if policy.bypass_reason(head.method, head.headers) is not None:
             return None
-        primary = primary_key(conn.scheme, head.host or b"-", head.target)
+        primary = primary_key(conn.scheme, key_host(head.host or b"-", route), head.target)
         entry, _ = self.store.lookup(primary, head.headers)
         if entry is None or entry.body_length >= SENDFILE_MIN:
             return None
@@ -598,8 +618,12 @@ class CacheLayer:
         # RFC 9110 section 13.2.1: preconditions apply to 2xx answers only (a stored 404
         # is sent as it is, whatever If-None-Match says).
         # a Range of a stored complete 200 (RFC 9110 section 14): one part, or 416
-        part = None
-        if entry.status == 200 and policy.if_range_matches(head.headers, entry.headers):
+        part = None  # (Range is defined for GET only: a HEAD gets the whole head)
+        if (
+            entry.status == 200
+            and head.method == b"GET"
+            and policy.if_range_matches(head.headers, entry.headers)
+        ):
             part = policy.byte_range(get_header(head.headers, b"range"), entry.body_length)
         first, length = 0, entry.body_length
         if 200 <= entry.status < 300 and policy.not_modified(head.headers, entry.headers):
@@ -638,7 +662,7 @@ class CacheLayer:
                 b"Content-Range: bytes %d-%d/%d\r\n"
                 % (first, first + length - 1, entry.body_length)
             )
-        if entry.status == 200:
+        if entry.status == 200 and get_header(headers, b"accept-ranges") is None:
             out.append(b"Accept-Ranges: bytes\r\n")
         out.append(b"Age: %d\r\n" % max(0, int(age)))
         out.append(b"Cache-Status: %s\r\n" % label.encode())
@@ -691,8 +715,10 @@ class CacheLayer:
             record.response_started = False
             return None
         try:
+            # the thread checks its own descriptor: if the client leaves meanwhile, this one
+            # is closed below while the thread may still be reading
             if not store.verified(entry) and not await asyncio.get_running_loop().run_in_executor(
-                None, store.verify_body, entry, fd
+                None, _verify_own_fd, store, entry, os.dup(fd)
             ):
                 record.response_started = False
                 return None
@@ -758,11 +784,19 @@ class CacheLayer:
                 await self.remote.unlock(primary)
 
     def invalidate(
-        self, scheme: bytes, host: bytes, target: bytes, response_headers: list[tuple[bytes, bytes]]
+        self,
+        scheme: bytes,
+        host: bytes,
+        target: bytes,
+        response_headers: list[tuple[bytes, bytes]],
+        *,
+        route: Route | None = None,
     ) -> None:
-        keys = [primary_key(scheme, host, target)]
+        stored = key_host(host, route)
+        keys = [primary_key(scheme, stored, target)]
         keys += [
-            primary_key(scheme, host, p) for p in policy.invalidated_targets(host, response_headers)
+            primary_key(scheme, stored, p)
+            for p in policy.invalidated_targets(host, response_headers)
         ]
         for key in keys:
             self.store.invalidate(key)

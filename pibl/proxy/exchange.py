@@ -234,8 +234,8 @@ class Proxy:
         body streams (larger than [limits] request_buffer) are not mirrored."""
         assert route.mirror is not None
         pool_name, share = route.mirror
-        if head.body is not BodyKind.NONE and body is None:
-            return
+        if head.upgrade is not None or (head.body is not BodyKind.NONE and body is None):
+            return  # never an upgrade (a mirror would hold the tunnel), never a streamed body
         if share < 1.0 and self._random.random() >= share:
             return
         if len(self._mirrors) >= self.MIRRORS_MAX:
@@ -387,7 +387,7 @@ class Proxy:
             elif route.limit is not None and not await self._within_limit(
                 conn, client, head, rid, record, route
             ):
-                keep_alive = head.keep_alive and not self.stopping
+                keep_alive = head.keep_alive and not self.stopping and head.body is BodyKind.NONE
             elif route.redirect is not None or route.respond is not None:
                 keep_alive = self._route_answer(conn, head, rid, record, route)
             elif self.cache is not None and route.cache is not False:
@@ -443,8 +443,9 @@ class Proxy:
         message: str,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> bool:
-        """One of PIBL's own short answers (403, 404, 429) on a connection kept open."""
-        keep_alive = head.keep_alive and not self.stopping
+        """One of PIBL's own short answers (403, 404, 429); the connection closes after it
+        when the request has a body PIBL did not read."""
+        keep_alive = head.keep_alive and not self.stopping and head.body is BodyKind.NONE
         response = simple_response(
             status,
             message,
@@ -478,7 +479,9 @@ class Proxy:
             key = ""
         else:
             value = get_header(head.headers, limit.key.partition(":")[2].lower().encode())
-            key = "" if value is None else value.decode("latin-1")
+            if not value:
+                return True  # as nginx: requests without the key are not counted
+            key = value.decode("latin-1")
         verdict = await self.limit_check(route, key, limit)
         if not verdict.allowed:
             wait = max(1, math.ceil(verdict.retry_after))
@@ -517,8 +520,8 @@ class Proxy:
         record: AccessRecord,
         route: Route,
     ) -> bool:
-        """A route's redirect or fixed response."""
-        keep_alive = head.keep_alive and not self.stopping
+        """A route's redirect or fixed response (closing when a request body was left)."""
+        keep_alive = head.keep_alive and not self.stopping and head.body is BodyKind.NONE
         if route.redirect is not None:
             status = route.redirect[0]
             body = b""
@@ -656,7 +659,7 @@ class Proxy:
                 # Like nginx, a failure counts against the backend only before its response
                 # started: a body cut short is one URL's problem, not the server's health.
                 change = None
-                if not record.response_started:
+                if not record.response_started and exc.counts:
                     change = self.record_failure(index, now, exc.failure_kind)
                 self.metrics.backend_errors.labels(state.name).inc()
                 if exc.failure_kind == "refused":
@@ -863,8 +866,16 @@ class Proxy:
         """
         pool = self.pools[index]
         pool.drop_idle()
-        if pool.suspect or not self.states[index].available(time.monotonic()):
-            raise exc or UpstreamError(502, "backend closed the connection")
+        now = time.monotonic()
+        group = self.group_of[index]
+        elsewhere = any(
+            s.available(now) for i, s in enumerate(group.states, group.first) if i != index
+        )
+        if elsewhere and (pool.suspect or not self.states[index].available(now)):
+            # another backend takes it; a keep-alive race is no sign of bad health
+            raise UpstreamError(
+                502, exc.reason if exc else "backend closed the connection", counts=False
+            )
         pool.suspect = True  # (cleared by the next connection that succeeds)
 
     def backend_answered(
@@ -1018,7 +1029,7 @@ class Proxy:
             if self.compression is not None and (route is None or route.compression is not False):
                 resp, comp, comp_slow = self.plan_compression(head, resp)
             if hook is not None and hook.on_head(resp):
-                ok = await self._discard(upstream, events)
+                ok = await self._discard(upstream, events, response_timeout)
                 return head.keep_alive and not self.stopping and (pump is None or pump.done())
             client_extra = self.client_extra(conn, index, hook)
             try:
@@ -1034,6 +1045,7 @@ class Proxy:
                     client_extra,
                     comp,
                     comp_slow,
+                    response_timeout,
                 )
             except BaseException:
                 if hook is not None:
@@ -1121,7 +1133,10 @@ class Proxy:
             upstream.write(LAST_CHUNK)
 
     async def _discard(
-        self, upstream: UpstreamConnection, events: list[Head | Body | End | Upgrade]
+        self,
+        upstream: UpstreamConnection,
+        events: list[Head | Body | End | Upgrade],
+        timeout: float,
     ) -> bool:
         """Read and drop a response PIBL took for itself; True if it ended cleanly."""
         budget = 1024 * 1024
@@ -1135,7 +1150,7 @@ class Proxy:
             if budget < 0:
                 return False
             try:
-                async with asyncio.timeout(self.config.timeouts.upstream_response):
+                async with asyncio.timeout(timeout):
                     pending = await upstream.read()
             except (TimeoutError, UpstreamError):
                 return False
@@ -1153,6 +1168,7 @@ class Proxy:
         extra_headers: list[tuple[bytes, bytes]],
         comp: Compressor | None = None,
         comp_slow: bool = False,
+        timeout: float | None = None,
     ) -> tuple[bool, bool]:
         """Stream the response to the client; returns (client keep-alive, upstream clean).
 
@@ -1164,7 +1180,8 @@ class Proxy:
         tee = hook.tee if hook is not None else None
         send_body = head.method != b"HEAD"
         chunked = framing is BodyKind.CHUNKED and send_body
-        timeout = self.config.timeouts.upstream_response
+        if timeout is None:
+            timeout = self.config.timeouts.upstream_response
         sent = 0
         pending = events[1:]
         loop = asyncio.get_running_loop()

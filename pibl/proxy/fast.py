@@ -197,7 +197,7 @@ def serve_hit(
     """
     cache = proxy.cache
     assert cache is not None
-    hit = cache.fresh_hit(sink, head)
+    hit = cache.fresh_hit(sink, head, incoming.route)
     if hit is None:
         proxy.fast_exits["cache miss"] += 1
         return None

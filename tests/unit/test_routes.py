@@ -219,3 +219,70 @@ def test_trusted_proxies_give_the_rightmost_untrusted_forwarded_address() -> Non
     assert trusted.client("127.0.0.1", [(b"X-Forwarded-For", b"10.2.2.2")]) == "10.2.2.2"
     assert trusted.client("127.0.0.1", [(b"X-Forwarded-For", b"junk")]) == "127.0.0.1"
     assert not TrustedProxies([])
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/admin/x", b"/%61dmin/x", b"//admin/x", b"/./admin/x", b"/x/../admin/x", b"/admin/x?y=1"],
+)
+def test_paths_are_matched_as_the_backend_understands_them(target: bytes) -> None:
+    r = router(
+        {"name": "admin", "path_prefix": "/admin/", "pool": "web", "allow": ["10.0.0.0/8"]},
+        {"name": "rest", "pool": "api"},
+    )
+    route = r.match(b"a.test", target, b"GET", [])
+    assert route is not None and route.name == "admin"
+    assert not route.allowed("127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        (b"/a%2Fb", b"/a%2Fb"),  # an encoded slash is data, not a separator
+        (b"/a%2fb", b"/a%2Fb"),
+        (b"/%7Euser", b"/~user"),
+        (b"/a/./b/../c", b"/a/c"),
+        (b"/../../etc", b"/etc"),
+        (b"/a//b/", b"/a/b/"),
+        (b"/img.png?v=2", b"/img.png"),
+        (b"", b"/"),
+        (b"/%zz", b"/%zz"),
+    ],
+)
+def test_normalize_path(target: bytes, path: bytes) -> None:
+    from pibl.routes import normalize_path
+
+    assert normalize_path(target) == path
+
+
+def test_a_regex_sees_the_path_without_the_query() -> None:
+    r = router(
+        {"name": "img", "path_regex": r"\.png$", "pool": "api"}, {"name": "rest", "pool": "web"}
+    )
+    assert pick(r, "a.test", "/a.png?v=2") == "img"
+
+
+def test_a_rewrite_applies_to_the_path_as_matched() -> None:
+    (route,) = compile_routes(config({"path_prefix": "/api/", "strip_prefix": True, "pool": "web"}))
+    assert route.rewrite_target(b"//api/users?x=1") == b"/users?x=1"
+
+
+def test_a_route_may_set_host_but_not_what_pibl_owns() -> None:
+    from pibl.http.message import RequestHead
+
+    (route,) = compile_routes(
+        config({"pool": "web", "request_headers": {"add": {"Host": "inner"}}})
+    )
+    head = RequestHead(
+        method=b"GET", target=b"/", version=b"1.1", headers=[(b"Host", b"outer")], host=b"outer"
+    )
+    assert route.upstream_head(head).host == b"inner"
+    with pytest.raises(ConfigError) as info:
+        config({"pool": "web", "request_headers": {"add": {"X-Forwarded-For": "1.2.3.4"}}})
+    assert "set by PIBL itself" in str(info.value)
+
+
+def test_without_a_default_pool_every_route_needs_an_action() -> None:
+    with pytest.raises(ConfigError) as info:
+        config({"path_prefix": "/x", "cache": False})
+    assert "needs pool, redirect or respond" in str(info.value)
