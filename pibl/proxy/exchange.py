@@ -683,7 +683,7 @@ class Proxy:
                     raise
                 tried.add(index)
                 others = any(
-                    s.available(now)
+                    group.candidate(s, now)
                     for i, s in enumerate(group.states, group.first)
                     if i not in tried
                 )
@@ -985,6 +985,7 @@ class Proxy:
             )
             upstream_started = time.monotonic()
         ok = False
+        released: UpstreamConnection | None = None
         pump: asyncio.Task[None] | None = None
         # 1xx answers (103 Early Hints) go on to HTTP/1.1 clients, never to HTTP/1.0 ones
         interim = functools.partial(self._interim, conn) if head.version == b"1.1" else None
@@ -1008,6 +1009,7 @@ class Proxy:
                 # unless the backend looks gone (see _suspect_pool).
                 upstream.abort()
                 pool.release(upstream)
+                released = upstream  # (not released twice if no new one comes)
                 self._suspect_pool(index, exc)
                 upstream, _ = await pool.acquire(fresh=True, connect_timeout=connect_timeout)
                 upstream.start(request_bytes, head_request=head_request, on_interim=interim)
@@ -1069,8 +1071,9 @@ class Proxy:
                     await pump
             elif pump is not None and not pump.cancelled():
                 pump.exception()  # seen: the error reported is the response's, if any
-            upstream.finish(reusable=ok)
-            pool.release(upstream)
+            if upstream is not released:
+                upstream.finish(reusable=ok)
+                pool.release(upstream)
 
     def interim_writer(self, conn: ResponseSink) -> Callable[[ResponseHead], None]:
         return functools.partial(self._interim, conn)

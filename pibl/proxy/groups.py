@@ -7,9 +7,10 @@ metrics and the health checks see them); each ``PoolGroup`` balances over its ow
 and translates between its local indices and the global ones.
 
 Admission (HAProxy's ``maxconn``/``maxqueue``): with ``maxconn`` set, a backend takes at
-most that many requests at once; a request that finds every available backend full waits
-in the pool's queue (at most ``maxqueue`` requests, each for at most ``queue_timeout``
-seconds) and otherwise gets a quick 503 instead of piling up on the replicas.
+most that many requests at once from each worker process (as HAProxy's limits are per
+process); a request that finds every available backend full waits in the pool's queue (at
+most ``maxqueue`` requests, 0 meaning no bound as in HAProxy, each for at most
+``queue_timeout`` seconds) and otherwise gets a quick 503 instead of piling up.
 """
 
 from __future__ import annotations
@@ -69,20 +70,26 @@ class PoolGroup:
         index = self.balancer.pick(now, exclude=local_exclude, prefer=local_prefer)
         return None if index is None else index + first
 
+    def candidate(self, state: BackendState, now: float) -> bool:
+        """Whether the balancer may pick it now (in a panic, passive ejections are ignored)."""
+        if state.available(now):
+            return True
+        return self.balancer.panicking and state.up and not state.draining and not state.disabled
+
     def full(self, now: float, exclude: set[int]) -> bool:
-        """Whether an available backend exists but all available ones are at maxconn."""
+        """Whether a backend could take it but all that could are at maxconn."""
         if not self.maxconn:
             return False
         candidates = [
             s
             for i, s in enumerate(self.states)
-            if s.available(now) and i + self.first not in exclude
+            if self.candidate(s, now) and i + self.first not in exclude
         ]
         return bool(candidates) and all(s.active >= self.maxconn for s in candidates)
 
     async def admit(self) -> None:
         """Wait for a free slot (FIFO), or raise a quick 503 when the queue is full/slow."""
-        if self.queued >= self.maxqueue:
+        if self.maxqueue and self.queued >= self.maxqueue:
             self.rejected += 1
             raise UpstreamError(503, "every backend of the pool is busy", connected=False)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
