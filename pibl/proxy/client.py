@@ -288,6 +288,10 @@ class ClientConnection(WriteFlow):
             # The client went away (not a half-close): stop its exchange, as nginx does,
             # instead of letting a backend work on an answer nobody will read.
             self._task.cancel()
+        for incoming in self._queue:
+            # a backend connection the fast path handed over to a task that never ran
+            if incoming.resume is not None and incoming.resume.upstream is not None:
+                self.proxy.abandon(incoming)
         if self.tunnel is not None:
             self.tunnel.close()
             if self.tunnel_done is not None and not self.tunnel_done.done():

@@ -349,6 +349,22 @@ class Proxy:
             record.request_head = head_text(head)
         return record
 
+    def abandon(self, incoming: Incoming) -> None:
+        """A request the fast path left to a coroutine that never ran (the client went
+        away first): its backend connection is closed and released, the request logged."""
+        exit = incoming.resume
+        assert exit is not None and exit.upstream is not None
+        upstream, exit.upstream = exit.upstream, None
+        upstream.finish(reusable=False)
+        self.pools[exit.index].release(upstream)
+        record = incoming.record
+        if record is not None and incoming.body is not None:
+            record.detail = "client closed the connection"
+            if not record.response_started:
+                record.status = 499
+            self.in_flight += 1  # (finish_record counts it down)
+            self.finish_record(incoming, record)
+
     def finish_record(self, incoming: Incoming, record: AccessRecord) -> None:
         """One log line and the metrics of a finished exchange, whichever path served it."""
         self.in_flight -= 1
@@ -976,6 +992,7 @@ class Proxy:
         if left is not None and left.upstream is not None:
             upstream, reused, events = left.upstream, True, left.events
             upstream_started = left.started
+            left.upstream = None  # taken over: released below, whatever happens
         else:
             if left is not None and left.fresh:
                 # the fast path's reused connection was closed under it: as below
