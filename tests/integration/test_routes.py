@@ -390,3 +390,16 @@ def test_plain_routes_take_the_fast_path_and_routes_with_policies_the_other(
         assert served_by(client.get("/guarded")) == "b1"
     assert worker.fast_served >= 4
     assert worker.fast_exits["route policy"] == 1
+
+
+def test_an_early_answer_to_a_request_with_a_body_closes_the_connection(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    """403 before the body was read: the connection closes instead of stalling behind it."""
+    proxy = make_proxy([], pools=pools(backends), routes=[{"pool": "web", "deny": ["127.0.0.0/8"]}])
+    started = time.monotonic()
+    r = httpx.post(proxy.url + "/upload", content=b"x" * 300_000, timeout=5)
+    assert r.status_code == 403
+    assert r.headers["connection"] == "close"
+    assert time.monotonic() - started < 2
+    assert len(backends[0].seen) == 0
