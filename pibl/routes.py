@@ -389,8 +389,19 @@ class Router:
 
 
 def route_warnings(config: Config) -> list[str]:
-    """Routes that can never match (a broader route before them), worth a warning."""
+    """What deserves a warning at start and in check-config: routes that can never match
+    (a broader route before them), and optional packages a setting needs but lacks."""
     out: list[str] = []
+    compression = config.compression
+    chosen = "encodings" in compression.model_fields_set  # (the default list is a wish list)
+    if chosen and "zstd" in compression.encodings and compression.enabled:
+        from pibl.compress import available_encodings
+
+        if "zstd" not in available_encodings():
+            out.append(
+                "compression.encodings lists zstd, but the zstandard package is not installed"
+                ' (pip install "pibl[zstd]"): zstd is not offered'
+            )
     routes = compile_routes(config)
     for later in routes:
         for earlier in routes[: later.index]:

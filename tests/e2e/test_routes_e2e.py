@@ -94,3 +94,41 @@ pool = "shop"
         stop_process(proc)
     assert {r.headers["x-backend"] for r in api} == {"b2", "b3"}
     assert {r.headers["x-backend"] for r in shop} == {"b1"}
+
+
+def test_routes_change_with_a_reload(tmp_path: Path, backends: list[Backend]) -> None:
+    import signal
+
+    port = free_port()
+    template = f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+workers = 1
+[cache]
+enabled = false
+[log]
+stdout = false
+[pools.one]
+[[pools.one.backends]]
+url = "{backends[0].url}"
+[pools.two]
+[[pools.two.backends]]
+url = "{backends[1].url}"
+[[routes]]
+pool = "POOL"
+"""
+    config = write(tmp_path / "pibl.toml", template.replace("POOL", "one"))
+    proc = start_pibl_process(config, tmp_path)
+    try:
+        wait_port(port)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base + "/a").headers["x-backend"] == "b1"
+        write(config, template.replace("POOL", "two"))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/b").headers["x-backend"] != "b2":
+            assert time.monotonic() < deadline, "the reload did not take the new routes"
+            time.sleep(0.1)
+    finally:
+        stop_process(proc)

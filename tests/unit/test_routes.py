@@ -286,3 +286,14 @@ def test_without_a_default_pool_every_route_needs_an_action() -> None:
     with pytest.raises(ConfigError) as info:
         config({"path_prefix": "/x", "cache": False})
     assert "needs pool, redirect or respond" in str(info.value)
+
+
+def test_a_chosen_coding_without_its_package_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pibl.compress
+
+    monkeypatch.setattr(pibl.compress, "available_encodings", lambda: ("br", "gzip"))
+    chosen = validate({**WEB, "compression": {"encodings": ["zstd", "gzip"]}}, "t")
+    assert any("zstandard package is not installed" in w for w in route_warnings(chosen))
+    assert route_warnings(validate(WEB, "t")) == []  # the default list is not a choice
