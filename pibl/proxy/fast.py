@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pibl import compress
 from pibl.errors import UpstreamError
-from pibl.http.framing import LAST_CHUNK
+from pibl.http.framing import LAST_CHUNK, encode_chunk
 from pibl.http.message import BodyKind, RequestHead, ResponseHead
 from pibl.http.parse import Body, End, Event, Head
 
@@ -369,10 +369,11 @@ class FastExchange:
                     assert isinstance(ev.head, ResponseHead)
                     if ev.head.body is BodyKind.CLOSE:
                         self.upstream.close_delimited = True
-                    if self._coding and self.proxy.compressible(self.head, ev.head):
+                    compressible = self.proxy.compressible(self.head, ev.head)
+                    if compressible and self._coding:
                         self._leave_at_head(events[i:])
                         return
-                    parts.append(self.on_backend_head(ev.head))
+                    parts.append(self.on_backend_head(ev.head, compressible))
                 elif isinstance(ev, Body):
                     self.on_backend_body(ev.data, parts)
                 elif isinstance(ev, End):
@@ -391,13 +392,13 @@ class FastExchange:
         if not self._paused:
             self.upstream.response_timer.set(self._timeout)  # between two reads, as nginx
 
-    def on_backend_head(self, resp: ResponseHead) -> bytes:
+    def on_backend_head(self, resp: ResponseHead, compressible: bool) -> bytes:
         """The response head: health, status, the head the client gets (returned)."""
         proxy = self.proxy
         record = self.record
         record.upstream = time.monotonic() - self._started
         proxy.backend_answered(self.index, self.head, resp, record)
-        if proxy.compressible(self.head, resp):  # a client that accepts no coding PIBL offers
+        if compressible:  # for a client that accepts no coding PIBL offers
             resp = proxy.uncompressed(resp)
         framing, self.keep_alive, out = proxy.response_head(
             self.head, resp, record.request_id, record, proxy.client_extra(self.sink, self.index)
@@ -409,7 +410,7 @@ class FastExchange:
 
     def on_backend_body(self, data: bytes, parts: list[bytes]) -> None:
         if data and self.send_body:
-            parts.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+            parts.append(encode_chunk(data) if self._chunked else data)
             self._sent += len(data)
 
     def on_backend_end(self, parts: list[bytes]) -> None:
