@@ -70,6 +70,11 @@ class BodyStream:
         self._done = True
         self._wake()
 
+    @property
+    def arriving(self) -> bool:
+        """Still arriving: not complete, not refused."""
+        return not self._done and self._error is None
+
     def complete(self) -> bytes | None:
         """The whole body if it has all arrived (and was not refused), left in place."""
         if not self._done or self._error is not None:
@@ -275,6 +280,8 @@ class ClientConnection(WriteFlow):
             return None  # (TLS cannot stay half-open: answering is not possible anyway)
         self._stop_reading = True
         self._client_eof = True  # answer what is queued, then close
+        if self._task is None and self._fast is None:
+            self._dispatch()  # a request waiting for its body is answered now
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -379,10 +386,17 @@ class ClientConnection(WriteFlow):
     def _dispatch(self) -> None:
         """Serve the queue: in callbacks while the fast path takes it, else in a task."""
         queue = self._queue
+        if self._timer_kind == "body":
+            self._disarm()
         while queue and not self.closed:
             incoming = queue[0]
             if incoming.error is not None:
                 break
+            if self.proxy.awaits_body(incoming):
+                # A small body still arriving is read whole first, as the coroutine path
+                # would (before it chooses a backend); the next read dispatches again.
+                self._arm("body")
+                return
             try:
                 fast = self.proxy.start_fast(self, incoming)
             except Exception:  # a bug: as ``_serve`` handles one
@@ -463,7 +477,9 @@ class ClientConnection(WriteFlow):
 
     def _arm(self, kind: str) -> None:
         timeouts = self.proxy.config.timeouts
-        delay = timeouts.client_header if kind == "header" else timeouts.client_idle
+        delay = {"header": timeouts.client_header, "body": timeouts.client_body}.get(
+            kind, timeouts.client_idle
+        )
         self._timer_kind = kind
         self._timer.set(delay)
 
@@ -479,6 +495,12 @@ class ClientConnection(WriteFlow):
         if kind == "header" and self._parser.in_message and not self._queue:
             # Slowloris or a stalled client: answer 408 like nginx does, then close.
             self._reject(ProtocolError(408, "timed out reading the request head"))
+        elif kind == "body" and self._queue and self._task is None and self._fast is None:
+            # A small body stalled: the coroutine path answers 408, as when it waits itself.
+            body = self._queue[0].body
+            if body is not None:
+                body.fail(ProtocolError(408, "timed out reading the request body"))
+            self._task = self.loop.create_task(self._serve())
         elif not self._queue:
             self.close()
 

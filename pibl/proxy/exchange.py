@@ -374,6 +374,10 @@ class Proxy:
         self.log.access(record)
         self.observe(record)
 
+    def awaits_body(self, incoming: Incoming) -> bool:
+        """Whether the client connection waits for this request's body before serving it."""
+        return fast.awaits_body(self, incoming)
+
     def start_fast(self, conn: ResponseSink, incoming: Incoming) -> ClientExchange | None:
         """The fast path's exchange for ``incoming``, or None: ``handle`` serves it."""
         return fast.start_fast(self, conn, incoming)

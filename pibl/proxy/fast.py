@@ -9,10 +9,14 @@ with callbacks only: no Task and no Future per request.
 Which requests (``start_fast``; every rule it applies lives in ``Proxy`` and is shared with
 the coroutine path, so nothing is decided twice):
 
-* the fast path is on (``[upstream] fast_path``), no response cache, no HTTP-to-HTTPS
-  redirect on the listener;
-* no upgrade, no ``Expect: 100-continue``, no body or a small one that has fully arrived;
-* the balancer's pick has an idle pooled connection.
+* the fast path is on (``[upstream] fast_path``) and the listener does not redirect to
+  HTTPS;
+* no upgrade, no ``Expect: 100-continue``, no body or a small one that has fully arrived
+  (the client connection waits for a small one still arriving: ``awaits_body``);
+* the balancer's pick has an idle pooled connection;
+* with the response cache on: a fresh hit whose body is in memory or small
+  (``serve_hit``, answered at once); misses, passes, stale entries and large bodies leave
+  (``cache miss``) for ``CacheLayer.handle``.
 
 A response PIBL compresses (the client accepts a coding it offers, the response is
 compressible) leaves at its head: the coroutine path takes the connection over and streams
@@ -33,9 +37,9 @@ record and gets an ``Exit`` naming the backend already picked and, for a failure
 error; ``Proxy.forward`` starts from there on the coroutine path, which retries, answers
 502/503/504 or aborts a response cut short exactly as it does for its own attempts. The
 reasons are counted by name in ``Proxy.fast_exits``: before the exchange starts ``needs a
-connection``, ``body to stream``, ``upgrade``, ``no backend``; after, ``compression`` (at
-the response head), ``retry`` (the reused connection was closed by the backend as it was
-used: one fresh connection, as on the coroutine path) and ``failure``.
+connection``, ``body to stream``, ``upgrade``, ``no backend``, ``cache miss``; after,
+``compression`` (at the response head), ``retry`` (the reused connection was closed by the
+backend as it was used: one fresh connection, as on the coroutine path) and ``failure``.
 
 The exchange talks to its client through ``ResponseSink``, not to a transport, so another
 kind of client stream (an HTTP/2 stream, say) can be served by the same object.
@@ -49,7 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pibl import compress
 from pibl.errors import UpstreamError
-from pibl.http.framing import LAST_CHUNK
+from pibl.http.framing import LAST_CHUNK, encode_chunk
 from pibl.http.message import BodyKind, RequestHead, ResponseHead
 from pibl.http.parse import Body, End, Event, Head
 
@@ -126,6 +130,30 @@ class State(enum.Enum):
     AWAITING_HEAD = "awaiting response head"
     STREAMING = "streaming body"
     DONE = "done"
+
+
+def awaits_body(proxy: Proxy, incoming: Incoming) -> bool:
+    """A small body declared by Content-Length, still arriving: wait for it, then start.
+
+    The coroutine path reads such a body whole before it picks a backend (up to
+    ``limits.request_buffer``), so waiting for it in the client connection changes nothing
+    but where the wait happens; a body that stalls for ``timeouts.client_body`` gets the
+    coroutine path's 408. Not with 100-continue (the client waits for PIBL), nor for a
+    length over ``max_body_bytes`` (413 at once), nor when the cache is on (a hit does not
+    read the body).
+    """
+    head = incoming.head
+    body = incoming.body
+    if head is None or body is None or head.body is not BodyKind.LENGTH:
+        return False
+    if not proxy.fast_path or proxy.cache is not None or head.expect_continue:
+        return False
+    limits = proxy.config.limits
+    if head.content_length > limits.request_buffer:
+        return False
+    if limits.max_body_bytes and head.content_length > limits.max_body_bytes:
+        return False
+    return body.arriving
 
 
 def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientExchange | None:
@@ -354,10 +382,11 @@ class FastExchange:
                     assert isinstance(ev.head, ResponseHead)
                     if ev.head.body is BodyKind.CLOSE:
                         self.upstream.close_delimited = True
-                    if self._coding and self.proxy.compressible(self.head, ev.head):
+                    compressible = self.proxy.compressible(self.head, ev.head)
+                    if compressible and self._coding:
                         self._leave_at_head(events[i:])
                         return
-                    parts.append(self.on_backend_head(ev.head))
+                    parts.append(self.on_backend_head(ev.head, compressible))
                 elif isinstance(ev, Body):
                     self.on_backend_body(ev.data, parts)
                 elif isinstance(ev, End):
@@ -376,13 +405,13 @@ class FastExchange:
         if not self._paused:
             self.upstream.response_timer.set(self._timeout)  # between two reads, as nginx
 
-    def on_backend_head(self, resp: ResponseHead) -> bytes:
+    def on_backend_head(self, resp: ResponseHead, compressible: bool) -> bytes:
         """The response head: health, status, the head the client gets (returned)."""
         proxy = self.proxy
         record = self.record
         record.upstream = time.monotonic() - self._started
         proxy.backend_answered(self.index, self.head, resp, record)
-        if proxy.compressible(self.head, resp):  # a client that accepts no coding PIBL offers
+        if compressible:  # for a client that accepts no coding PIBL offers
             resp = proxy.uncompressed(resp)
         framing, self.keep_alive, out = proxy.response_head(
             self.head, resp, record.request_id, record, proxy.client_extra(self.sink, self.index)
@@ -394,7 +423,7 @@ class FastExchange:
 
     def on_backend_body(self, data: bytes, parts: list[bytes]) -> None:
         if data and self.send_body:
-            parts.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+            parts.append(encode_chunk(data) if self._chunked else data)
             self._sent += len(data)
 
     def on_backend_end(self, parts: list[bytes]) -> None:

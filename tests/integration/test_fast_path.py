@@ -467,3 +467,74 @@ def test_an_unexpected_error_in_a_fast_exchange_closes_that_client_only(
     with httpx.Client(base_url=proxy.url) as client:
         assert [client.get(f"/after/{i}").status_code for i in range(3)] == [200] * 3
     assert wait_for(lambda: worker_proxy.in_flight == 0)
+
+
+def test_a_small_body_arriving_after_its_head_is_waited_for_then_served_fast(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, upstream=FAST)
+    warm(proxy)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        time.sleep(0.2)
+        s.sendall(b"world")
+        [answer] = read_responses(s, 1)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"POST /echo body=helloworld")
+    assert wait_for(lambda: served(proxy) == 1)
+    assert exits(proxy) == {"needs a connection": 3}
+
+
+def test_a_small_body_that_stalls_or_is_cut_gets_the_coroutine_paths_answer(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    for upstream in (FAST, SLOW):
+        proxy = make_proxy(backends, upstream=upstream, timeouts={"client_body": 0.5})
+        warm(proxy)
+        started = time.monotonic()
+        raw = raw_request(
+            proxy.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhel"
+        )
+        assert raw.startswith(b"HTTP/1.1 408"), upstream
+        assert 0.4 < time.monotonic() - started < 2.0
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhel")
+            time.sleep(0.1)
+            s.shutdown(socket.SHUT_WR)  # the body will never be complete
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 400"), upstream
+        assert sum(len(b.seen) for b in backends) == 3 * (1 if upstream is FAST else 2)
+
+
+def test_http10_clients_and_close_delimited_backends_get_the_same_bytes_on_both_paths(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    requests = [
+        b"GET /download?size=1000&chunked=1 HTTP/1.0\r\nX-Request-ID: a\r\n\r\n",
+        b"GET /v10 HTTP/1.0\r\nX-Request-ID: b\r\n\r\n",
+        b"GET /close HTTP/1.1\r\nHost: x\r\nX-Request-ID: c\r\nConnection: close\r\n\r\n",
+        b"HEAD /download?size=10&chunked=1 HTTP/1.1\r\nHost: x\r\nX-Request-ID: d\r\n"
+        b"Connection: close\r\n\r\n",
+        b"GET /status?code=304 HTTP/1.1\r\nHost: x\r\nX-Request-ID: e\r\nConnection: close\r\n\r\n",
+    ]
+
+    def answers(proxy: ProxyThread) -> list[bytes]:
+        warm(proxy)
+        out = []
+        for request in requests:
+            raw = raw_request(proxy.port, request, timeout=3)
+            out.append(re.sub(rb"\r\nDate: [^\r]*", b"", raw))
+        return out
+
+    fast = make_proxy(backends, upstream=FAST)
+    slow = make_proxy(backends, upstream=SLOW)
+    fast_answers = answers(fast)
+    assert fast_answers == answers(slow)
+    assert b"Transfer-Encoding" not in fast_answers[0]  # close-delimited for HTTP/1.0
+    assert (
+        b"Connection: close" in fast_answers[0]
+        and len(fast_answers[0].split(b"\r\n\r\n")[1]) == 1000
+    )
+    assert fast_answers[2].endswith(b"0\r\n\r\n")  # re-chunked for the HTTP/1.1 client
+    assert wait_for(lambda: served(fast) == len(requests))
