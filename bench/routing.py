@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.comparison.procs import tree_cpu_seconds  # noqa: E402  (the same CPU accounting)
 
 
 def free_port() -> int:
@@ -42,34 +43,6 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"port {port} not listening")
-
-
-def tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    total = 0
-    for p in tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
 
 
 def pibl_config(port: int, backend: int, routes: int) -> str:
@@ -117,14 +90,14 @@ def run(routes: int, seconds: float, work: Path, backend: int) -> float:
             check=True,
             capture_output=True,
         )
-        before = cpu_seconds(proc.pid)
+        before = tree_cpu_seconds(proc.pid)
         out = subprocess.run(
             ["taskset", "-c", "0", "wrk", "-t1", "-c50", f"-d{int(seconds)}s", url],
             check=True,
             capture_output=True,
             text=True,
         ).stdout
-        used = cpu_seconds(proc.pid) - before
+        used = tree_cpu_seconds(proc.pid) - before
         done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
         if "Non-2xx" in out:
             raise RuntimeError(out)

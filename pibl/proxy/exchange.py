@@ -246,18 +246,9 @@ class Proxy:
         if index is None:
             self.mirror_counts["no backend"] += 1
             return
-        request = upstream_request(
-            route.upstream_head(head),
-            client_ip=conn.client_ip,
-            scheme=conn.scheme,
-            rid=rid,
-            via=self.via,
-            default_host=self._default_hosts[index],
-            body=head.body if body is None else BodyKind.LENGTH,
-            content_length=head.content_length if body is None else len(body),
-        )
+        request = self.request_bytes(conn, route.upstream_head(head), rid, index, body)
         task = asyncio.get_running_loop().create_task(
-            self._mirror(index, request + (body or b""), head.method == b"HEAD")
+            self._mirror(index, request, head.method == b"HEAD")
         )
         self._mirrors.add(task)
         task.add_done_callback(self._mirrors.discard)
