@@ -196,6 +196,9 @@ class Master:
             self._start_generation(effective)
 
     def run(self) -> int:
+        # Held from the start (sigtimedwait takes them below): a SIGHUP or SIGTERM sent as
+        # soon as the port answers must not find the default action (ending the process).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         self.configured = self.config
         effective = self._effective(self.config, force=True)
         if effective is not None:
@@ -208,7 +211,6 @@ class Master:
         self.rotation = self._shared(config)
         self.state_dir = make_state_dir(self.log)
         prepare_multiprocess(self.state_dir)
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         procs = [self.spawn(i, config, self.sockets) for i in range(config.server.workers)]
         if not self.wait_ready(procs):
             self.log.error("workers failed to start")

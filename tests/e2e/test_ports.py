@@ -113,7 +113,8 @@ def test_reload_to_more_workers_keeps_the_ports(
     cfg.write_text(cfg.read_text().replace("[server]\n", "[server]\nworkers = 1\n"))
     first = run_pibl(cfg, tmp_path, env)
     try:
-        wait_port(port)
+        wait_port(port)  # (the master listens before its worker is forked)
+        assert wait_for(lambda: len(process_tree(first.pid)) == 2, 10)
         old = set(process_tree(first.pid)) - {first.pid}
         cfg.write_text(cfg.read_text().replace("workers = 1", "workers = 2"))
         first.send_signal(signal.SIGHUP)
