@@ -122,7 +122,12 @@ class Master:
                     # a reload onto new sockets: the old generation's copies would sit in the
                     # SO_REUSEPORT group unserved, and connections routed to them would hang
                     _close_all(self.sockets)
-                code = _worker_main(config, sockets[slot], write_fd, self.make_log, self.rotation)
+                shared = (
+                    dataclasses.replace(self.rotation, slot=slot)
+                    if self.rotation is not None
+                    else None
+                )
+                code = _worker_main(config, sockets[slot], write_fd, self.make_log, shared)
             finally:
                 os._exit(code)
         os.close(write_fd)

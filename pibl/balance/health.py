@@ -179,6 +179,9 @@ class BackendState:
         self.requests += 1
 
 
+MAX_WORKERS = 256  # (the [server] workers maximum): rows of the in-flight table
+
+
 @dataclass(frozen=True)
 class SharedBalance:
     """Balancing state in memory shared by the worker processes, and its lock.
@@ -195,13 +198,43 @@ class SharedBalance:
     lock: AbstractContextManager[object]
     refused: MutableSequence[int]  # 1 when that ejection came from a refused connection
     limiter: Any = None  # the node's rate-limit buckets (pibl.limits.RateLimiter), if any
+    # requests in flight per backend, one row per worker slot (a replaced worker clears
+    # its row, so a killed one never leaves its counts behind); for pools with maxconn
+    inflight: MutableSequence[int] | None = None
+    slot: int = 0  # this worker's row
+    width: int = 0  # backends per row
 
     @classmethod
     def create(cls, n: int) -> SharedBalance:
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
-        return cls(ctx.RawArray("q", n), ctx.RawArray("d", n), ctx.Lock(), ctx.RawArray("b", n))
+        return cls(
+            ctx.RawArray("q", n),
+            ctx.RawArray("d", n),
+            ctx.Lock(),
+            ctx.RawArray("b", n),
+            inflight=ctx.RawArray("i", MAX_WORKERS * n),
+            width=n,
+        )
+
+    def in_flight(self, index: int) -> int:
+        """Requests in flight to backend ``index`` from every worker of the node."""
+        assert self.inflight is not None
+        width = self.width
+        return sum(self.inflight[row * width + index] for row in range(MAX_WORKERS))
+
+    def add_in_flight(self, index: int, delta: int) -> None:
+        assert self.inflight is not None
+        with self.lock:
+            self.inflight[self.slot * self.width + index] += delta
+
+    def clear_row(self) -> None:
+        """A worker starting in its slot: what a predecessor there counted is gone."""
+        if self.inflight is not None:
+            start = self.slot * self.width
+            for i in range(start, start + self.width):
+                self.inflight[i] = 0
 
     def view(self, first: int, n: int) -> SharedBalance | None:
         """The part for backends ``first`` .. ``first + n - 1`` (one pool), in the same memory;

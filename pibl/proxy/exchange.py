@@ -128,6 +128,8 @@ class Proxy:
         self.via = config.server.via.encode()
         # every backend of every pool, numbered once (the default pool first)
         self.backends = config.all_backends
+        if shared is not None:
+            shared.clear_row()  # a worker replacing a killed one in its slot starts at zero
         self.groups, self.states = build_groups(config, shared, self._panic_handler)
         self.group_of = [g for g in self.groups.values() for _ in g.backends]
         self._group_by_label = {s.name: g for g, s in zip(self.group_of, self.states, strict=True)}
@@ -647,6 +649,7 @@ class Proxy:
                 raise UpstreamError(503, "no backend available", connected=False)
             state = self.states[index]
             state.active += 1
+            group.begin(index)
             try:
                 left, resume = resume, None
                 if left is not None and left.error is not None:
@@ -710,7 +713,7 @@ class Proxy:
             finally:
                 state.active -= 1
                 if group.maxconn:
-                    group.release()
+                    group.end(index)
 
     async def _buffer_body(
         self, conn: ClientConnection, incoming: Incoming, head: RequestHead, record: AccessRecord

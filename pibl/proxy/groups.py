@@ -7,9 +7,10 @@ metrics and the health checks see them); each ``PoolGroup`` balances over its ow
 and translates between its local indices and the global ones.
 
 Admission (HAProxy's ``maxconn``/``maxqueue``): with ``maxconn`` set, a backend takes at
-most that many requests at once from each worker process (as HAProxy's limits are per
-process); a request that finds every available backend full waits in the pool's queue (at
-most ``maxqueue`` requests, 0 meaning no bound as in HAProxy, each for at most
+most that many requests at once from the whole node (the counts are in memory the workers
+share, one row per worker slot, so a replaced worker starts from zero); a request that
+finds every available backend full waits in its worker's queue for the pool (at most
+``maxqueue`` requests, 0 meaning no bound as in HAProxy, each for at most
 ``queue_timeout`` seconds) and otherwise gets a quick 503 instead of piling up.
 """
 
@@ -33,6 +34,8 @@ from pibl.config import (
 )
 from pibl.errors import UpstreamError
 
+POLL = 0.01  # seconds between looks at the node's counts while requests are queued
+
 
 @dataclass(eq=False)
 class PoolGroup:
@@ -52,6 +55,7 @@ class PoolGroup:
     queue_timeout: float = 5.0
     queued: int = 0
     rejected: int = 0  # requests refused with 503 because the queue was full or too slow
+    shared: SharedBalance | None = None  # the node's in-flight table (maxconn per node)
     _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     def __repr__(self) -> str:
@@ -60,12 +64,28 @@ class PoolGroup:
     def owns(self, index: int) -> bool:
         return self.first <= index < self.first + len(self.backends)
 
+    def load(self, local: int) -> int:
+        """Requests in flight to one of its backends: the node's when workers share memory."""
+        if self.shared is not None and self.shared.inflight is not None:
+            return self.shared.in_flight(self.first + local)
+        return self.states[local].active
+
+    def begin(self, index: int) -> None:
+        """A request goes to backend ``index`` (counted for maxconn)."""
+        if self.maxconn and self.shared is not None and self.shared.inflight is not None:
+            self.shared.add_in_flight(index, 1)
+
+    def end(self, index: int) -> None:
+        if self.maxconn and self.shared is not None and self.shared.inflight is not None:
+            self.shared.add_in_flight(index, -1)
+        self.release()
+
     def pick(self, now: float, exclude: set[int], prefer: int | None) -> int | None:
         """A global backend index by the pool's policy, skipping full backends."""
         first = self.first
         local_exclude = {i - first for i in exclude if self.owns(i)}
         if self.maxconn:
-            local_exclude |= {i for i, s in enumerate(self.states) if s.active >= self.maxconn}
+            local_exclude |= {i for i in range(len(self.states)) if self.load(i) >= self.maxconn}
         local_prefer = prefer - first if prefer is not None and self.owns(prefer) else None
         index = self.balancer.pick(now, exclude=local_exclude, prefer=local_prefer)
         return None if index is None else index + first
@@ -81,20 +101,24 @@ class PoolGroup:
         if not self.maxconn:
             return False
         candidates = [
-            s
+            i
             for i, s in enumerate(self.states)
             if self.candidate(s, now) and i + self.first not in exclude
         ]
-        return bool(candidates) and all(s.active >= self.maxconn for s in candidates)
+        return bool(candidates) and all(self.load(i) >= self.maxconn for i in candidates)
 
     async def admit(self) -> None:
         """Wait for a free slot (FIFO), or raise a quick 503 when the queue is full/slow."""
         if self.maxqueue and self.queued >= self.maxqueue:
             self.rejected += 1
             raise UpstreamError(503, "every backend of the pool is busy", connected=False)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         self.queued += 1
+        # This worker's own releases wake the queue at once; another worker's are seen by
+        # looking again every POLL seconds (the counts are in shared memory).
+        poll = loop.call_later(POLL, self._poll) if self.shared is not None else None
         try:
             async with asyncio.timeout(self.queue_timeout):
                 await waiter
@@ -104,9 +128,18 @@ class PoolGroup:
                 503, "queued too long for a busy backend", connected=False
             ) from None
         finally:
+            if poll is not None:
+                poll.cancel()
             self.queued -= 1
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+
+    def _poll(self) -> None:
+        if not self._waiters:
+            return
+        if any(self.load(i) < self.maxconn for i in range(len(self.states))):
+            self.release()
+        asyncio.get_running_loop().call_later(POLL, self._poll)
 
     def release(self) -> None:
         """A request on one of the pool's backends ended: wake the first queued one."""
@@ -175,5 +208,6 @@ def build_groups(
             queue_timeout=getattr(pool, "queue_timeout", 5.0),
         )
         balancer.on_panic = on_panic(group)
+        group.shared = shared
         groups[name] = group
     return groups, states

@@ -132,3 +132,67 @@ pool = "POOL"
             time.sleep(0.1)
     finally:
         stop_process(proc)
+
+
+def test_maxconn_holds_for_the_node_with_two_workers(tmp_path: Path) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from typing import Any
+
+    from tests.support import start_backend
+
+    slow = start_backend("slow")
+    in_flight = peak = 0
+    lock = threading.Lock()
+    original = slow.server.RequestHandlerClass.do_GET  # type: ignore[attr-defined]
+
+    def counting(handler: Any) -> None:
+        nonlocal in_flight, peak
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        try:
+            original(handler)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    slow.server.RequestHandlerClass.do_GET = counting  # type: ignore[attr-defined]
+    port = free_port()
+    config = write(
+        tmp_path / "pibl.toml",
+        f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+workers = 2
+[cache]
+enabled = false
+[health]
+enabled = false
+[log]
+stdout = false
+[pools.slow]
+maxconn = 2
+maxqueue = 2
+queue_timeout = 10
+[[pools.slow.backends]]
+url = "{slow.url}"
+[[routes]]
+pool = "slow"
+""",
+    )
+    proc = start_pibl_process(config, tmp_path)
+    try:
+        wait_port(port)
+
+        def one(i: int) -> int:
+            return httpx.get(f"http://127.0.0.1:{port}/slow?s=1", timeout=20).status_code
+
+        with ThreadPoolExecutor(10) as pool:
+            codes = list(pool.map(one, range(10)))
+    finally:
+        stop_process(proc)
+        slow.stop()
+    assert peak <= 2, peak  # the node as a whole, not 2 per worker
+    assert codes.count(200) >= 2 and codes.count(503) >= 2, codes
