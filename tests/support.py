@@ -285,6 +285,29 @@ class _Server(http.server.ThreadingHTTPServer):
     request_queue_size = 1024  # the default backlog of 5 drops connections under load
 
 
+class InFlight:
+    """Counts the requests a test backend is handling at once; ``peak`` is the most seen."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.now = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+        handler = backend.server.RequestHandlerClass
+        original = handler.do_GET  # type: ignore[attr-defined]
+
+        def counting(request: Any) -> None:
+            with self._lock:
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+            try:
+                original(request)
+            finally:
+                with self._lock:
+                    self.now -= 1
+
+        handler.do_GET = counting  # type: ignore[attr-defined]
+
+
 def start_backend(name: str, port: int = 0, host: str = "127.0.0.1") -> Backend:
     handler = type(f"Handler_{name}", (_Handler,), {})
     server = _Server((host, port), handler)

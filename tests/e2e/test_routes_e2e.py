@@ -135,29 +135,12 @@ pool = "POOL"
 
 
 def test_maxconn_holds_for_the_node_with_two_workers(tmp_path: Path) -> None:
-    import threading
     from concurrent.futures import ThreadPoolExecutor
-    from typing import Any
 
-    from tests.support import start_backend
+    from tests.support import InFlight, start_backend
 
     slow = start_backend("slow")
-    in_flight = peak = 0
-    lock = threading.Lock()
-    original = slow.server.RequestHandlerClass.do_GET  # type: ignore[attr-defined]
-
-    def counting(handler: Any) -> None:
-        nonlocal in_flight, peak
-        with lock:
-            in_flight += 1
-            peak = max(peak, in_flight)
-        try:
-            original(handler)
-        finally:
-            with lock:
-                in_flight -= 1
-
-    slow.server.RequestHandlerClass.do_GET = counting  # type: ignore[attr-defined]
+    counter = InFlight(slow)
     port = free_port()
     config = write(
         tmp_path / "pibl.toml",
@@ -194,5 +177,5 @@ pool = "slow"
     finally:
         stop_process(proc)
         slow.stop()
-    assert peak <= 2, peak  # the node as a whole, not 2 per worker
+    assert counter.peak <= 2, counter.peak  # the node as a whole, not 2 per worker
     assert codes.count(200) >= 2 and codes.count(503) >= 2, codes

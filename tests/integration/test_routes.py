@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Backend, ProxyThread, RawServer, start_backend, wait_for
+from tests.support import Backend, InFlight, ProxyThread, RawServer, start_backend, wait_for
 
 
 def pools(backends: list[Backend], **extra: Any) -> dict[str, Any]:
@@ -209,36 +209,19 @@ def test_maxconn_keeps_two_in_flight_per_backend_and_refuses_the_overflow_fast(
             routes=[{"pool": "slow"}],
             timeouts={"upstream_response": 10},
         )
-        in_flight = 0
-        peak = 0
-        lock = threading.Lock()
+        counter = InFlight(slow)
 
         def one(i: int) -> tuple[int, float]:
-            nonlocal in_flight, peak
             started = time.monotonic()
             r = httpx.get(proxy.url + "/slow?s=1.5", timeout=10)
             return r.status_code, time.monotonic() - started
 
-        original = slow.server.RequestHandlerClass.do_GET  # type: ignore[attr-defined]
-
-        def counting(handler: Any) -> None:
-            nonlocal in_flight, peak
-            with lock:
-                in_flight += 1
-                peak = max(peak, in_flight)
-            try:
-                original(handler)
-            finally:
-                with lock:
-                    in_flight -= 1
-
-        slow.server.RequestHandlerClass.do_GET = counting  # type: ignore[attr-defined]
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(one, range(8)))
     finally:
         slow.stop()
     codes = [c for c, _ in results]
-    assert peak == 2
+    assert counter.peak == 2
     assert codes.count(200) == 4  # two at once, two from the queue
     assert codes.count(503) == 4
     # refused at once, long before a slot could free up (the backend takes 1.5 s)
