@@ -532,7 +532,7 @@ class H2Connection(asyncio.Protocol):
                 if stream.has_pending and stream.send_some(budget):
                     progress = True
             self._flush_out()
-            if not progress or self.window(0) <= 0:
+            if not progress or self.conn.outbound_flow_control_window <= 0:
                 break
         for stream in list(self.streams.values()):  # (empty END_STREAM after the body)
             if stream.has_pending and not stream._pending:
