@@ -272,6 +272,7 @@ class H2Connection(asyncio.Protocol):
         self._idle = Deadline(self.loop, self._on_idle)
         self._ping = Deadline(self.loop, self._on_ping)
         self._ping_sent = False
+        self._draining = False  # after an error GOAWAY: input is dropped until the close
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
@@ -311,7 +312,7 @@ class H2Connection(asyncio.Protocol):
             self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._draining:
             return
         self._ping.set(self.settings.ping_interval)
         self._ping_sent = False
@@ -321,7 +322,7 @@ class H2Connection(asyncio.Protocol):
             self._goaway_reason("protocol_error")
             self.proxy.log.info(f"HTTP/2 connection error from {self.client_ip}: {exc}")
             self._flush_out()
-            self._close()
+            self._close_soon()
             return
         for ev in events:
             if isinstance(ev, h2.events.RequestReceived):
@@ -338,7 +339,7 @@ class H2Connection(asyncio.Protocol):
                 self._goaway = True
                 if not self.streams:
                     self._close()
-            if self.closed:
+            if self.closed or self._draining:
                 return
         self.flush()
 
@@ -471,7 +472,7 @@ class H2Connection(asyncio.Protocol):
             self._goaway_reason("rapid_reset")
             self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
             self._flush_out()
-            self._close()
+            self._close_soon()
         self._maybe_idle()
 
     # -- used by the streams -----------------------------------------------------------------
@@ -598,6 +599,16 @@ class H2Connection(asyncio.Protocol):
             self._close()
             return True
         return False
+
+    def _close_soon(self) -> None:
+        """After a GOAWAY for an error: stop serving, read and drop what the client still
+        sends for a moment (closing with unread bytes would reset the connection and could
+        destroy the GOAWAY before the client reads it), then close."""
+        for stream in list(self.streams.values()):
+            stream.lost()
+        self.streams.clear()
+        self._draining = True
+        self.loop.call_later(1.0, self.abort)
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:
