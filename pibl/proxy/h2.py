@@ -273,6 +273,7 @@ class H2Connection(asyncio.Protocol):
         self._ping = Deadline(self.loop, self._on_ping)
         self._ping_sent = False
         self._draining = False  # after an error GOAWAY: input is dropped until the close
+        self._write_soon = False  # a write of the framed bytes is scheduled
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
@@ -484,7 +485,6 @@ class H2Connection(asyncio.Protocol):
             self.conn.send_headers(sid, fields, end_stream=end_stream)
         except h2.exceptions.H2Error:
             return
-        self._flush_out()
 
     def send_data(self, sid: int, data: bytes, end_stream: bool) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):
@@ -541,6 +541,14 @@ class H2Connection(asyncio.Protocol):
         self._flush_out()
 
     def _flush_out(self) -> None:
+        """Write what the library framed; frames made in one loop iteration (a response's
+        HEADERS and DATA, other streams' frames) leave in one write, as one segment."""
+        if not self._write_soon and not self.closed:
+            self._write_soon = True
+            self.loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._write_soon = False
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -590,7 +598,7 @@ class H2Connection(asyncio.Protocol):
             # rest of the streams in flight, which a graceful GOAWAY lets finish.
             self._goaway = True
             self._goaway_reason("shutdown")
-            self._flush_out()
+            self._write_out()
             frame = GoAwayFrame(0)
             frame.last_stream_id = self.conn.highest_inbound_stream_id
             frame.error_code = ErrorCodes.NO_ERROR
@@ -612,6 +620,7 @@ class H2Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:
+            self._write_out()
             self.transport.close()
         self.closed = True
 
