@@ -32,13 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from comparison.common import BenchError, log_tail, say  # noqa: E402
-from comparison.peers import backends_conf, nginx_temp_paths, nginx_user_line  # noqa: E402
-from comparison.procs import ProcessManager, tree_cpu_seconds, wait_listening  # noqa: E402
+from comparison.common import BenchError, log_tail, say
+from comparison.peers import backends_conf, nginx_temp_paths, nginx_user_line
+from comparison.procs import ProcessManager, tree_cpu_seconds, wait_listening
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = 1024
-APP = '''
+APP = """
 BODY = b"x" * {size}
 
 
@@ -48,7 +48,7 @@ async def app(scope, receive, send):
     await send({{"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/octet-stream")]}})
     await send({{"type": "http.response.body", "body": BODY}})
-'''
+"""
 
 
 def nginx_conf(prefix: Path, port: int, backends: list[int], tls: Path | None) -> str:

@@ -293,6 +293,11 @@ class H2Connection(asyncio.Protocol):
                 h2.settings.SettingCodes.HEADER_TABLE_SIZE: s.header_table_size,
             },
         )
+        # Given as initial values, the library announces them but applies only its defaults
+        # on the peer's acknowledgement (it applies changes): apply them here.
+        self.conn.max_inbound_frame_size = s.max_frame_size
+        self.conn.decoder.max_header_list_size = s.max_header_list_size
+        self.conn.decoder.max_allowed_table_size = s.header_table_size
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 

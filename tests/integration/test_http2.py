@@ -438,3 +438,21 @@ def test_graceful_stop_lets_streams_finish(
     assert client.heads[sid][b":status"] == b"200"
     assert bytes(client.bodies[sid]).endswith(b"GET /slow?s=1")
     client.close()
+
+
+def test_a_header_list_beyond_the_limit_ends_the_connection(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, server=H2C, http2={"max_header_list_size": 4096})
+    client = Client(proxy.port)
+    # PIBL's SETTINGS apply once the client acknowledged them (pump sends the ACK)
+    assert client.pump(
+        lambda: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in client.events)
+    )
+    client.request("/big", extra=[(b"x-big", b"v" * 8000)])
+    assert client.pump(lambda: client.goaway is not None)
+    assert client.goaway is not None and client.goaway.error_code != 0
+    client.close()
+    assert not any(b.seen for b in backends)
+    r = curl("--http2-prior-knowledge", proxy.url + "/next")
+    assert r.stdout.endswith("GET /next")
