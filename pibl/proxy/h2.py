@@ -128,8 +128,10 @@ class H2Stream:
                     return
             elif isinstance(ev, Body):
                 self._pending += ev.data
+                conn.ready[self.sid] = self
             elif isinstance(ev, End):
                 self._ended = True
+                conn.ready[self.sid] = self
         conn.flush()
 
     def _interim(self, resp: ResponseHead) -> None:
@@ -266,6 +268,7 @@ class H2Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.streams: dict[int, H2Stream] = {}
+        self.ready: dict[int, H2Stream] = {}  # streams with response bytes or an end to send
         self._write_paused = False
         self._goaway = False
         self._resets: deque[float] = deque()
@@ -356,6 +359,7 @@ class H2Connection(asyncio.Protocol):
         for stream in list(self.streams.values()):
             stream.lost()
         self.streams.clear()
+        self.ready.clear()
         self.proxy.connections.discard(cast("ClientConnection", self))
 
     def pause_writing(self) -> None:
@@ -530,19 +534,20 @@ class H2Connection(asyncio.Protocol):
         if self.closed:
             return
         budget = self.frame_size
+        ready = self.ready
         for _ in range(10000):  # bounded: each round sends a frame per ready stream or stops
-            if self._write_paused:
+            if self._write_paused or not ready:
                 break
             progress = False
-            for stream in list(self.streams.values()):
-                if stream.has_pending and stream.send_some(budget):
+            for sid, stream in list(ready.items()):
+                if not stream.has_pending:
+                    del ready[sid]
+                elif stream.send_some(budget):
                     progress = True
-            self._flush_out()
+                    if not stream.has_pending:
+                        del ready[sid]
             if not progress or self.conn.outbound_flow_control_window <= 0:
                 break
-        for stream in list(self.streams.values()):  # (empty END_STREAM after the body)
-            if stream.has_pending and not stream._pending:
-                stream.send_some(budget)
         self._flush_out()
 
     def _flush_out(self) -> None:
