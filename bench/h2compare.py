@@ -11,6 +11,8 @@ Method (the same as ``compare.py``, see bench/README.md):
   (``--mode h2c``) and balances round robin over the three backends with upstream
   keep-alive, access log off. hypercorn (one worker) answers the same 1 KiB body itself
   from a minimal ASGI app over HTTP/2: the cost of a Python HTTP/2 server with no proxying.
+* ``pibl-h1`` (not in the default rows) is the same PIBL with HTTP/1.1 clients (``h2load
+  --h1``, ``-m`` requests pipelined), to see what HTTP/2 itself costs.
 * Load: ``h2load -c<C> -m<M> -D<D>`` after a warm-up run; CPU microseconds per request = the
   server's process tree CPU time (utime + stime, /proc) during the run / requests completed.
 
@@ -69,6 +71,7 @@ error_log {prefix / "error.log"} warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    keepalive_requests 1000000;  # (HTTP/2 requests per connection too, since nginx 1.19.7)
 {nginx_temp_paths(prefix)}
     upstream backends {{
 {servers}
@@ -124,11 +127,15 @@ def pibl_conf(port: int, backends: list[int], tls: Path | None, tls_port: int) -
     )
 
 
-def h2load(url: str, args: argparse.Namespace, duration: float) -> dict[str, float]:
+def h2load(
+    url: str, args: argparse.Namespace, duration: float, h1: bool = False
+) -> dict[str, float]:
     argv = [
         "taskset", "-c", str(args.loadgen_cpu), "h2load",
         "-c", str(args.clients), "-m", str(args.streams), "-D", f"{duration:g}", url,
     ]  # fmt: skip
+    if h1:  # HTTP/1.1 with as many requests pipelined per connection as streams
+        argv.insert(-1, "--h1")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
     m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
     rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
@@ -149,7 +156,11 @@ def h2load(url: str, args: argparse.Namespace, duration: float) -> dict[str, flo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=["tls", "h2c"], default="tls")
-    p.add_argument("--servers", default="pibl,nginx,haproxy,hypercorn")
+    p.add_argument(
+        "--servers",
+        default="pibl,nginx,haproxy,hypercorn",
+        help="rows to run; pibl-h1 is PIBL again with HTTP/1.1 clients (h2load --h1)",
+    )
     p.add_argument("--duration", type=float, default=10)
     p.add_argument("--warmup", type=float, default=2)
     p.add_argument("--clients", type=int, default=16)
@@ -199,7 +210,7 @@ def main() -> int:
             (work / "temp").mkdir(parents=True)
             pin = ["taskset", "-c", str(args.proxy_cpu)]
             listen = port
-            if name == "pibl":
+            if name in ("pibl", "pibl-h1"):
                 cfg = work / "pibl.toml"
                 listen = port + 1 if tls else port
                 cfg.write_text(pibl_conf(port, ports, tls, port + 1))
@@ -226,10 +237,11 @@ def main() -> int:
                 raise BenchError(f"unknown server {name}")
             wait_listening(item, [listen])
             url = f"{scheme}://127.0.0.1:{listen}/1k"
-            h2load(url, args, args.warmup)
+            h1 = name == "pibl-h1"
+            h2load(url, args, args.warmup, h1)
             item.remember_tree()
             cpu0, t0 = tree_cpu_seconds(item.pid), time.monotonic()
-            run = h2load(url, args, args.duration)
+            run = h2load(url, args, args.duration, h1)
             cpu = tree_cpu_seconds(item.pid) - cpu0
             wall = time.monotonic() - t0
             row = {
