@@ -244,6 +244,11 @@ def test_a_large_download_does_not_stall_other_streams(h2c: ProxyThread) -> None
     assert all(client.heads[s][b":status"] == b"200" for s in small)
     assert big not in client.ended
     assert len(client.bodies[big]) == 65535
+    # memory stays bounded: the backend was paused, PIBL holds about stream_buffer bytes
+    assert h2c.worker is not None
+    (conn,) = list(h2c.worker.proxy.connections)
+    held = len(conn.streams[big]._pending)  # type: ignore[attr-defined]
+    assert 0 < held <= h2c.config.http2.stream_buffer + 1024 * 1024
     # the slow stream resumes when its window comes back, and its body is intact
     client.slow = set()
     client.ack = True
@@ -456,3 +461,24 @@ def test_a_header_list_beyond_the_limit_ends_the_connection(
     assert not any(b.seen for b in backends)
     r = curl("--http2-prior-knowledge", proxy.url + "/next")
     assert r.stdout.endswith("GET /next")
+
+
+def test_ping_on_a_silent_connection_and_its_timeout(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, server=H2C, http2={"ping_interval": 0.3, "ping_timeout": 0.3})
+    client = Client(proxy.port)
+    sid = client.request("/slow?s=1.2")
+    # a client that answers PINGs (the library does) keeps its connection and gets its answer
+    assert client.pump(lambda: sid in client.ended, timeout=10)
+    assert any(isinstance(e, h2.events.PingReceived) for e in client.events)
+    assert client.heads[sid][b":status"] == b"200"
+    client.close()
+    # one that reads nothing (so answers no PING) is closed after ping_timeout
+    silent = Client(proxy.port)
+    sid = silent.request("/slow?s=3")
+    time.sleep(1.5)
+    assert silent.pump(lambda: False, timeout=3) is False
+    assert sid not in silent.ended
+    assert wait_for(lambda: proxy.worker is not None and not proxy.worker.proxy.connections)
+    silent.close()
