@@ -494,6 +494,7 @@ class H2Connection(asyncio.Protocol):
             self.conn.send_headers(sid, fields, end_stream=end_stream)
         except h2.exceptions.H2Error:
             return
+        self._flush_out()  # (scheduled: leaves with what else this iteration frames)
 
     def send_data(self, sid: int, data: bytes, end_stream: bool) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):

@@ -482,3 +482,24 @@ def test_ping_on_a_silent_connection_and_its_timeout(
     assert sid not in silent.ended
     assert wait_for(lambda: proxy.worker is not None and not proxy.worker.proxy.connections)
     silent.close()
+
+
+def test_head_204_and_100_continue_over_http2(h2c: ProxyThread, backends: list[Backend]) -> None:
+    r = curl("--http2-prior-knowledge", "-I", h2c.url + "/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("HTTP/2 200")
+    r = curl("--http2-prior-knowledge", "-D", "-", h2c.url + "/status?code=204")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("HTTP/2 204")
+    client = Client(h2c.port)
+    extra = [(b"content-length", b"5"), (b"expect", b"100-continue")]
+    sid = client.request("/cont", method=b"POST", extra=extra, end_stream=False)
+    assert client.pump(
+        lambda: any(isinstance(e, h2.events.InformationalResponseReceived) for e in client.events)
+    )
+    client.conn.send_data(sid, b"hello", end_stream=True)
+    client.flush()
+    assert client.pump(lambda: sid in client.ended)
+    assert client.heads[sid][b":status"] == b"200"
+    assert bytes(client.bodies[sid]).endswith(b"POST /cont body=hello")
+    client.close()
