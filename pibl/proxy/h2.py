@@ -46,6 +46,7 @@ from pibl.errors import ProtocolError
 from pibl.http import h2rules
 from pibl.http.message import BodyKind, ResponseHead
 from pibl.http.parse import Body, End, Head, ResponseParser
+from pibl.observe.accesslog import AccessRecord
 from pibl.proxy.client import BodyStream, Incoming
 from pibl.proxy.flow import Deadline
 
@@ -384,7 +385,7 @@ class H2Connection(asyncio.Protocol):
             head = h2rules.request_head(fields, end_stream)
         except ProtocolError as exc:
             self.proxy.metrics.h2_refused.labels("malformed").inc()
-            self.proxy.log.info(f"HTTP/2 stream refused from {self.client_ip}: {exc.reason}")
+            self._log_refused(exc.reason)
             self.reset(sid, ErrorCodes.PROTOCOL_ERROR)
             return
         incoming = Incoming(head, None)
@@ -453,16 +454,24 @@ class H2Connection(asyncio.Protocol):
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.conn.acknowledge_received_data(n, sid)  # (closed stream: connection)
 
+    def _log_refused(self, reason: str) -> None:
+        """One access line for a stream refused before its exchange (as HTTP/1.1 requests
+        refused while parsing get one): status 400, the reason as detail."""
+        record = AccessRecord(
+            client=self.client_ip, request_line="-", host="-", status=400, detail=reason
+        )
+        record.total = time.monotonic() - record.started
+        self.proxy.log.access(record)
+        self.proxy.observe(record)
+
     def _refuse_length(self, stream: H2Stream) -> None:
         self.proxy.metrics.h2_refused.labels("content_length").inc()
-        self.proxy.log.info(
-            f"HTTP/2 stream refused from {self.client_ip}: content-length differs from DATA"
-        )
+        if stream.incoming.record is None:  # (else its exchange logs it, with the error)
+            self._log_refused("malformed HTTP/2 request: content-length differs from DATA")
         if stream.incoming.body is not None:
             stream.incoming.body.fail(ProtocolError(400, "content-length differs from DATA"))
-        stream._finished = True
+        stream._finished = True  # (its exchange fails on the body and logs a 400)
         self.reset(stream.sid, ErrorCodes.PROTOCOL_ERROR)
-        stream.lost()
         self.streams.pop(stream.sid, None)
 
     def _reset_by_client(self, sid: int) -> None:

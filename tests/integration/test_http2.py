@@ -342,6 +342,8 @@ def test_each_malformed_request_gets_a_stream_error_and_never_reaches_a_backend(
     assert client.heads[ok][b":status"] == b"200"
     assert [s.path for b in backends for s in b.seen] == ["/fine"]
     client.close()
+    refused = [line for line in h2c.log_lines() if '"-" 400' in line]
+    assert len(refused) == len(MALFORMED)  # one access line per refused stream
 
 
 @pytest.mark.parametrize("sent", [b"12345", b"1234567890ab"])
@@ -360,6 +362,8 @@ def test_a_content_length_that_disagrees_with_data_is_refused(
     assert client.pump(lambda: ok in client.ended)
     assert [s.path for b in backends for s in b.seen] == ["/after"]
     client.close()
+    lines = h2c.log_lines()
+    assert sum('"POST /cl HTTP/2.0" 400' in line for line in lines) == 1, lines
 
 
 def test_request_bodies_stream_upstream(h2c: ProxyThread, backends: list[Backend]) -> None:
