@@ -60,6 +60,9 @@ class ServerConfig(_Section):
     # limits, logs and the X-Forwarded-For sent on
     trusted_proxies: tuple[str, ...] = ()
     proxy_protocol: bool = False
+    # HTTP/2 with prior knowledge (h2c) on the plain listener: a connection that starts
+    # with the HTTP/2 preface speaks HTTP/2 ([http2] sets its limits)
+    h2c: bool = False
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -309,6 +312,46 @@ class TLSConfig(_Section):
     certificates: tuple[CertificateConfig, ...] = ()  # more pairs, chosen by SNI
     redirect_http: bool = False  # answer plain HTTP with 308 to https://
     hsts: int = Field(default=0, ge=0)  # Strict-Transport-Security max-age; 0 = not sent
+    # protocols offered in the TLS handshake (ALPN), in order of preference; without "h2"
+    # HTTPS clients speak HTTP/1.1 only
+    alpn: tuple[Literal["h2", "http/1.1"], ...] = ("h2", "http/1.1")
+
+    @field_validator("alpn")
+    @classmethod
+    def _alpn(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError('list "h2" and/or "http/1.1", each once')
+        return value
+
+
+class Http2Config(_Section):
+    """HTTP/2 to clients (TLS with ALPN h2, h2c with ``[server] h2c``): limits per connection.
+
+    Memory per connection is bounded by about max_concurrent_streams x (stream_window +
+    stream_buffer) plus max_header_list_size per stream being received.
+    """
+
+    max_concurrent_streams: int = Field(default=128, ge=1, le=10000)
+    # request body bytes a client may send on one stream before PIBL reads them (the
+    # stream's flow-control window), and on the whole connection
+    stream_window: int = Field(default=256 * 1024, ge=65535, le=2**31 - 1)
+    connection_window: int = Field(default=1024 * 1024, ge=65535, le=2**31 - 1)
+    # response bytes buffered per stream beyond the client's window before PIBL stops
+    # reading that stream's backend
+    stream_buffer: int = Field(default=256 * 1024, ge=16 * 1024)
+    max_frame_size: int = Field(default=16384, ge=16384, le=16777215)
+    max_header_list_size: int = Field(default=32 * 1024, ge=1024)  # decoded, per request
+    header_table_size: int = Field(default=4096, ge=0, le=65536)  # HPACK dynamic table
+    # streams a client may cancel (RST_STREAM) per reset_interval seconds; beyond it the
+    # connection ends with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487)
+    max_resets: int = Field(default=200, ge=1)
+    reset_interval: PositiveFloat = 10.0
+    # an HTTP/2 connection without open streams is closed (GOAWAY) after idle_timeout
+    # seconds; a silent one with open streams gets a PING every ping_interval seconds and
+    # is closed when the answer takes longer than ping_timeout
+    idle_timeout: PositiveFloat = 75.0
+    ping_interval: PositiveFloat = 30.0
+    ping_timeout: PositiveFloat = 10.0
 
 
 class DiscoveryConfig(_Section):
@@ -540,6 +583,7 @@ class Config(_Section):
     retries: RetriesConfig = RetriesConfig()
     compression: CompressionConfig = CompressionConfig()
     tls: TLSConfig | None = None
+    http2: Http2Config = Http2Config()
     admin: AdminConfig | None = None
     discovery: DiscoveryConfig = DiscoveryConfig()
     pools: dict[str, PoolConfig] = {}

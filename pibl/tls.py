@@ -14,8 +14,10 @@ Choices, and why:
   renegotiation is a cheap CPU attack), ECDH curves left to OpenSSL (X25519, P-256, ...).
   Session tickets stay on (``OP_NO_TICKET`` not set) so returning clients resume without a
   full handshake; the ticket keys are random, per process and never written anywhere.
-* **ALPN.** ``http/1.1`` only, on both sides: PIBL speaks HTTP/1.1, so a backend must never
-  select h2 and a client learns up front that h2 is not offered.
+* **ALPN.** Toward backends ``http/1.1`` only: PIBL speaks HTTP/1.1 upstream, so a backend
+  must never select h2. Server contexts offer the protocols they are given (``[tls] alpn``,
+  ``h2`` and ``http/1.1`` by default; ``SERVER_ALPN`` without a list), every per-name
+  context the same ones.
 * **Several certificates.** The first ``CertPair`` is the default certificate (clients that
   send no SNI, or an unknown name, get it). The others are selected by the SNI name in the
   ClientHello: ``sni_callback`` swaps ``ssl_object.context`` for a context holding that
@@ -69,7 +71,8 @@ MODERN_CIPHERS = ":".join(
     )
 )
 
-ALPN_PROTOCOLS: tuple[str, ...] = ("http/1.1",)
+ALPN_PROTOCOLS: tuple[str, ...] = ("http/1.1",)  # toward backends
+SERVER_ALPN: tuple[str, ...] = ("h2", "http/1.1")  # to clients, unless configured
 
 
 class TLSConfigError(ConfigError, ValueError):
@@ -219,14 +222,14 @@ def _normalize_name(pair: CertPair, name: str) -> str:
     return f"*.{base}" if wildcard else base
 
 
-def _new_server_context() -> ssl.SSLContext:
+def _new_server_context(alpn: Sequence[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(MODERN_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.options &= ~ssl.OP_NO_TICKET
-    ctx.set_alpn_protocols(ALPN_PROTOCOLS)
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -251,7 +254,7 @@ class _Selection:
         return found if found is not None else self.default
 
 
-def _build(pairs: Sequence[CertPair]) -> _Selection:
+def _build(pairs: Sequence[CertPair], alpn: Sequence[str] = SERVER_ALPN) -> _Selection:
     if not pairs:
         raise ValueError("server_context needs at least one certificate pair")
     exact: dict[str, ssl.SSLContext] = {}
@@ -264,7 +267,7 @@ def _build(pairs: Sequence[CertPair]) -> _Selection:
                 pair.cert,
                 "only the first certificate can be the default; give this one server names",
             )
-        ctx = _new_server_context()
+        ctx = _new_server_context(alpn)
         _load_pair(ctx, pair.cert, pair.key, "certificate")
         contexts.append(ctx)
         for name in pair.names:
@@ -280,7 +283,7 @@ def _build(pairs: Sequence[CertPair]) -> _Selection:
                 exact[key] = ctx
     info = _Info(
         role="server",
-        alpn=ALPN_PROTOCOLS,
+        alpn=tuple(alpn),
         certificates=len(pairs),
         default_cert=pairs[0].cert,
         names=tuple(owner),
@@ -295,13 +298,13 @@ def _swap_to(ssl_object: ssl.SSLObject, chosen: ssl.SSLContext) -> None:
         ssl_object.context = chosen
 
 
-def server_context(pairs: Sequence[CertPair]) -> ssl.SSLContext:
+def server_context(pairs: Sequence[CertPair], alpn: Sequence[str] = SERVER_ALPN) -> ssl.SSLContext:
     """A server-side context for the given certificates (first = default, others by SNI).
 
     Raises ``TLSConfigError`` naming the file when a certificate or key cannot be used, and
     ``ValueError`` when ``pairs`` is empty.
     """
-    selection = _build(pairs)
+    selection = _build(pairs, alpn)
     if selection.exact or selection.wildcard:
 
         def select(ssl_object: ssl.SSLObject, server_name: str | None, _: object) -> None:
@@ -321,11 +324,12 @@ class ReloadableServerContext:
     back to the certificates first loaded).
     """
 
-    __slots__ = ("__weakref__", "_front", "_pairs", "_reloads", "_selection")
+    __slots__ = ("__weakref__", "_alpn", "_front", "_pairs", "_reloads", "_selection")
 
-    def __init__(self, pairs: Sequence[CertPair]) -> None:
+    def __init__(self, pairs: Sequence[CertPair], alpn: Sequence[str] = SERVER_ALPN) -> None:
         self._pairs = tuple(pairs)
-        self._selection = _build(self._pairs)
+        self._alpn = tuple(alpn)
+        self._selection = _build(self._pairs, self._alpn)
         self._reloads = 0
         self._front = self._selection.default
         # A weak reference: the context must not keep this object (and old contexts) alive.
@@ -354,7 +358,7 @@ class ReloadableServerContext:
 
     def reload(self) -> None:
         """Re-read every certificate and key; keep the current ones if any file is invalid."""
-        selection = _build(self._pairs)  # raises before anything changes
+        selection = _build(self._pairs, self._alpn)  # raises before anything changes
         self._selection = selection
         self._reloads += 1
         _INFO[self._front] = selection.info

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what PIBL needs into ./.venv (and, with --test, the Debian packages the
-# test suite drives: Chromium for the browser tests, iproute2 for the namespace topology).
+# test suite drives: Chromium for the browser tests, iproute2 for the namespace topology,
+# nghttp2-client (nghttp, h2load) for the HTTP/2 tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,7 @@ apt_install() {
 }
 
 if ((want_test)) && command -v apt-get >/dev/null; then
-    apt_install chromium chromium-driver iproute2 curl redis-server
+    apt_install chromium chromium-driver iproute2 curl redis-server nghttp2-client
 fi
 
 PY=${PYTHON:-python3}

@@ -57,11 +57,14 @@ class RequestHead:
     # the tokens of every Connection field (lower case), when the parser collected them
     # (derived from ``headers``: not compared)
     connection: frozenset[bytes] | None = field(default=None, compare=False)
+    # the request came on an HTTP/2 stream (served as HTTP/1.1, logged as HTTP/2.0)
+    http2: bool = field(default=False, compare=False)
 
     @property
     def request_line(self) -> str:
         method = self.method.decode("latin-1")
-        return f"{method} {self.target.decode('latin-1')} HTTP/{self.version.decode()}"
+        version = "2.0" if self.http2 else self.version.decode()
+        return f"{method} {self.target.decode('latin-1')} HTTP/{version}"
 
 
 @dataclass(slots=True)

@@ -206,6 +206,25 @@ class Metrics:
         self.tls_handshakes = Counter(
             "pibl_tls_handshakes", "Completed TLS handshakes with clients", registry=r
         )
+        self.h2_connections = Counter(
+            "pibl_http2_connections", "Client connections that spoke HTTP/2", registry=r
+        )
+        self.h2_streams = Counter(
+            "pibl_http2_streams", "HTTP/2 request streams opened by clients", registry=r
+        )
+        self.h2_refused = Counter(
+            "pibl_http2_refused_streams",
+            "HTTP/2 streams reset by PIBL, by reason (malformed, content_length)",
+            ["reason"],
+            registry=r,
+        )
+        self.h2_goaways = Counter(
+            "pibl_http2_goaways",
+            "HTTP/2 connections PIBL ended with GOAWAY, by reason "
+            "(rapid_reset, protocol_error, idle, ping_timeout, shutdown)",
+            ["reason"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         """The text format, merged over every worker when there are several."""

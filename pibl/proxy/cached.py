@@ -722,10 +722,10 @@ class CacheLayer:
             ):
                 record.response_started = False
                 return None
-            assert conn.transport is not None
             # Cork the socket so the head leaves in the same segment as the first body bytes
             # (nginx's tcp_nopush); a lone small head segment can wait for a delayed ACK.
-            sock = plain_socket(conn.transport)
+            # (An HTTP/2 stream has no transport of its own: its bytes are framed.)
+            sock = plain_socket(conn.transport) if conn.transport is not None else None
             corked = _cork(sock, True)
             sender = FileSender(conn, fd, length, first)
             try:

@@ -170,6 +170,8 @@ class ClientConnection(WriteFlow):
         self._stop_reading = False  # after an error or upgrade nothing more is parsed
         self._client_eof = False  # the client half-closed: nothing more will come
         self._proxy_header: bytearray | None = None  # a PROXY protocol line being read
+        # the first bytes on a plain listener with h2c on: the HTTP/2 preface, or HTTP/1.1
+        self._h2c: bytearray | None = None
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.client_ip} queued={len(self._queue)} closed={self.closed}>"
@@ -184,7 +186,23 @@ class ClientConnection(WriteFlow):
         if self.proxy.config.server.proxy_protocol and self.scheme == b"http":
             self._proxy_header = bytearray()  # the connection starts with a PROXY line
         self.proxy.connection_opened(self)
+        if self.scheme == b"https":
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self._to_http2(b"")
+                return
+        elif self.proxy.config.server.h2c:
+            self._h2c = bytearray()
         self._arm("header")
+
+    def _to_http2(self, data: bytes) -> None:
+        """Hand the connection to an HTTP/2 connection (ALPN h2, or the h2c preface)."""
+        from pibl.proxy.h2 import H2Connection
+
+        self._timer.cancel()
+        self._timer_kind = ""
+        assert self.transport is not None
+        H2Connection(self.proxy, self.scheme, self.client_ip).start(self.transport, data, self)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -197,6 +215,18 @@ class ClientConnection(WriteFlow):
             if rest is None:
                 return
             data = rest
+        if self._h2c is not None:
+            from pibl.proxy.h2 import PREFACE
+
+            buf = self._h2c
+            buf += data
+            if len(buf) < len(PREFACE) and PREFACE.startswith(buf):
+                return  # (so far, the HTTP/2 preface)
+            self._h2c = None
+            if buf.startswith(PREFACE):
+                self._to_http2(bytes(buf))
+                return
+            data = bytes(buf)
         try:
             events = self._parser.feed(data)
         except ProtocolError as exc:

@@ -10,8 +10,9 @@ does what nginx does instead, on every loop:
   with the loop for writability (the original is registered by the transport itself, and
   loops refuse a second registration of a transport's descriptor). Nothing else writes to
   the connection meanwhile: the exchange owns it until its response is complete;
-* TLS (or a transport without a socket): the file is read in ``CHUNK`` pieces with
-  ``os.pread`` and written through the transport, pausing while its buffer is above the
+* TLS, a transport without a socket, or a client stream without a transport of its own
+  (an HTTP/2 stream, whose bytes its connection frames): the file is read in ``CHUNK``
+  pieces with ``os.pread`` and written through the transport, pausing while its buffer is above the
   high-water mark, so a slow client holds at most one chunk plus the buffer in memory.
 
 Both send from a descriptor opened before the response head was written: an entry that
@@ -31,7 +32,7 @@ CHUNK = 256 * 1024  # bytes per read in the copying path (and per sendfile call)
 class _Client(Protocol):
     """What a sender needs of the client connection (``ClientConnection`` provides it)."""
 
-    transport: asyncio.Transport | None
+    transport: asyncio.Transport | None  # None: only ``write`` reaches the client
     closed: bool
     loop: asyncio.AbstractEventLoop
 
@@ -68,11 +69,11 @@ class FileSender:
     async def run(self) -> None:
         """Send everything, or raise ``ConnectionResetError`` when the client goes away."""
         transport = self.conn.transport
-        if transport is None:
+        if self.conn.closed:
             raise ConnectionResetError("client closed the connection")
-        sock = plain_socket(transport)
+        sock = plain_socket(transport) if transport is not None else None
         try:
-            if sock is not None:
+            if sock is not None and transport is not None:
                 await self._sendfile(transport, sock.fileno())
             else:
                 await self._copy()

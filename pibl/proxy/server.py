@@ -103,7 +103,7 @@ def make_tls(tls: TLSConfig) -> ReloadableServerContext:
         CertPair(resolve_path(c.cert), resolve_path(c.key), tuple(c.names))
         for c in tls.certificates
     ]
-    return ReloadableServerContext(pairs)
+    return ReloadableServerContext(pairs, tls.alpn)
 
 
 def make_cache(proxy: Proxy, config: Config, log: AccessLog) -> CacheLayer:

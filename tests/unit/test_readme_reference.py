@@ -20,8 +20,8 @@ INTROS = {
     "README.md": "Every section, with its defaults",
     "README.es.md": "Todas las secciones, con sus valores por defecto",
 }
-SECTION = re.compile(r"^\[\[?([A-Za-z_.]+)\]\]?")
-KEY = re.compile(r"^(?:#\s*)?([a-z_]+)\s*=\s*(.*)$")  # "# key = ..." documents it too
+SECTION = re.compile(r"^\[\[?([A-Za-z0-9_.]+)\]\]?")
+KEY = re.compile(r"^(?:#\s*)?([a-z][a-z0-9_]*)\s*=\s*(.*)$")  # "# key = ..." documents it too
 INLINE_KEY = re.compile(r"([a-z_]+)\s*=")
 
 

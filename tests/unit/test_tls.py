@@ -139,13 +139,25 @@ def test_handshake_negotiates_alpn_http11_and_tls13(
     assert c.version() == "TLSv1.3"
 
 
-def test_handshake_never_selects_h2(pair: CertPair, ca: trustme.CA) -> None:
+def test_handshake_never_selects_h2_when_only_http11_is_offered(
+    pair: CertPair, ca: trustme.CA
+) -> None:
     client = ssl.create_default_context()
     ca.configure_trust(client)
     client.set_alpn_protocols(["h2"])
-    c, s = handshake(server_context([pair]), client)  # no common protocol: no ALPN at all
+    # [tls] alpn = ["http/1.1"]: no common protocol, no ALPN at all
+    c, s = handshake(server_context([pair], ["http/1.1"]), client)
     assert c.selected_alpn_protocol() is None
     assert s.selected_alpn_protocol() is None
+
+
+def test_handshake_selects_h2_by_default(pair: CertPair, ca: trustme.CA) -> None:
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    c, s = handshake(server_context([pair]), client)
+    assert c.selected_alpn_protocol() == "h2"
+    assert s.selected_alpn_protocol() == "h2"
 
 
 def test_tls12_handshake_uses_a_listed_cipher(
