@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,9 +22,10 @@ CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-@pytest.fixture
-def demo_stack(tmp_path: Path) -> Iterator[int]:
-    """Three webapp replicas and a ``pibl run`` process, all on free ports."""
+@contextlib.contextmanager
+def running_demo_stack(tmp_path: Path, port: int, extra: str = "") -> Iterator[None]:
+    """Three webapp replicas and a ``pibl run`` process listening on ``port`` (and on what
+    ``extra`` adds to its config), all on free ports."""
     ports = [free_port() for _ in range(3)]
     procs = [
         subprocess.Popen(
@@ -33,28 +36,27 @@ def demo_stack(tmp_path: Path) -> Iterator[int]:
                 "--name",
                 f"replica-{i}",
                 "--port",
-                str(port),
+                str(p),
                 "--db",
                 str(tmp_path / "gb.sqlite3"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for i, port in enumerate(ports, start=1)
+        for i, p in enumerate(ports, start=1)
     ]
-    proxy_port = free_port()
     cfg = write_config(
         tmp_path / "pibl.toml",
-        proxy_port,
+        port,
         [f"http://127.0.0.1:{p}" for p in ports],
-        "[log]\nstdout = false\n",
+        "[log]\nstdout = false\n" + extra,
     )
     try:
-        for port in ports:
-            wait_port(port, 20)
+        for p in ports:
+            wait_port(p, 20)
         procs.append(start_pibl_process(cfg, tmp_path, "--workers", "1"))
-        wait_port(proxy_port)
-        yield proxy_port
+        wait_port(port)
+        yield
     finally:
         for proc in procs:
             proc.terminate()
@@ -66,13 +68,10 @@ def demo_stack(tmp_path: Path) -> Iterator[int]:
                 proc.wait()
 
 
-@pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium and chromium-driver are not installed"
-)
-def test_home_page_renders_through_proxy(demo_stack: int, tmp_path: Path) -> None:
+def headless_chrome(tmp_path: Path, *extra_args: str) -> Any:
+    """Debian's Chromium under chromedriver, with the flags this closed network needs."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM or ""
@@ -88,11 +87,29 @@ def test_home_page_renders_through_proxy(demo_stack: int, tmp_path: Path) -> Non
         "--disable-dev-shm-usage",
         f"--user-data-dir={tmp_path / 'chrome'}",
         "--window-size=1200,900",
+        *extra_args,
     ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER or ""), options=options)
+    driver.set_page_load_timeout(30)
+    return driver
+
+
+@pytest.fixture
+def demo_stack(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    with running_demo_stack(tmp_path, port):
+        yield port
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium and chromium-driver are not installed"
+)
+def test_home_page_renders_through_proxy(demo_stack: int, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = headless_chrome(tmp_path)
     try:
-        driver.set_page_load_timeout(30)
         seen = set()
         for _ in range(9):  # the page's own assets and API call also take turns
             if len(seen) == 3:
@@ -141,3 +158,45 @@ def test_home_page_renders_through_proxy(demo_stack: int, tmp_path: Path) -> Non
         driver.save_screenshot(str(ARTIFACTS / "home-through-pibl.png"))
     finally:
         driver.quit()
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium and chromium-driver are not installed"
+)
+def test_home_page_over_http2(tmp_path: Path) -> None:
+    """Headless Chromium loads the demo home page over HTTP/2 through the HTTPS listener."""
+    import trustme
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ca = trustme.CA(organization_name="PIBL browser test CA")
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    tls_port = free_port()
+    tls = f'\n[tls]\nport = {tls_port}\ncert = "{cert}"\nkey = "{key}"\n'
+    with running_demo_stack(tmp_path, free_port(), tls):
+        wait_port(tls_port)
+        # the test CA is not in the browser's store
+        driver = headless_chrome(tmp_path, "--ignore-certificate-errors")
+        try:
+            driver.get(f"https://localhost:{tls_port}/")
+            WebDriverWait(driver, 10).until(
+                lambda d: d.find_element("tag name", "body").get_attribute("data-js") == "loaded"
+            )
+            assert driver.find_element("id", "replica").text.strip().startswith("replica-")
+            assert driver.find_element("id", "js-status").text == "script loaded"
+            natural = driver.execute_script(
+                "var i = document.querySelector('img'); return i.complete ? i.naturalWidth : 0"
+            )
+            assert natural > 0
+            page = driver.execute_script(
+                "return performance.getEntriesByType('navigation')[0].nextHopProtocol"
+            )
+            assert page == "h2"
+            assets = driver.execute_script(
+                "return performance.getEntriesByType('resource').map(e => e.nextHopProtocol)"
+            )
+            assert assets and set(assets) == {"h2"}, assets
+        finally:
+            driver.quit()
