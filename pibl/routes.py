@@ -77,15 +77,16 @@ class Route:
     deny: tuple[Network, ...] = ()
     limit: LimitConfig | None = None
     mirror: tuple[str, float] | None = None  # (pool, share)
+    plain: bool = False  # see is_plain()
     _access: OrderedDict[str, bool] = field(default_factory=OrderedDict)
 
     def __repr__(self) -> str:
         target = self.pool or ("redirect" if self.redirect else "respond")
         return f"<Route {self.index} {self.name} -> {target}>"
 
-    @property
-    def plain(self) -> bool:
-        """Only a pool to go to: nothing the fast path would have to apply."""
+    def is_plain(self) -> bool:
+        """Only a pool to go to: nothing the fast path would have to apply (computed once,
+        into ``plain``)."""
         return (
             self.pool is not None
             and self.allow is None
@@ -335,6 +336,7 @@ def _compile(index: int, cfg: RouteConfig) -> Route:
     route.limit = cfg.limit
     if cfg.mirror is not None:
         route.mirror = (cfg.mirror.pool, cfg.mirror.share)
+    route.plain = route.is_plain()
     return route
 
 
@@ -343,7 +345,7 @@ def compile_routes(config: Config) -> list[Route]:
     if config.routes:
         return [_compile(i, r) for i, r in enumerate(config.routes)]
     pool = DEFAULT_POOL if config.backends else next(iter(config.pools))
-    return [Route(index=0, name="default", pool=pool)]
+    return [Route(index=0, name="default", pool=pool, plain=True)]
 
 
 class Router:

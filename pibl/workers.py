@@ -267,7 +267,7 @@ class Master:
         """Memory the workers share: rotation and ejections (new per generation), and the
         rate-limit buckets (made once, when a route first has a limit, and kept across
         reloads as nginx keeps its zones)."""
-        shared = SharedBalance.create(len(config.all_backends))
+        shared = SharedBalance.create(len(config.all_backends), config.server.workers)
         if self.limiter is None and any(r.limit is not None for r in config.routes):
             self.limiter = RateLimiter.shared()
         return dataclasses.replace(shared, limiter=self.limiter)

@@ -179,9 +179,6 @@ class BackendState:
         self.requests += 1
 
 
-MAX_WORKERS = 256  # (the [server] workers maximum): rows of the in-flight table
-
-
 @dataclass(frozen=True)
 class SharedBalance:
     """Balancing state in memory shared by the worker processes, and its lock.
@@ -203,9 +200,10 @@ class SharedBalance:
     inflight: MutableSequence[int] | None = None
     slot: int = 0  # this worker's row
     width: int = 0  # backends per row
+    rows: int = 1  # worker slots (the generation's [server] workers)
 
     @classmethod
-    def create(cls, n: int) -> SharedBalance:
+    def create(cls, n: int, workers: int = 1) -> SharedBalance:
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
@@ -214,15 +212,16 @@ class SharedBalance:
             ctx.RawArray("d", n),
             ctx.Lock(),
             ctx.RawArray("b", n),
-            inflight=ctx.RawArray("i", MAX_WORKERS * n),
+            inflight=ctx.RawArray("i", workers * n),
             width=n,
+            rows=workers,
         )
 
     def in_flight(self, index: int) -> int:
         """Requests in flight to backend ``index`` from every worker of the node."""
         assert self.inflight is not None
         width = self.width
-        return sum(self.inflight[row * width + index] for row in range(MAX_WORKERS))
+        return sum(self.inflight[row * width + index] for row in range(self.rows))
 
     def add_in_flight(self, index: int, delta: int) -> None:
         assert self.inflight is not None

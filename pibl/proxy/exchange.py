@@ -244,7 +244,7 @@ class Proxy:
             self.mirror_counts["skipped"] += 1
             return
         group = self.groups[pool_name]
-        index = group.pick(time.monotonic(), set(), None)
+        index = group.pick(time.monotonic(), frozenset(), None)
         if index is None:
             self.mirror_counts["no backend"] += 1
             return

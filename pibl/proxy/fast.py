@@ -64,6 +64,9 @@ if TYPE_CHECKING:
     from pibl.proxy.upstream import Pool, UpstreamConnection
 
 
+_NONE_TRIED: frozenset[int] = frozenset()  # no backend tried yet
+
+
 class ResponseSink(Protocol):
     """The client side of an exchange, as the fast path uses it."""
 
@@ -197,7 +200,7 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
     if settings is not None:
         coding = compress.request_coding(head.method, head.headers, settings)
     prefer = proxy.sticky_backend(head, group) if group.balance.sticky else None
-    index = group.pick(time.monotonic(), set(), prefer)
+    index = group.pick(time.monotonic(), _NONE_TRIED, prefer)
     if index is None:
         exits["no backend"] += 1
         return None

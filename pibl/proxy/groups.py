@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedBalance
@@ -80,10 +81,12 @@ class PoolGroup:
             self.shared.add_in_flight(index, -1)
         self.release()
 
-    def pick(self, now: float, exclude: set[int], prefer: int | None) -> int | None:
+    def pick(self, now: float, exclude: AbstractSet[int], prefer: int | None) -> int | None:
         """A global backend index by the pool's policy, skipping full backends."""
         first = self.first
-        local_exclude = {i - first for i in exclude if self.owns(i)}
+        local_exclude: set[int] | frozenset[int] = (
+            {i - first for i in exclude if self.owns(i)} if exclude else frozenset()
+        )
         if self.maxconn:
             local_exclude |= {i for i in range(len(self.states)) if self.load(i) >= self.maxconn}
         local_prefer = prefer - first if prefer is not None and self.owns(prefer) else None
@@ -96,7 +99,7 @@ class PoolGroup:
             return True
         return self.balancer.panicking and state.up and not state.draining and not state.disabled
 
-    def full(self, now: float, exclude: set[int]) -> bool:
+    def full(self, now: float, exclude: AbstractSet[int]) -> bool:
         """Whether a backend could take it but all that could are at maxconn."""
         if not self.maxconn:
             return False
