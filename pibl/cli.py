@@ -12,19 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pibl import __version__
-from pibl.config import (
-    DEFAULT_CONFIG_FILE,
-    CacheConfig,
-    Config,
-    load_config,
-    read_config,
-    resolve_path,
-    validate,
-)
+from pibl import DEFAULT_CONFIG_FILE, __version__
 from pibl.errors import ConfigError
+
+if TYPE_CHECKING:  # the schema is imported by the commands that need it: not by `run`
+    from pibl.config import Config
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
 
@@ -102,34 +96,15 @@ def _effective(config: Config) -> str:
 
 def load_checked(path: str, overrides: dict[str, Any] | None = None) -> Config:
     """The validated config, its files checked too; every problem in one ConfigError."""
-    from pibl.preflight import raw_problems
-    from pibl.proxy.server import validate_runtime
+    from pibl.loader import load_checked as checked
 
-    data = read_config(path, overrides)
-    try:
-        config = validate(data, path)
-    except ConfigError as exc:
-        raise ConfigError("\n".join([str(exc), *raw_problems(data, path)])) from None
-    validate_runtime(config, path)
-    return config
+    return checked(path, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pibl.ports import PortInUse, PortLocks, config_addresses
-    from pibl.workers import run_master
+    from pibl.master import run  # small: the proxy and the schema load in child processes
 
-    overrides = _overrides(args)
-    config = load_checked(args.config, overrides)
-    locks = PortLocks()
-    try:
-        locks.acquire(config_addresses(config))
-    except PortInUse as exc:
-        print(f"pibl: cannot start: {exc}", file=sys.stderr)
-        return 1
-    try:
-        return run_master(args.config, overrides, config, locks)
-    finally:
-        locks.release_all()
+    return run(args.config, _overrides(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -148,6 +123,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     from pibl.cache.key import primary_key
     from pibl.cache.store import DiskStore
+    from pibl.config import CacheConfig, load_config, resolve_path
 
     if args.dir:
         directory, source = resolve_path(args.dir), "--dir"
@@ -188,6 +164,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _admin_url(args: argparse.Namespace) -> str:
     """--url, else the [admin] listener of --config or ./pibl.toml, else the default."""
+    from pibl.config import load_config
+
     if args.url:
         return str(args.url)
     config_file = args.config or (

@@ -31,9 +31,9 @@ from pydantic import (
     model_validator,
 )
 
+from pibl import DEFAULT_CONFIG_FILE as DEFAULT_CONFIG_FILE
 from pibl.errors import ConfigError
 
-DEFAULT_CONFIG_FILE = "pibl.toml"
 DEFAULT_POOL = "default"  # the pool of the top-level [[backends]]
 
 PositiveFloat = Annotated[float, Field(gt=0)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib
 import os
 import shutil
@@ -27,16 +26,14 @@ from pathlib import Path
 from pibl.config import load_config, resolve_path
 from pibl.observe.accesslog import AccessLog
 from pibl.ports import Listen, PortInUse, PortLocks, config_addresses
+from pibl.procs import die_with_parent
 from pibl.proxy.server import run_worker
 
 REPLICA_PORTS = (8001, 8002, 8003)
-PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 def _interrupt(signum: int, frame: object) -> None:

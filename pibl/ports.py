@@ -38,8 +38,10 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pibl.config import Config
+if TYPE_CHECKING:
+    from pibl.config import Config
 
 __all__ = ["Listen", "PortInUse", "PortLocks", "config_addresses", "runtime_dir"]
 
@@ -76,6 +78,33 @@ class PortInUse(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def make_socket(
+    host: str,
+    port: int,
+    *,
+    backlog: int = socket.SOMAXCONN,
+    reuse_port: bool = True,
+    listen: bool = True,
+) -> socket.socket:
+    """A TCP socket with SO_REUSEPORT, so several workers can share the port.
+
+    ``loop.create_server(sock=...)`` calls ``listen`` again with its own ``backlog``
+    (100 unless given): every listener passes the configured one there too. The master
+    binds without listening: the port accepts connections once a worker serves them, and
+    keeps accepting (the socket stays listening) while a dead worker is replaced.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
 
 
 def config_addresses(config: Config) -> list[Listen]:

@@ -7,7 +7,13 @@ zombie nobody reaps (a killed worker under a container's init) counts as gone.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # the workers' metric files (set by the master)
 
 
 def start_time(pid: int) -> str | None:
@@ -40,3 +46,10 @@ def alive(pid: int, started: str | None = None) -> bool:
     if now is None:
         return False
     return started is None or now == "" or now == started
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent exits (Linux)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig)

@@ -514,6 +514,24 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"port {port} not listening")
 
 
+def wait_serving(workdir: Path, timeout: float = 20.0) -> None:
+    """Until every worker of a ``pibl run`` in ``workdir`` (default log file) is serving.
+
+    The port accepts as soon as the first worker listens; the master logs its "serving"
+    line once all of them are ready (timing tests want none still starting).
+    """
+    log = workdir / "pibl.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and any(
+            line.split("] ", 1)[-1].startswith("master ") and " serving " in line
+            for line in log.read_text(errors="replace").splitlines()
+        ):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"pibl in {workdir} not serving after {timeout} s")
+
+
 def wait_closed(port: int, timeout: float = 10.0) -> None:
     """Until nothing accepts on ``port`` (a killed master's workers die a moment later)."""
     deadline = time.monotonic() + timeout

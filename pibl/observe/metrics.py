@@ -26,21 +26,14 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from pibl.procs import MULTIPROC_ENV
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def multiprocess_dir() -> Path | None:
     value = os.environ.get(MULTIPROC_ENV)
     return Path(value) if value else None
-
-
-def prepare_multiprocess(directory: Path) -> None:
-    """Called by the master before it forks: a clean directory, exported to workers."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for leftover in directory.glob("*.db"):
-        leftover.unlink(missing_ok=True)
-    os.environ[MULTIPROC_ENV] = str(directory)
 
 
 def worker_exited(pid: int) -> None:

@@ -14,7 +14,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pibl import compress
 from pibl.balance.checker import run_checks
@@ -27,6 +27,7 @@ from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
 from pibl.observe.admin import start_admin
 from pibl.observe.status import ProxyAdmin
+from pibl.ports import make_socket
 from pibl.proxy.cached import CacheLayer
 from pibl.proxy.client import ClientConnection
 from pibl.proxy.exchange import Proxy
@@ -34,26 +35,12 @@ from pibl.proxy.upstream import probe
 from pibl.tls import CertPair, ReloadableServerContext, describe
 
 
-def make_socket(
-    host: str, port: int, *, backlog: int = socket.SOMAXCONN, reuse_port: bool = True
-) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT, so several workers can share the port.
-
-    ``loop.create_server(sock=...)`` calls ``listen`` again with its own ``backlog``
-    (100 unless given): every listener passes the configured one there too.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
+class Lines(Protocol):
+    def info(self, text: str) -> None: ...
+    def warning(self, text: str) -> None: ...
 
 
-async def announce_backends(config: Config, log: AccessLog) -> None:
+async def announce_backends(config: Config, log: Lines) -> None:
     """One line per backend at startup, reachable or not."""
     backends = config.all_backends
     results = await asyncio.gather(*(probe(b, 1.0) for b in backends))

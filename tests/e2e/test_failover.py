@@ -16,7 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import free_port, start_pibl_process, stop_process, wait_port, write_config
+from tests.support import (
+    free_port,
+    start_pibl_process,
+    stop_process,
+    wait_port,
+    wait_serving,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -138,6 +145,7 @@ def running_cluster(
             r.start()
         proc = start_pibl_process(cfg, tmp_path)
         wait_port(port)
+        wait_serving(tmp_path)
         yield replicas, port, proc, tmp_path
     finally:
         if proc is not None:

@@ -277,3 +277,36 @@ def test_a_passive_ejection_reaches_every_worker(tmp_path: Path, backends: list[
     # the worker that did not eject it has not seen two failures itself, yet sends it nothing
     assert Failing.hits == hits
     assert after == [200] * 40
+
+
+def _mapped(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_master_stays_small_at_rest(tmp_path: Path, backends: list[Backend]) -> None:
+    """The master imports neither the proxy nor the schema library: ≤ 20 MiB at rest.
+
+    The workers load them (their native modules are mapped there and not in the master);
+    a reload validates the new file in a child and leaves the master as small as before.
+    """
+    port = free_port()
+    cfg = write_config(tmp_path / "pibl.toml", port, [b.url for b in backends], "")
+    proc = start_pibl_process(cfg, tmp_path)
+    try:
+        wait_port(port)
+        assert httpx.get(f"http://127.0.0.1:{port}/x", timeout=5).status_code == 200
+        assert wait_for(lambda: workers_of(proc.pid), 10)
+        worker = workers_of(proc.pid)[0]
+        for native in ("pydantic_core", "httptools", "uvloop"):
+            assert native in _mapped(worker)
+            assert native not in _mapped(proc.pid), f"the master loaded {native}"
+        master = rss_kib(proc.pid)
+        print(f"master {master / 1024:.1f} MiB, worker {rss_kib(worker) / 1024:.1f} MiB RSS")
+        assert master <= 20 * 1024
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: workers_of(proc.pid) and worker not in workers_of(proc.pid), 15)
+        assert "pydantic_core" not in _mapped(proc.pid)
+        assert rss_kib(proc.pid) <= 20 * 1024
+        assert httpx.get(f"http://127.0.0.1:{port}/x", timeout=5).status_code == 200
+    finally:
+        stop_process(proc)
