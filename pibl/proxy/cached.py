@@ -122,19 +122,8 @@ class _StoreHook(ResponseHook):
                 return True
         cfg = layer.config
         targeted = cfg.targeted_fields
-        ok, why = policy.storable(
-            self.head.method,
-            self.head.headers,
-            resp.status,
-            resp.headers,
-            default_ttl=self.ttl,
-            targeted=targeted,
-        )
-        if ok and resp.body is BodyKind.LENGTH and resp.content_length > cfg.max_entry_size:
-            ok, why = False, "too large"
+        ok, why = layer.storable(self.primary, self.head, resp, self.ttl)
         label = f"pibl; fwd={self.fwd}; fwd-status={resp.status}"
-        if ok or (why in PASS_REASONS and self.head.method == b"GET"):
-            layer.remember_pass(self.primary, not ok)  # (only what the response decided)
         if not ok and self.event is not None:
             layer._wake(self.primary, self.event)  # nothing to wait for: followers go now
         if ok:
@@ -209,6 +198,13 @@ class CacheLayer:
             why = b"pibl; fwd=method" if bypass == "method" else b"pibl; fwd=bypass"
             return await self._forward_uncached(conn, incoming, head, rid, record, why)
         ranged = get_header(head.headers, b"range")
+        left = incoming.resume
+        if left is not None and left.upstream is not None:
+            # a pass the fast path started and left at the response head (storable after
+            # all, or to be compressed): the same fetch as below, from where it stands
+            return await self._fetch(
+                conn, incoming, head, rid, record, primary, "miss", asyncio.Event()
+            )
 
         entry, found = self.store.lookup(primary, head.headers)
         remote = self.remote
@@ -375,6 +371,45 @@ class CacheLayer:
             return await self.proxy.forward(conn, incoming, head, rid, record, hook=hook)
         finally:
             self._release(primary, event, hook, locked)
+
+    def storable(
+        self, primary: bytes, head: RequestHead, resp: ResponseHead, ttl: float
+    ) -> tuple[bool, str]:
+        """Whether a fetched response may be stored, and why not; the URI's pass noted."""
+        cfg = self.config
+        ok, why = policy.storable(
+            head.method,
+            head.headers,
+            resp.status,
+            resp.headers,
+            default_ttl=ttl,
+            targeted=cfg.targeted_fields,
+        )
+        if ok and resp.body is BodyKind.LENGTH and resp.content_length > cfg.max_entry_size:
+            ok, why = False, "too large"
+        if ok or (why in PASS_REASONS and head.method == b"GET"):
+            self.remember_pass(primary, not ok)  # (only what the response decided)
+        return ok, why
+
+    def fast_pass(self, conn: ResponseSink, head: RequestHead, route: Route | None) -> bytes | None:
+        """The primary key if ``handle`` would fetch this request at once, else None.
+
+        That is a request whose URI's latest response could not be stored (hit-for-miss),
+        with nothing stored for it, no Range and no ``only-if-cached``: the fast path
+        forwards it, and leaves at the response head if that one can be stored after all.
+        """
+        if policy.bypass_reason(head.method, head.headers) is not None:
+            return None
+        primary = primary_key(conn.scheme, key_host(head.host or b"-", route), head.target)
+        if not self._passing(primary) or self.store.lookup(primary, head.headers)[0] is not None:
+            return None
+        if get_header(head.headers, b"range") is not None or policy.only_if_cached(head.headers):
+            return None
+        return primary
+
+    def pass_label(self, resp: ResponseHead, why: str) -> bytes:
+        """``Cache-Status`` of a response fetched and not stored (as ``_StoreHook`` says)."""
+        return f"pibl; fwd=miss; fwd-status={resp.status}; detail={why.replace(' ', '-')}".encode()
 
     def remember_pass(self, primary: bytes, uncacheable: bool) -> None:
         """Note whether the URI's latest response could not be stored."""

@@ -15,8 +15,11 @@ the coroutine path, so nothing is decided twice):
   (the client connection waits for a small one still arriving: ``awaits_body``);
 * the balancer's pick has an idle pooled connection;
 * with the response cache on: a fresh hit whose body is in memory or small
-  (``serve_hit``, answered at once); misses, passes, stale entries and large bodies leave
-  (``cache miss``) for ``CacheLayer.handle``.
+  (``serve_hit``, answered at once), or a pass: a URI whose latest response could not be
+  stored (``CacheLayer.fast_pass``, Varnish's hit-for-miss), forwarded like any request;
+  if its response can be stored after all, the exchange leaves at the response head
+  (``cache fill``) and the coroutine path stores it. Other misses, stale entries and large
+  bodies leave (``cache miss``) for ``CacheLayer.handle``.
 
 A response PIBL compresses (the client accepts a coding it offers, the response is
 compressible) leaves at its head: the coroutine path takes the connection over and streams
@@ -38,8 +41,9 @@ error; ``Proxy.forward`` starts from there on the coroutine path, which retries,
 502/503/504 or aborts a response cut short exactly as it does for its own attempts. The
 reasons are counted by name in ``Proxy.fast_exits``: before the exchange starts ``needs a
 connection``, ``body to stream``, ``upgrade``, ``no backend``, ``cache miss``; after,
-``compression`` (at the response head), ``retry`` (the reused connection was closed by the
-backend as it was used: one fresh connection, as on the coroutine path) and ``failure``.
+``compression`` and ``cache fill`` (at the response head), ``retry`` (the reused
+connection was closed by the backend as it was used: one fresh connection, as on the
+coroutine path) and ``failure``.
 
 The exchange talks to its client through ``ResponseSink``, not to a transport, so another
 kind of client stream (an HTTP/2 stream, say) can be served by the same object.
@@ -179,11 +183,18 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
     if group.maxconn:
         exits["route policy"] += 1  # admission queues live on the coroutine path
         return None
+    cache_pass: bytes | None = None
     if proxy.cache is not None and route.cache is not False:
         if head.body is not BodyKind.NONE:
             exits["body to stream"] += 1
             return None
-        return serve_hit(proxy, sink, incoming, head)
+        hit = serve_hit(proxy, sink, incoming, head)
+        if hit is not None:
+            return hit
+        cache_pass = proxy.cache.fast_pass(sink, head, route)
+        if cache_pass is None:
+            exits["cache miss"] += 1
+            return None
     body: bytes | None = None
     if head.body is not BodyKind.NONE:
         limit = proxy.config.limits.max_body_bytes
@@ -213,6 +224,9 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
     record = incoming.record = proxy.new_record(sink, head)
     record.route, record.pool = route.name, group.name
     exchange = FastExchange(proxy, sink, incoming, head, record, index, pool, upstream, coding)
+    if cache_pass is not None:
+        exchange.cache_pass = cache_pass
+        record.cache = "MISS"
     exchange.start(proxy.request_bytes(sink, head, record.request_id, index, body), body)
     return exchange
 
@@ -230,7 +244,6 @@ def serve_hit(
     assert cache is not None
     hit = cache.fresh_hit(sink, head, incoming.route)
     if hit is None:
-        proxy.fast_exits["cache miss"] += 1
         return None
     entry, age = hit
     record = incoming.record = proxy.new_record(sink, head)
@@ -240,7 +253,6 @@ def serve_hit(
     label = cache.hit_label(entry, age)
     response = cache.hit_response(sink, head, entry, age, record.request_id, record, label)
     if response is None:  # the stored body is unreadable: handle() answers as for a miss
-        proxy.fast_exits["cache miss"] += 1
         return None
     proxy.in_flight += 1
     out, keep_alive, send_body, body, _, _ = response
@@ -303,6 +315,7 @@ class FastExchange:
         "_sent",
         "_started",
         "_timeout",
+        "cache_pass",
         "finished",
         "head",
         "incoming",
@@ -351,6 +364,7 @@ class FastExchange:
         self._paused = False
         self._started = 0.0
         self._timeout = proxy.group_of[index].response_timeout
+        self.cache_pass: bytes | None = None  # a cache pass: the URI's primary key
 
     def __repr__(self) -> str:
         return f"<FastExchange {self.head.request_line!r} {self.state.value}>"
@@ -387,9 +401,15 @@ class FastExchange:
                         self.upstream.close_delimited = True
                     compressible = self.proxy.compressible(self.head, ev.head)
                     if compressible and self._coding:
-                        self._leave_at_head(events[i:])
+                        self._leave_at_head(events[i:], "compression")
                         return
-                    parts.append(self.on_backend_head(ev.head, compressible))
+                    label = None
+                    if self.cache_pass is not None:
+                        label = self._pass_label(ev.head)
+                        if label is None:
+                            self._leave_at_head(events[i:], "cache fill")
+                            return
+                    parts.append(self.on_backend_head(ev.head, compressible, label))
                 elif isinstance(ev, Body):
                     self.on_backend_body(ev.data, parts)
                 elif isinstance(ev, End):
@@ -408,7 +428,9 @@ class FastExchange:
         if not self._paused:
             self.upstream.response_timer.set(self._timeout)  # between two reads, as nginx
 
-    def on_backend_head(self, resp: ResponseHead, compressible: bool) -> bytes:
+    def on_backend_head(
+        self, resp: ResponseHead, compressible: bool, cache_status: bytes | None = None
+    ) -> bytes:
         """The response head: health, status, the head the client gets (returned)."""
         proxy = self.proxy
         record = self.record
@@ -416,8 +438,11 @@ class FastExchange:
         proxy.backend_answered(self.index, self.head, resp, record)
         if compressible:  # for a client that accepts no coding PIBL offers
             resp = proxy.uncompressed(resp)
+        extra = proxy.client_extra(self.sink, self.index)
+        if cache_status is not None:
+            extra = [(b"Cache-Status", cache_status), *extra]
         framing, self.keep_alive, out = proxy.response_head(
-            self.head, resp, record.request_id, record, proxy.client_extra(self.sink, self.index)
+            self.head, resp, record.request_id, record, extra
         )
         self.resp = resp
         self._chunked = framing is BodyKind.CHUNKED and self.send_body
@@ -511,16 +536,26 @@ class FastExchange:
         self._release(reusable=False)
         self._hand_over(Exit(reason, self.index, error, fresh=fresh))
 
-    def _leave_at_head(self, events: list[Event]) -> None:
+    def _pass_label(self, resp: ResponseHead) -> bytes | None:
+        """A cache pass's ``Cache-Status``, or None if the response can be stored after all
+        (then the coroutine path takes it over and stores it, as for any miss)."""
+        cache = self.proxy.cache
+        assert cache is not None and self.cache_pass is not None
+        route = self.incoming.route
+        ttl = route.cache_ttl if route is not None else None  # the route's, if it has one
+        ok, why = cache.storable(
+            self.cache_pass, self.head, resp, cache.config.ttl if ttl is None else ttl
+        )
+        return None if ok else cache.pass_label(resp, why)
+
+    def _leave_at_head(self, events: list[Event], reason: str) -> None:
         """Leave with the response head received: the coroutine path streams the rest."""
         self.state = State.DONE
         upstream = self.upstream
         upstream.response_timer.clear()
         upstream.sink = None  # later reads queue up for ``UpstreamConnection.read``
         self.proxy.states[self.index].active -= 1
-        exit = Exit(
-            "compression", self.index, upstream=upstream, events=events, started=self._started
-        )
+        exit = Exit(reason, self.index, upstream=upstream, events=events, started=self._started)
         self._hand_over(exit)
 
     def _hand_over(self, exit: Exit) -> None:

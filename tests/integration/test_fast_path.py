@@ -538,3 +538,97 @@ def test_http10_clients_and_close_delimited_backends_get_the_same_bytes_on_both_
     )
     assert fast_answers[2].endswith(b"0\r\n\r\n")  # re-chunked for the HTTP/1.1 client
     assert wait_for(lambda: served(fast) == len(requests))
+
+
+def test_a_uri_that_cannot_be_stored_is_passed_on_the_fast_path(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    """Hit-for-miss: after a response that could not be stored, the URI's next requests
+    are forwarded in callbacks, with the answers (and Cache-Status) of the coroutine path."""
+    fast, _ = _cached(make_proxy, backends[0], tmp_path / "fast", FAST)
+    slow, _ = _cached(make_proxy, backends[0], tmp_path / "slow", SLOW)
+    paths = ("/cache/p?cc=private", "/cache/q?cc=no-store&size=3000", "/cache/c?cookie=1")
+
+    def answers(proxy: ProxyThread) -> list[Any]:
+        out = []
+        with httpx.Client(base_url=proxy.url, headers={"Accept-Encoding": "identity"}) as c:
+            for path in paths:
+                for i in range(3):
+                    out.append(c.get(path, headers={"X-Request-ID": f"r{i}"}))
+        return [_comparable(r) for r in out]
+
+    backends[0].hits = 0
+    fast_answers = answers(fast)
+    backends[0].hits = 0
+    slow_answers = answers(slow)
+    assert fast_answers == slow_answers
+    assert backends[0].hits == 9  # nothing was stored
+    statuses = {h[1] for _, headers, _ in fast_answers for h in headers if h[0] == "cache-status"}
+    assert statuses == {
+        "pibl; fwd=miss; fwd-status=200; detail=private",
+        "pibl; fwd=miss; fwd-status=200; detail=no-store",
+        "pibl; fwd=miss; fwd-status=200; detail=set-cookie",
+    }
+    # the first request of each URI is a miss on the coroutine path; the others go fast
+    assert exits(fast) == {"cache miss": 3} and wait_for(lambda: served(fast) == 6)
+    assert [_log_shape(x) for x in fast.log_lines()] == [_log_shape(x) for x in slow.log_lines()]
+    assert all(" cache=MISS " in line for line in fast.log_lines())
+
+
+def test_a_passed_uri_that_can_now_be_stored_leaves_at_its_head_and_is_stored(
+    make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    answers = iter([b"private", b"max-age=60", b"max-age=60"])
+    sent: list[bytes] = []
+
+    def handle(conn: socket.socket) -> None:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            _, data = data.split(b"\r\n\r\n", 1)
+            cc = next(answers)
+            body = b"version %d" % (len(sent) + 1)
+            sent.append(cc)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: %s\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (cc, len(body), body)
+            )
+
+    backend = RawServer(handle)
+    try:
+        proxy = make_proxy([backend.url], upstream=FAST, cache={"dir": str(tmp_path), "ttl": 60})
+        with httpx.Client(base_url=proxy.url) as client:
+            first = client.get("/doc")
+            second = client.get("/doc")
+            assert proxy.worker is not None and proxy.worker.proxy.cache is not None
+            store = proxy.worker.proxy.cache.store
+            assert wait_for(lambda: store.entries_on_disk()[0] == 1)  # committed
+            third = client.get("/doc")
+        backend.close()
+    finally:
+        backend.close()
+    assert first.headers["cache-status"] == "pibl; fwd=miss; fwd-status=200; detail=private"
+    assert second.content == b"version 2"
+    assert second.headers["cache-status"].startswith("pibl; fwd=miss; fwd-status=200; stored")
+    assert third.content == b"version 2" and third.headers["cache-status"].startswith("pibl; hit")
+    assert sent == [b"private", b"max-age=60"]
+    assert exits(proxy) == {"cache miss": 1, "cache fill": 1}
+    assert wait_for(lambda: served(proxy) == 1)  # the hit
+
+
+def test_a_passed_compressible_response_leaves_to_be_compressed(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    proxy, _ = _cached(make_proxy, backends[0], tmp_path, FAST)
+    path = "/cache/z?cc=private&size=5000"
+    with httpx.Client(base_url=proxy.url, headers={"Accept-Encoding": "gzip"}) as client:
+        responses = [client.get(path) for _ in range(2)]
+    for r in responses:
+        assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+        assert hashlib.sha256(r.content).hexdigest() == pattern_sha256(5000)
+        assert r.headers["cache-status"] == "pibl; fwd=miss; fwd-status=200; detail=private"
+    assert exits(proxy) == {"cache miss": 1, "compression": 1}
