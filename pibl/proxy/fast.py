@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pibl import compress
 from pibl.errors import UpstreamError
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from pibl.observe.accesslog import AccessRecord
     from pibl.proxy.client import Incoming
     from pibl.proxy.exchange import Proxy
+    from pibl.proxy.h2 import H2Stream
     from pibl.proxy.upstream import Pool, UpstreamConnection
 
 
@@ -389,7 +390,9 @@ class FastExchange:
                     if compressible and self._coding:
                         self._leave_at_head(events[i:])
                         return
-                    parts.append(self.on_backend_head(ev.head, compressible))
+                    out = self.on_backend_head(ev.head, compressible)
+                    if out:
+                        parts.append(out)
                 elif isinstance(ev, Body):
                     self.on_backend_body(ev.data, parts)
                 elif isinstance(ev, End):
@@ -409,19 +412,28 @@ class FastExchange:
             self.upstream.response_timer.set(self._timeout)  # between two reads, as nginx
 
     def on_backend_head(self, resp: ResponseHead, compressible: bool) -> bytes:
-        """The response head: health, status, the head the client gets (returned)."""
+        """The response head: health, status, the head the client gets (returned, as bytes
+        for HTTP/1.1; an HTTP/2 stream is handed its fields and b"" is returned)."""
         proxy = self.proxy
         record = self.record
         record.upstream = time.monotonic() - self._started
         proxy.backend_answered(self.index, self.head, resp, record)
         if compressible:  # for a client that accepts no coding PIBL offers
             resp = proxy.uncompressed(resp)
-        framing, self.keep_alive, out = proxy.response_head(
-            self.head, resp, record.request_id, record, proxy.client_extra(self.sink, self.index)
-        )
+        extra = proxy.client_extra(self.sink, self.index)
         self.resp = resp
-        self._chunked = framing is BodyKind.CHUNKED and self.send_body
         self.state = State.STREAMING
+        if self.head.http2 and not proxy.verbose:
+            # an HTTP/2 stream takes the head as fields and the body unframed (the verbose
+            # log, which keeps the head as sent, gets it through the HTTP/1.1 bytes)
+            fields = proxy.response_fields(self.head, resp, record.request_id, record, extra)
+            cast("H2Stream", self.sink).head_fields(fields)
+            self.keep_alive = True
+            return b""
+        framing, self.keep_alive, out = proxy.response_head(
+            self.head, resp, record.request_id, record, extra
+        )
+        self._chunked = framing is BodyKind.CHUNKED and self.send_body
         return out
 
     def on_backend_body(self, data: bytes, parts: list[bytes]) -> None:

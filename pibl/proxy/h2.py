@@ -49,7 +49,7 @@ from hyperframe.frame import GoAwayFrame
 from pibl.errors import ProtocolError
 from pibl.http import h2rules
 from pibl.http.forward import simple_response
-from pibl.http.message import BodyKind, ResponseHead
+from pibl.http.message import BodyKind, HeaderList, ResponseHead
 from pibl.http.parse import Body, End, Head, ResponseParser
 from pibl.observe.accesslog import AccessRecord
 from pibl.proxy.client import BodyStream, Incoming
@@ -151,10 +151,14 @@ class H2Stream:
         self.transport: asyncio.Transport | None = None  # bytes go through the connection
         self.closed = False
         self.tunnel = None
-        self._parser = ResponseParser(head_request=head_request, on_interim=self._interim)
+        self._head_request = head_request
+        # Responses come as HTTP/1.1 bytes, parsed back (created on the first write), or,
+        # on the fast path, as the fields of the head (``head_fields``) then body bytes.
+        self._parser: ResponseParser | None = None
+        self._framed = False  # the head came as fields: what is written is body
+        self._head: HeaderList | None = None  # the response head's fields, not yet sent
         self._pending = bytearray()  # response body bytes beyond the windows
         self._ended = False  # the response is complete (END_STREAM once _pending is sent)
-        self._headers_sent = False
         self._finished = False  # END_STREAM sent or the stream reset
         self._waiter: asyncio.Future[None] | None = None
         self._unacked = 0  # request body bytes received and not yet given back
@@ -165,37 +169,53 @@ class H2Stream:
 
     # -- what the exchanges use -------------------------------------------------------------
 
+    def head_fields(self, fields: HeaderList) -> None:
+        """The response head as HTTP/2 fields (the fast path); the bytes written from now
+        on are the body, unframed. Sent with the first body bytes or the end, so a whole
+        response read at once leaves as HEADERS + DATA (END_STREAM), or HEADERS alone."""
+        if self._finished or self._ended:
+            return
+        self._framed = True
+        self._head = fields
+        self._ready()
+
     def write(self, data: bytes) -> None:
         if self._finished or self._ended:
             return
+        if self._framed:
+            self._pending += data
+            self._ready()
+            return
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = ResponseParser(
+                head_request=self._head_request, on_interim=self._interim
+            )
         try:
-            events = self._parser.feed(data)
+            events = parser.feed(data)
         except ProtocolError:
             self.abort()
             return
         self._events(events)
 
     def _events(self, events: list[Any]) -> None:
-        conn = self.h2
-        for i, ev in enumerate(events):
+        for ev in events:
             if isinstance(ev, Head):
                 resp = ev.head
                 assert isinstance(resp, ResponseHead)
-                last = i + 1 < len(events) and isinstance(events[i + 1], End) and not self._pending
-                fields = h2rules.response_fields(resp.status, resp.headers)
-                conn.send_headers(self.sid, fields, end_stream=last)
-                self._headers_sent = True
-                if last:
-                    self._ended = self._finished = True
-                    conn.stream_finished(self)
-                    return
+                self._head = h2rules.response_fields(resp.status, resp.headers)
             elif isinstance(ev, Body):
                 self._pending += ev.data
-                conn.ready[self.sid] = self
             elif isinstance(ev, End):
                 self._ended = True
-                conn.ready[self.sid] = self
-        conn.flush()
+        self._ready()
+
+    def _ready(self) -> None:
+        """Frames to send: they are made once this loop iteration is done with the stream
+        (``H2Connection._write_out``), so one read from a backend makes one write."""
+        conn = self.h2
+        conn.ready[self.sid] = self
+        conn._flush_out()
 
     def _interim(self, resp: ResponseHead) -> None:
         if not self._finished:
@@ -225,14 +245,19 @@ class H2Stream:
 
     def close(self) -> None:
         """The exchange is over: a response delimited by its end is complete now."""
-        if not self._ended and not self._finished:
-            try:
+        if self._ended or self._finished:
+            return
+        if self._framed:
+            self._ended = True
+            self._ready()
+            return
+        events: list[Any] = []
+        if self._parser is not None:
+            with contextlib.suppress(ProtocolError):
                 events = self._parser.feed_eof()
-            except ProtocolError:
-                events = []
-            self._events(events)
-            if not self._ended:
-                self.abort()
+        self._events(events)
+        if not self._ended:
+            self.abort()
 
     def exchange_done(self, keep_alive: bool) -> None:
         self.fast = None
@@ -267,12 +292,23 @@ class H2Stream:
         self.h2.maybe_done(self)
 
     def send_some(self, budget: int) -> int:
-        """Send DATA within the windows, at most ``budget`` bytes; returns bytes sent."""
+        """Send the head, and DATA within the windows, at most ``budget`` bytes; returns
+        bytes sent (the head counts as one)."""
         if self._finished:
             return 0
         conn = self.h2
         sent = 0
         pending = self._pending
+        headed = 0
+        if self._head is not None:
+            fields, self._head = self._head, None
+            last = self._ended and not pending
+            conn.send_headers(self.sid, fields, end_stream=last)
+            if last:
+                self._finished = True
+                conn.stream_finished(self)
+                return 1
+            headed = 1
         while pending and sent < budget:
             window = conn.window(self.sid)
             if window <= 0:
@@ -292,11 +328,11 @@ class H2Stream:
             conn.stream_finished(self)
         if not self.write_paused:
             self._wake()
-        return sent
+        return sent + headed
 
     @property
     def has_pending(self) -> bool:
-        return not self._finished and (bool(self._pending) or self._ended)
+        return not self._finished and (self._head is not None or bool(self._pending) or self._ended)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -340,12 +376,16 @@ class H2Connection(asyncio.Protocol):
         self._ping_sent = False
         self._draining = False  # after an error GOAWAY: input is dropped until the close
         self._write_soon = False  # a write of the framed bytes is scheduled
+        self._sending = False  # ready streams are being framed (_send_ready)
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
             validate_inbound_headers=False,  # h2rules checks every field, per stream
             normalize_inbound_headers=False,
             validate_outbound_headers=False,
+            # response fields come lower-case and without connection-specific fields
+            # (forward.client_response_fields, h2rules.response_fields)
+            normalize_outbound_headers=False,
         )
         self.conn = _Conn(config=config)
         s = self.settings
@@ -630,9 +670,21 @@ class H2Connection(asyncio.Protocol):
             self._maybe_idle()
 
     def flush(self) -> None:
-        """Send what the windows allow, stream by stream, a frame at a time each."""
-        if self.closed:
+        """Send what the windows allow, and what the library framed (at the end of this
+        loop iteration)."""
+        self._flush_out()
+
+    def _send_ready(self) -> None:
+        """Frame what the windows allow, stream by stream, a frame at a time each."""
+        if self.closed or self._sending:
             return
+        self._sending = True
+        try:
+            self._send_rounds()
+        finally:
+            self._sending = False
+
+    def _send_rounds(self) -> None:
         budget = self.frame_size
         ready = self.ready
         for _ in range(10000):  # bounded: each round sends a frame per ready stream or stops
@@ -648,17 +700,19 @@ class H2Connection(asyncio.Protocol):
                         del ready[sid]
             if not progress or self.conn.outbound_flow_control_window <= 0:
                 break
-        self._flush_out()
 
     def _flush_out(self) -> None:
-        """Write what the library framed; frames made in one loop iteration (a response's
-        HEADERS and DATA, other streams' frames) leave in one write, as one segment."""
+        """Frame and write at the end of this loop iteration: what the streams made ready
+        and what the library framed (a response's HEADERS and DATA, other streams' frames)
+        leave in one write, as one segment."""
         if not self._write_soon and not self.closed:
             self._write_soon = True
             self.loop.call_soon(self._write_out)
 
     def _write_out(self) -> None:
         self._write_soon = False
+        if self.ready:
+            self._send_ready()
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
