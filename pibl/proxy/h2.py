@@ -130,7 +130,10 @@ class _Conn(h2.connection.H2Connection):
         """A HEADERS frame, in arrival order: one that opens a stream beyond the limit is
         a stream error, REFUSED_STREAM, as nginx and HAProxy answer it (§5.1.2)."""
         sid = frame.stream_id
-        if sid in self.streams or self.open_inbound_streams < self.stream_limit:
+        limit = self.stream_limit
+        # (len(self.streams), closed streams included, bounds the open ones: counting
+        # those, a pass over the streams, only when it may matter)
+        if sid in self.streams or len(self.streams) < limit or self.open_inbound_streams < limit:
             return super()._receive_headers_frame(frame)
         frames, events = super()._receive_headers_frame(frame)
         self.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
