@@ -13,6 +13,9 @@ Method (the same as ``compare.py``, see bench/README.md):
   from a minimal ASGI app over HTTP/2: the cost of a Python HTTP/2 server with no proxying.
 * ``pibl-h1`` (not in the default rows) is the same PIBL with HTTP/1.1 clients (``h2load
   --h1``, ``-m`` requests pipelined), to see what HTTP/2 itself costs.
+* ``pibl-base`` (with ``--base DIR``) is PIBL again, run from another checkout (say a
+  ``git worktree`` of an older commit) with the same interpreter: before and after a change
+  in one run.
 * Load: ``h2load -c<C> -m<M> -D<D>`` after a warm-up run; CPU microseconds per request = the
   server's process tree CPU time (utime + stime, /proc) during the run / requests completed.
 
@@ -169,7 +172,10 @@ def main() -> int:
     p.add_argument("--proxy-cpu", type=int, default=1)
     p.add_argument("--base-port", type=int, default=18400)
     p.add_argument("--python", default=str(REPO / ".venv" / "bin" / "python"))
+    p.add_argument("--base", type=Path, help="checkout the pibl-base row runs PIBL from")
     args = p.parse_args()
+    if "pibl-base" in args.servers.split(",") and args.base is None:
+        raise SystemExit("the pibl-base row needs --base DIR")
     for tool in ("h2load", "nginx", "haproxy", "taskset"):
         if shutil.which(tool) is None and tool in ("h2load", "taskset"):
             raise SystemExit(f"{tool} is needed (apt-get install nghttp2-client util-linux)")
@@ -210,11 +216,12 @@ def main() -> int:
             (work / "temp").mkdir(parents=True)
             pin = ["taskset", "-c", str(args.proxy_cpu)]
             listen = port
-            if name in ("pibl", "pibl-h1"):
+            if name in ("pibl", "pibl-h1", "pibl-base"):
                 cfg = work / "pibl.toml"
                 listen = port + 1 if tls else port
                 cfg.write_text(pibl_conf(port, ports, tls, port + 1))
-                env = dict(os.environ, PYTHONPATH=str(REPO))
+                code = args.base.resolve() if name == "pibl-base" else REPO
+                env = dict(os.environ, PYTHONPATH=str(code))
                 argv = [*pin, args.python, "-m", "pibl", "run", "--config", str(cfg)]
                 item = manager.start(name, argv, work / "out.log", cwd=work, env=env)
             elif name == "nginx":

@@ -328,7 +328,8 @@ class Http2Config(_Section):
     """HTTP/2 to clients (TLS with ALPN h2, h2c with ``[server] h2c``): limits per connection.
 
     Memory per connection is bounded by about max_concurrent_streams x (stream_window +
-    stream_buffer) plus max_header_list_size per stream being received.
+    stream_buffer) plus one header block being received: at most 4 x max_header_list_size
+    (beyond, GOAWAY), the decoded lists of the streams open.
     """
 
     max_concurrent_streams: int = Field(default=128, ge=1, le=10000)

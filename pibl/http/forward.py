@@ -242,6 +242,43 @@ def client_response(
     return b"".join(out)
 
 
+def client_response_fields(
+    resp: ResponseHead,
+    *,
+    framing: BodyKind,
+    rid: bytes,
+    via: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> list[tuple[bytes, bytes]]:
+    """The same response head as ``client_response``, for an HTTP/2 client: the fields of
+    its HEADERS frame (``:status`` first, lower-case names, no connection-specific field,
+    RFC 9113 §8.2.2), built in one pass instead of written as HTTP/1.1 and read back."""
+    named = resp.connection if resp.connection is not None else _connection_named(resp.headers)
+    keep_length = framing is BodyKind.LENGTH or (
+        framing is BodyKind.NONE and resp.body is BodyKind.NONE
+    )
+    out = [(b":status", b"%d" % resp.status)]
+    append = out.append
+    has_date = False
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in _RESPONSE_OWNED or lname in named:
+            if lname == b"content-length" and keep_length:
+                append((lname, value))
+            continue
+        if lname == b"date":
+            has_date = True
+        append((lname, value))
+    if not has_date:
+        append((b"date", http_date()))
+    if extra:  # (PIBL's own: cache status, sticky cookie, HSTS; never connection-specific)
+        for name, value in extra:
+            append((name.lower(), value))
+    append((b"via", b"%s %s" % (resp.version, via)))
+    append((b"x-request-id", rid))
+    return out
+
+
 def stored_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """End-to-end fields of a response, as a cache keeps them (framing and Age dropped)."""
     named = _connection_named(headers)

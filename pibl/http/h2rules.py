@@ -2,7 +2,8 @@
 
 Pure functions: the HTTP/2 connection (``pibl.proxy.h2``) hands over the decoded field
 list of a request's HEADERS and gets a ``RequestHead`` the exchanges serve like any other,
-or ``ProtocolError``, which it answers with RST_STREAM PROTOCOL_ERROR: the request never
+or ``ProtocolError``, which it answers with RST_STREAM PROTOCOL_ERROR (a header list larger
+than SETTINGS_MAX_HEADER_LIST_SIZE: a 431 response on the stream): the request never
 reaches a backend. Every rule is here, in one place:
 
 * pseudo-header fields (``:method``, ``:scheme``, ``:path``, ``:authority``): each at most
@@ -57,11 +58,14 @@ def check_field(name: bytes, value: bytes) -> None:
         raise _malformed(f"whitespace around the value of {name[:40]!r}")
 
 
-def request_head(fields: HeaderList, end_stream: bool) -> RequestHead:
+def request_head(fields: HeaderList, end_stream: bool, max_size: int = 2**31) -> RequestHead:
     """The HTTP/1.1 request head of an HTTP/2 request's fields, or ``ProtocolError``.
 
     ``end_stream``: the HEADERS frame ended the stream (the request has no body).
+    ``max_size``: SETTINGS_MAX_HEADER_LIST_SIZE; a larger list (names and values plus 32
+    bytes a field, RFC 9113 §6.5.2) is ``ProtocolError(431)``, answered on its stream.
     """
+    size = 32 * len(fields)
     pseudo: dict[bytes, bytes] = {}
     headers: HeaderList = []
     cookies: list[bytes] = []
@@ -69,6 +73,7 @@ def request_head(fields: HeaderList, end_stream: bool) -> RequestHead:
     content_length: bytes | None = None
     regular = False
     for name, value in fields:
+        size += len(name) + len(value)
         check_field(name, value)
         if name[0] == 0x3A:  # b":"
             if regular:
@@ -102,6 +107,10 @@ def request_head(fields: HeaderList, end_stream: bool) -> RequestHead:
                 continue  # the same value twice: forwarded once
             content_length = value
         headers.append((name, value))
+    if size > max_size:
+        raise ProtocolError(
+            431, f"request header fields too large ({size} bytes, limit {max_size})"
+        )
     method = pseudo.get(b":method")
     scheme = pseudo.get(b":scheme")
     path = pseudo.get(b":path")

@@ -137,16 +137,22 @@ class AccessLog:
         # names the process on event lines when several write to one log ("worker 1234")
         self.label = ""
         self._threaded = threaded
+        # no file and no stdout: nothing is formatted, queued or written (a log that is off
+        # costs nothing per request, as nginx's access_log off)
+        self.silent = self._stream is None and path is None
         self._thread = threading.Thread(target=self._run, name="pibl-log", daemon=True)
-        if threaded:
+        if threaded and not self.silent:
             self._thread.start()
 
     # -- loop side ----------------------------------------------------------------------
 
     def access(self, record: AccessRecord) -> None:
-        self._put(self._format(record))
+        if not self.silent:
+            self._put(self._format(record))
 
     def _put(self, line: str) -> None:
+        if self.silent:
+            return
         if self._threaded:
             self._queue.put(line)
         else:  # a process that must not have threads (the master) writes directly
@@ -185,7 +191,7 @@ class AccessLog:
         self._reopen.set()
 
     def close(self, timeout: float = 2.0) -> None:
-        if not self._threaded:
+        if not self._threaded or self.silent:
             self._close_file()
             return
         self._queue.put(None)

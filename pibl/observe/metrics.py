@@ -207,14 +207,15 @@ class Metrics:
         )
         self.h2_refused = Counter(
             "pibl_http2_refused_streams",
-            "HTTP/2 streams reset by PIBL, by reason (malformed, content_length)",
+            "HTTP/2 streams PIBL refused, by reason (malformed, content_length: RST_STREAM "
+            "PROTOCOL_ERROR; concurrency: REFUSED_STREAM; header_list: answered 431)",
             ["reason"],
             registry=r,
         )
         self.h2_goaways = Counter(
             "pibl_http2_goaways",
             "HTTP/2 connections PIBL ended with GOAWAY, by reason "
-            "(rapid_reset, protocol_error, idle, ping_timeout, shutdown)",
+            "(rapid_reset, protocol_error, header_block, idle, ping_timeout, shutdown)",
             ["reason"],
             registry=r,
         )

@@ -39,13 +39,14 @@ from pibl.http.forward import (
     REASONS,
     body_length,
     client_response,
+    client_response_fields,
     interim_response,
     request_id,
     simple_response,
     upstream_request,
 )
 from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk, http_date
-from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
+from pibl.http.message import BodyKind, HeaderList, RequestHead, ResponseHead, get_header
 from pibl.http.parse import END, Body, End, Head, Upgrade
 from pibl.limits import RateLimiter, Verdict, bucket_key
 from pibl.observe.accesslog import AccessLog, AccessRecord
@@ -951,6 +952,22 @@ class Proxy:
         if self.verbose:
             record.response_head = out.decode("latin-1")
         return framing, keep_alive, out
+
+    def response_fields(
+        self,
+        head: RequestHead,
+        resp: ResponseHead,
+        rid: bytes,
+        record: AccessRecord,
+        extra: list[tuple[bytes, bytes]],
+    ) -> HeaderList:
+        """``response_head`` for an HTTP/2 stream: the fields of its HEADERS frame."""
+        framing = client_framing(resp.body, head.version)
+        if head.method == b"HEAD":
+            framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
+        fields = client_response_fields(resp, framing=framing, rid=rid, via=self.via, extra=extra)
+        record.response_started = True
+        return fields
 
     async def _attempt(
         self,

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pibl import compress
 from pibl.errors import UpstreamError
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from pibl.observe.accesslog import AccessRecord
     from pibl.proxy.client import Incoming
     from pibl.proxy.exchange import Proxy
+    from pibl.proxy.h2 import H2Stream
     from pibl.proxy.upstream import Pool, UpstreamConnection
 
 
@@ -409,7 +410,9 @@ class FastExchange:
                         if label is None:
                             self._leave_at_head(events[i:], "cache fill")
                             return
-                    parts.append(self.on_backend_head(ev.head, compressible, label))
+                    out = self.on_backend_head(ev.head, compressible, label)
+                    if out:
+                        parts.append(out)
                 elif isinstance(ev, Body):
                     self.on_backend_body(ev.data, parts)
                 elif isinstance(ev, End):
@@ -431,7 +434,8 @@ class FastExchange:
     def on_backend_head(
         self, resp: ResponseHead, compressible: bool, cache_status: bytes | None = None
     ) -> bytes:
-        """The response head: health, status, the head the client gets (returned)."""
+        """The response head: health, status, the head the client gets (returned, as bytes
+        for HTTP/1.1; an HTTP/2 stream is handed its fields and b"" is returned)."""
         proxy = self.proxy
         record = self.record
         record.upstream = time.monotonic() - self._started
@@ -441,12 +445,19 @@ class FastExchange:
         extra = proxy.client_extra(self.sink, self.index)
         if cache_status is not None:
             extra = [(b"Cache-Status", cache_status), *extra]
+        self.resp = resp
+        self.state = State.STREAMING
+        if self.head.http2 and not proxy.verbose:
+            # an HTTP/2 stream takes the head as fields and the body unframed (the verbose
+            # log, which keeps the head as sent, gets it through the HTTP/1.1 bytes)
+            fields = proxy.response_fields(self.head, resp, record.request_id, record, extra)
+            cast("H2Stream", self.sink).head_fields(fields)
+            self.keep_alive = True
+            return b""
         framing, self.keep_alive, out = proxy.response_head(
             self.head, resp, record.request_id, record, extra
         )
-        self.resp = resp
         self._chunked = framing is BodyKind.CHUNKED and self.send_body
-        self.state = State.STREAMING
         return out
 
     def on_backend_body(self, data: bytes, parts: list[bytes]) -> None:

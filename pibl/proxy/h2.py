@@ -18,8 +18,11 @@ The exchange writes an HTTP/1.1 response to the stream; ``H2Stream`` parses it b
 * flow control, request side: DATA goes into the stream's ``BodyStream``; the window is
   given back (WINDOW_UPDATE) as the exchange consumes the body, so a slow backend bounds
   what a client can send to ``stream_window`` per stream.
-* abuse: limits on streams, header list and HPACK table sizes (SETTINGS; the ``h2``
-  library refuses more than 64 CONTINUATION frames per header block); more than
+* abuse: limits on streams, header list and HPACK table sizes (SETTINGS). A stream opened
+  beyond ``max_concurrent_streams`` gets RST_STREAM REFUSED_STREAM and a header list beyond
+  ``max_header_list_size`` a 431 answer, both on the stream alone, the connection and its
+  other streams go on; a header block beyond 4 x ``max_header_list_size`` (encoded or
+  decoded) or 32 CONTINUATION frames ends the connection (GOAWAY ENHANCE_YOUR_CALM). More than
   ``max_resets`` client resets per ``reset_interval`` ends the connection with GOAWAY
   ENHANCE_YOUR_CALM (rapid reset); an idle connection gets GOAWAY, a silent one a PING.
 * graceful stop: GOAWAY, in-flight streams finish, then the connection closes.
@@ -37,6 +40,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import h2.stream
 from h2.errors import ErrorCodes
@@ -44,7 +48,8 @@ from hyperframe.frame import GoAwayFrame
 
 from pibl.errors import ProtocolError
 from pibl.http import h2rules
-from pibl.http.message import BodyKind, ResponseHead
+from pibl.http.forward import simple_response
+from pibl.http.message import BodyKind, HeaderList, ResponseHead
 from pibl.http.parse import Body, End, Head, ResponseParser
 from pibl.observe.accesslog import AccessRecord
 from pibl.proxy.client import BodyStream, Incoming
@@ -57,6 +62,13 @@ if TYPE_CHECKING:
     from pibl.proxy.fast import ClientExchange
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# CONTINUATION frames a header block may take (the h2 library stops at 64; PIBL
+# enforces it too, with a cap on the block's bytes)
+MAX_CONTINUATION = 32
+# The HPACK decoder's own bound on a decoded header list, as a multiple of
+# ``max_header_list_size``: a list between the two is decoded and answered 431 on its
+# stream; one beyond this (or an encoded block beyond it) ends the connection
+HARD_HEADER_FACTOR = 4
 
 
 class _Stream(h2.stream.H2Stream):
@@ -70,11 +82,63 @@ class _Stream(h2.stream.H2Stream):
         return None
 
 
+class StreamRefused(h2.events.Event):
+    """A request stream opened beyond the advertised SETTINGS_MAX_CONCURRENT_STREAMS: its
+    header block was decoded (the HPACK state stays in step, RFC 9113 §4.3) and the stream
+    reset with REFUSED_STREAM, so the client may retry it (§5.1.2, §8.7)."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class _HeaderBlockBuffer(h2.frame_buffer.FrameBuffer):
+    """The library's frame buffer, with PIBL's bounds on a header block being gathered
+    (HEADERS and its CONTINUATION frames, until END_HEADERS): at most ``max_bytes`` of
+    block fragments and ``MAX_CONTINUATION`` frames, else GOAWAY ENHANCE_YOUR_CALM. A flood
+    of CONTINUATION frames (CVE-2024-27316) holds no more than that."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(server=True)
+        self.max_bytes = max_bytes
+        self._block = 0  # bytes of the block gathered so far
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        out = super()._update_header_buffer(f)
+        gathered = self._headers_buffer
+        if not gathered:
+            self._block = 0
+            return out
+        self._block += len(f.data)
+        if self._block > self.max_bytes or len(gathered) > MAX_CONTINUATION:
+            raise h2.exceptions.DenialOfServiceError(
+                f"header block beyond {self.max_bytes} bytes or {MAX_CONTINUATION} frames"
+            )
+        return out
+
+
 class _Conn(h2.connection.H2Connection):
+    # SETTINGS_MAX_CONCURRENT_STREAMS as advertised and enforced by PIBL (the library's own
+    # check, a connection error, is off: the setting is not in its local_settings)
+    stream_limit = 2**31
+
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream.__class__ = _Stream
         return stream
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        """A HEADERS frame, in arrival order: one that opens a stream beyond the limit is
+        a stream error, REFUSED_STREAM, as nginx and HAProxy answer it (§5.1.2)."""
+        sid = frame.stream_id
+        limit = self.stream_limit
+        # (len(self.streams), closed streams included, bounds the open ones: counting
+        # those, a pass over the streams, only when it may matter)
+        if sid in self.streams or len(self.streams) < limit or self.open_inbound_streams < limit:
+            return super()._receive_headers_frame(frame)
+        frames, events = super()._receive_headers_frame(frame)
+        self.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+        kept = [ev for ev in events if getattr(ev, "stream_id", None) != sid]
+        return frames, [*kept, StreamRefused(sid)]
 
 
 class H2Stream:
@@ -90,50 +154,71 @@ class H2Stream:
         self.transport: asyncio.Transport | None = None  # bytes go through the connection
         self.closed = False
         self.tunnel = None
-        self._parser = ResponseParser(head_request=head_request, on_interim=self._interim)
+        self._head_request = head_request
+        # Responses come as HTTP/1.1 bytes, parsed back (created on the first write), or,
+        # on the fast path, as the fields of the head (``head_fields``) then body bytes.
+        self._parser: ResponseParser | None = None
+        self._framed = False  # the head came as fields: what is written is body
+        self._head: HeaderList | None = None  # the response head's fields, not yet sent
         self._pending = bytearray()  # response body bytes beyond the windows
         self._ended = False  # the response is complete (END_STREAM once _pending is sent)
-        self._headers_sent = False
         self._finished = False  # END_STREAM sent or the stream reset
         self._waiter: asyncio.Future[None] | None = None
         self._unacked = 0  # request body bytes received and not yet given back
         self.fast: ClientExchange | None = None
         self.task: asyncio.Task[None] | None = None
         self.served = False  # the exchange is over
+        self.stop_request = False  # answered early: RST_STREAM NO_ERROR once it is sent
 
     # -- what the exchanges use -------------------------------------------------------------
+
+    def head_fields(self, fields: HeaderList) -> None:
+        """The response head as HTTP/2 fields (the fast path); the bytes written from now
+        on are the body, unframed. Sent with the first body bytes or the end, so a whole
+        response read at once leaves as HEADERS + DATA (END_STREAM), or HEADERS alone."""
+        if self._finished or self._ended:
+            return
+        self._framed = True
+        self._head = fields
+        self._ready()
 
     def write(self, data: bytes) -> None:
         if self._finished or self._ended:
             return
+        if self._framed:
+            self._pending += data
+            self._ready()
+            return
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = ResponseParser(
+                head_request=self._head_request, on_interim=self._interim
+            )
         try:
-            events = self._parser.feed(data)
+            events = parser.feed(data)
         except ProtocolError:
             self.abort()
             return
         self._events(events)
 
     def _events(self, events: list[Any]) -> None:
-        conn = self.h2
-        for i, ev in enumerate(events):
+        for ev in events:
             if isinstance(ev, Head):
                 resp = ev.head
                 assert isinstance(resp, ResponseHead)
-                last = i + 1 < len(events) and isinstance(events[i + 1], End) and not self._pending
-                fields = h2rules.response_fields(resp.status, resp.headers)
-                conn.send_headers(self.sid, fields, end_stream=last)
-                self._headers_sent = True
-                if last:
-                    self._ended = self._finished = True
-                    conn.stream_finished(self)
-                    return
+                self._head = h2rules.response_fields(resp.status, resp.headers)
             elif isinstance(ev, Body):
                 self._pending += ev.data
-                conn.ready[self.sid] = self
             elif isinstance(ev, End):
                 self._ended = True
-                conn.ready[self.sid] = self
-        conn.flush()
+        self._ready()
+
+    def _ready(self) -> None:
+        """Frames to send: they are made once this loop iteration is done with the stream
+        (``H2Connection._write_out``), so one read from a backend makes one write."""
+        conn = self.h2
+        conn.ready[self.sid] = self
+        conn._flush_out()
 
     def _interim(self, resp: ResponseHead) -> None:
         if not self._finished:
@@ -163,14 +248,19 @@ class H2Stream:
 
     def close(self) -> None:
         """The exchange is over: a response delimited by its end is complete now."""
-        if not self._ended and not self._finished:
-            try:
+        if self._ended or self._finished:
+            return
+        if self._framed:
+            self._ended = True
+            self._ready()
+            return
+        events: list[Any] = []
+        if self._parser is not None:
+            with contextlib.suppress(ProtocolError):
                 events = self._parser.feed_eof()
-            except ProtocolError:
-                events = []
-            self._events(events)
-            if not self._ended:
-                self.abort()
+        self._events(events)
+        if not self._ended:
+            self.abort()
 
     def exchange_done(self, keep_alive: bool) -> None:
         self.fast = None
@@ -205,12 +295,23 @@ class H2Stream:
         self.h2.maybe_done(self)
 
     def send_some(self, budget: int) -> int:
-        """Send DATA within the windows, at most ``budget`` bytes; returns bytes sent."""
+        """Send the head, and DATA within the windows, at most ``budget`` bytes; returns
+        bytes sent (the head counts as one)."""
         if self._finished:
             return 0
         conn = self.h2
         sent = 0
         pending = self._pending
+        headed = 0
+        if self._head is not None:
+            fields, self._head = self._head, None
+            last = self._ended and not pending
+            conn.send_headers(self.sid, fields, end_stream=last)
+            if last:
+                self._finished = True
+                conn.stream_finished(self)
+                return 1
+            headed = 1
         while pending and sent < budget:
             window = conn.window(self.sid)
             if window <= 0:
@@ -230,11 +331,11 @@ class H2Stream:
             conn.stream_finished(self)
         if not self.write_paused:
             self._wake()
-        return sent
+        return sent + headed
 
     @property
     def has_pending(self) -> bool:
-        return not self._finished and (bool(self._pending) or self._ended)
+        return not self._finished and (self._head is not None or bool(self._pending) or self._ended)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -278,12 +379,16 @@ class H2Connection(asyncio.Protocol):
         self._ping_sent = False
         self._draining = False  # after an error GOAWAY: input is dropped until the close
         self._write_soon = False  # a write of the framed bytes is scheduled
+        self._sending = False  # ready streams are being framed (_send_ready)
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
             validate_inbound_headers=False,  # h2rules checks every field, per stream
             normalize_inbound_headers=False,
             validate_outbound_headers=False,
+            # response fields come lower-case and without connection-specific fields
+            # (forward.client_response_fields, h2rules.response_fields)
+            normalize_outbound_headers=False,
         )
         self.conn = _Conn(config=config)
         s = self.settings
@@ -300,8 +405,13 @@ class H2Connection(asyncio.Protocol):
         # Given as initial values, the library announces them but applies only its defaults
         # on the peer's acknowledgement (it applies changes): apply them here.
         self.conn.max_inbound_frame_size = s.max_frame_size
-        self.conn.decoder.max_header_list_size = s.max_header_list_size
         self.conn.decoder.max_allowed_table_size = s.header_table_size
+        # The advertised header list limit is PIBL's (h2rules answers 431 on the stream);
+        # the decoder stops only far beyond it, where decoding would cost too much.
+        hard = HARD_HEADER_FACTOR * s.max_header_list_size
+        self.conn.decoder.max_header_list_size = hard
+        self.conn.incoming_buffer = _HeaderBlockBuffer(hard)
+        self.conn.stream_limit = s.max_concurrent_streams
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -313,6 +423,8 @@ class H2Connection(asyncio.Protocol):
         transport.set_protocol(self)
         self.transport = transport
         self.conn.initiate_connection()
+        # advertised, now PIBL's to enforce (see _Conn._receive_headers_frame)
+        del self.conn.local_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS]
         extra = self.settings.connection_window - 65535
         if extra > 0:
             self.conn.increment_flow_control_window(extra)
@@ -329,7 +441,8 @@ class H2Connection(asyncio.Protocol):
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self._goaway_reason("protocol_error")
+            dos = isinstance(exc, h2.exceptions.DenialOfServiceError)
+            self._goaway_reason("header_block" if dos else "protocol_error")
             self.proxy.log.info(f"HTTP/2 connection error from {self.client_ip}: {exc}")
             self._flush_out()
             self._close_soon()
@@ -343,6 +456,8 @@ class H2Connection(asyncio.Protocol):
                 self._ended(ev.stream_id)
             elif isinstance(ev, h2.events.StreamReset):
                 self._reset_by_client(ev.stream_id)
+            elif isinstance(ev, StreamRefused):
+                self.proxy.metrics.h2_refused.labels("concurrency").inc()
             elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 self.flush()
             elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -382,8 +497,11 @@ class H2Connection(asyncio.Protocol):
             self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
-            head = h2rules.request_head(fields, end_stream)
+            head = h2rules.request_head(fields, end_stream, self.settings.max_header_list_size)
         except ProtocolError as exc:
+            if exc.status == 431:
+                self._too_large(sid, exc, end_stream)
+                return
             self.proxy.metrics.h2_refused.labels("malformed").inc()
             self._log_refused(exc.reason)
             self.reset(sid, ErrorCodes.PROTOCOL_ERROR)
@@ -454,11 +572,24 @@ class H2Connection(asyncio.Protocol):
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.conn.acknowledge_received_data(n, sid)  # (closed stream: connection)
 
-    def _log_refused(self, reason: str) -> None:
+    def _too_large(self, sid: int, exc: ProtocolError, end_stream: bool) -> None:
+        """A header list beyond SETTINGS_MAX_HEADER_LIST_SIZE: answered 431 on its stream
+        (RFC 9113 §10.5.1, and what PIBL answers an HTTP/1.1 head that is too large); if
+        the client has a body to send, RST_STREAM NO_ERROR follows the answer (§8.1)."""
+        self.proxy.metrics.h2_refused.labels("header_list").inc()
+        self._log_refused(exc.reason, exc.status)
+        stream = H2Stream(self, sid, Incoming(None, None), head_request=False)
+        stream.stop_request = not end_stream
+        self.streams[sid] = stream
+        stream.write(simple_response(exc.status, exc.reason))
+        stream._served()
+
+    def _log_refused(self, reason: str, status: int = 400) -> None:
         """One access line for a stream refused before its exchange (as HTTP/1.1 requests
-        refused while parsing get one): status 400, the reason as detail."""
+        refused while parsing get one): the status (400 if malformed), the reason as
+        detail."""
         record = AccessRecord(
-            client=self.client_ip, request_line="-", host="-", status=400, detail=reason
+            client=self.client_ip, request_line="-", host="-", status=status, detail=reason
         )
         record.total = time.monotonic() - record.started
         self.proxy.log.access(record)
@@ -530,6 +661,8 @@ class H2Connection(asyncio.Protocol):
         self._flush_out()
 
     def stream_finished(self, stream: H2Stream) -> None:
+        if stream.stop_request:  # (a complete answer to a request still being sent)
+            self.reset(stream.sid, ErrorCodes.NO_ERROR)
         self.maybe_done(stream)
 
     def maybe_done(self, stream: H2Stream) -> None:
@@ -540,9 +673,21 @@ class H2Connection(asyncio.Protocol):
             self._maybe_idle()
 
     def flush(self) -> None:
-        """Send what the windows allow, stream by stream, a frame at a time each."""
-        if self.closed:
+        """Send what the windows allow, and what the library framed (at the end of this
+        loop iteration)."""
+        self._flush_out()
+
+    def _send_ready(self) -> None:
+        """Frame what the windows allow, stream by stream, a frame at a time each."""
+        if self.closed or self._sending:
             return
+        self._sending = True
+        try:
+            self._send_rounds()
+        finally:
+            self._sending = False
+
+    def _send_rounds(self) -> None:
         budget = self.frame_size
         ready = self.ready
         for _ in range(10000):  # bounded: each round sends a frame per ready stream or stops
@@ -558,17 +703,19 @@ class H2Connection(asyncio.Protocol):
                         del ready[sid]
             if not progress or self.conn.outbound_flow_control_window <= 0:
                 break
-        self._flush_out()
 
     def _flush_out(self) -> None:
-        """Write what the library framed; frames made in one loop iteration (a response's
-        HEADERS and DATA, other streams' frames) leave in one write, as one segment."""
+        """Frame and write at the end of this loop iteration: what the streams made ready
+        and what the library framed (a response's HEADERS and DATA, other streams' frames)
+        leave in one write, as one segment."""
         if not self._write_soon and not self.closed:
             self._write_soon = True
             self.loop.call_soon(self._write_out)
 
     def _write_out(self) -> None:
         self._write_soon = False
+        if self.ready:
+            self._send_ready()
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)

@@ -21,8 +21,10 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 import pytest
 import trustme
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from tests.support import Backend, ProxyThread, free_port, pattern_sha256, wait_for
 
@@ -449,22 +451,158 @@ def test_graceful_stop_lets_streams_finish(
     client.close()
 
 
-def test_a_header_list_beyond_the_limit_ends_the_connection(
+def settled(client: Client) -> None:
+    """Wait for PIBL's SETTINGS (they apply once acknowledged; pump sends the ACK)."""
+    assert client.pump(
+        lambda: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in client.events)
+    )
+
+
+def refused(proxy: ProxyThread, reason: str) -> float:
+    assert proxy.worker is not None
+    value: float = proxy.worker.proxy.metrics.h2_refused.labels(reason)._value.get()
+    return value
+
+
+def test_streams_beyond_the_limit_are_refused_and_the_connection_goes_on(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, server=H2C, http2={"max_concurrent_streams": 3})
+    client = Client(proxy.port)
+    settled(client)
+    assert client.conn.remote_settings.max_concurrent_streams == 3
+    # the client's own library would not open more: lift its copy of the limit
+    client.conn.remote_settings.max_concurrent_streams = 100
+    client.conn.remote_settings.acknowledge()
+    conn = client.conn
+    first = [client.request(f"/slow?s=0.5&n={i}") for i in range(3)]
+    # two more while three are open, in the same write: each adds a field to the HPACK
+    # dynamic table, which a later request refers to by index
+    over = []
+    for i in range(2):
+        sid = conn.get_next_available_stream_id()
+        fields = [*BASE[:2], (b":path", f"/over{i}".encode()), BASE[3], (b"x-token", b"t%d" % i)]
+        conn.send_headers(sid, fields, end_stream=i == 0)
+        over.append(sid)
+    client.flush()
+    assert client.pump(lambda: all(s in client.ended for s in first) and len(client.resets) == 2)
+    assert client.resets == dict.fromkeys(over, 7)  # REFUSED_STREAM: the client may retry
+    for i, sid in enumerate(first):
+        assert client.heads[sid][b":status"] == b"200"
+        assert bytes(client.bodies[sid]).endswith(f"GET /slow?s=0.5&n={i}".encode())
+    # the connection goes on; the refused blocks were decoded (HPACK state in step)
+    after = client.request("/after", extra=[(b"x-token", b"t1")])
+    assert client.pump(lambda: after in client.ended)
+    assert client.heads[after][b":status"] == b"200"
+    assert client.goaway is None
+    seen = [s for b in backends for s in b.seen]
+    assert sorted(s.path for s in seen) == ["/after", *(f"/slow?s=0.5&n={i}" for i in range(3))]
+    assert (
+        dict((k.lower(), v) for k, v in seen_by_path(backends, "/after").headers)["x-token"] == "t1"
+    )
+    client.close()
+    assert refused(proxy, "concurrency") == 2
+
+
+def seen_by_path(backends: list[Backend], path: str) -> Any:
+    return next(s for b in backends for s in b.seen if s.path == path)
+
+
+def test_a_header_list_beyond_the_limit_gets_431_on_its_stream(
     backends: list[Backend], make_proxy: Callable[..., ProxyThread]
 ) -> None:
     proxy = make_proxy(backends, server=H2C, http2={"max_header_list_size": 4096})
     client = Client(proxy.port)
-    # PIBL's SETTINGS apply once the client acknowledged them (pump sends the ACK)
-    assert client.pump(
-        lambda: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in client.events)
+    settled(client)
+    slow = client.request("/slow?s=0.5")
+    big = client.request("/big", extra=[(b"x-big", b"v" * 8000)])
+    # with a body still to come: answered, then RST_STREAM NO_ERROR stops the upload
+    upload = client.request(
+        "/big-upload", method=b"POST", extra=[(b"x-big", b"v" * 8000)], end_stream=False
     )
-    client.request("/big", extra=[(b"x-big", b"v" * 8000)])
-    assert client.pump(lambda: client.goaway is not None)
-    assert client.goaway is not None and client.goaway.error_code != 0
+    assert client.pump(lambda: {slow, big, upload} <= client.ended and upload in client.resets)
+    for sid in (big, upload):
+        assert client.heads[sid][b":status"] == b"431"
+        assert bytes(client.bodies[sid]).startswith(b"431 Request Header Fields Too Large")
+    assert client.resets[upload] == 0  # NO_ERROR
+    assert big not in client.resets
+    assert client.heads[slow][b":status"] == b"200"  # the other stream was not disturbed
+    nxt = client.request("/next")
+    assert client.pump(lambda: nxt in client.ended)
+    assert client.heads[nxt][b":status"] == b"200"
+    assert client.goaway is None
     client.close()
-    assert not any(b.seen for b in backends)
-    r = curl("--http2-prior-knowledge", proxy.url + "/next")
-    assert r.stdout.endswith("GET /next")
+    assert sorted(s.path for b in backends for s in b.seen) == ["/next", "/slow?s=0.5"]
+    assert sum('"-" 431' in line for line in proxy.log_lines()) == 2
+    assert refused(proxy, "header_list") == 2
+    # far beyond the limit (4 x max_header_list_size), decoding stops: the connection ends
+    greedy = Client(proxy.port)
+    settled(greedy)
+    greedy.request("/huge", extra=[(b"x-big", b"v" * 20000)])
+    assert greedy.pump(lambda: greedy.goaway is not None)
+    assert greedy.goaway is not None and greedy.goaway.error_code == 11  # ENHANCE_YOUR_CALM
+    greedy.close()
+    r = curl("--http2-prior-knowledge", proxy.url + "/later")
+    assert r.stdout.endswith("GET /later")
+
+
+def header_block_start(sid: int = 1) -> bytes:
+    """A HEADERS frame of a valid request without END_HEADERS: a block left open."""
+    frame = HeadersFrame(sid)
+    frame.data = hpack.Encoder().encode(BASE)
+    frame.flags.add("END_STREAM")
+    return bytes(frame.serialize())
+
+
+def continuation(data: bytes, sid: int = 1) -> bytes:
+    frame = ContinuationFrame(sid)
+    frame.data = data
+    return bytes(frame.serialize())
+
+
+def test_continuation_floods_end_the_connection_within_bounds(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    limit = 8192  # max_header_list_size: a header block may gather 4 x 8192 bytes
+    proxy = make_proxy(
+        backends, server=H2C, http2={"max_header_list_size": limit, "max_frame_size": 1 << 20}
+    )
+    # bytes: a block just under the bound is held, the next fragment ends the connection
+    client = Client(proxy.port)
+    settled(client)
+    start = header_block_start()
+    client.sock.sendall(start + continuation(b"\x00" * (4 * limit - (len(start) - 9))))
+    assert client.pump(lambda: client.goaway is not None, timeout=0.5) is False
+    client.sock.sendall(continuation(b"\x00"))
+    assert client.pump(lambda: client.goaway is not None)
+    assert client.goaway is not None and client.goaway.error_code == 11  # ENHANCE_YOUR_CALM
+    client.close()
+    # frames: 31 empty CONTINUATION frames are held, the 32nd without END_HEADERS is not
+    client = Client(proxy.port)
+    settled(client)
+    client.sock.sendall(header_block_start() + continuation(b"") * 31)
+    assert client.pump(lambda: client.goaway is not None, timeout=0.5) is False
+    client.sock.sendall(continuation(b""))
+    assert client.pump(lambda: client.goaway is not None)
+    assert client.goaway is not None and client.goaway.error_code == 11
+    client.close()
+    # a flood of large frames (64 x 1 MiB offered; the library alone would gather it all)
+    # while another client is served
+    attacker = Client(proxy.port)
+    settled(attacker)
+    with contextlib.suppress(OSError):
+        attacker.sock.sendall(header_block_start())
+        for _ in range(64):
+            attacker.sock.sendall(continuation(b"\x00" * (1 << 20)))
+            r = curl("--http2-prior-knowledge", proxy.url + "/meanwhile", timeout=5)
+            assert r.stdout.endswith("GET /meanwhile")
+    assert attacker.pump(lambda: attacker.goaway is not None)
+    assert attacker.goaway is not None and attacker.goaway.error_code == 11
+    attacker.close()
+    assert not any(s.path == "/" for b in backends for s in b.seen)
+    assert proxy.worker is not None
+    goaways = proxy.worker.proxy.metrics.h2_goaways.labels("header_block")._value.get()
+    assert goaways == 3
 
 
 def test_ping_on_a_silent_connection_and_its_timeout(

@@ -13,10 +13,12 @@ from pibl.http.forward import (
     HOP_BY_HOP,
     REASONS,
     client_response,
+    client_response_fields,
     request_id,
     simple_response,
     upstream_request,
 )
+from pibl.http.h2rules import response_fields
 from pibl.http.message import BodyKind, RequestHead, ResponseHead
 from pibl.http.parse import Body, End, Head, RequestParser, ResponseParser
 
@@ -794,3 +796,44 @@ def test_request_ids_are_unique_and_differ_in_a_forked_child() -> None:
     parent = request_id(None)
     assert HEX32.match(child)
     assert child[:16] != parent[:16]  # a new random prefix after the fork
+
+
+# -- the HTTP/2 form of the client's response head -----------------------------------------
+
+_FIELD_NAMES = st.sampled_from(
+    [b"Content-Type", b"Date", b"Set-Cookie", b"Connection", b"Keep-Alive",
+     b"Transfer-Encoding", b"X-Request-ID", b"Trailer", b"TE", b"Upgrade", b"X-Custom",
+     b"Cache-Control", b"Vary", b"X-Named"]
+)  # fmt: skip
+_FIELD_VALUES = st.sampled_from([b"1", b"text/html", b"close", b"x-named", b"a, x-custom", b""])
+
+
+@given(
+    headers=st.lists(st.tuples(_FIELD_NAMES, _FIELD_VALUES), max_size=10),
+    status=st.sampled_from([200, 204, 304, 404, 503]),
+    body=st.sampled_from([BodyKind.LENGTH, BodyKind.CHUNKED, BodyKind.CLOSE, BodyKind.NONE]),
+    framing=st.sampled_from([BodyKind.LENGTH, BodyKind.CHUNKED, BodyKind.NONE]),
+    extra=st.lists(st.tuples(st.sampled_from([b"Set-Cookie", b"X-Cache"]), _FIELD_VALUES)),
+)
+@settings(max_examples=300)
+def test_http2_fields_are_the_http11_head_read_back(
+    headers: list[tuple[bytes, bytes]],
+    status: int,
+    body: BodyKind,
+    framing: BodyKind,
+    extra: list[tuple[bytes, bytes]],
+) -> None:
+    """What an HTTP/2 stream's fast path sends equals the HTTP/1.1 head PIBL would write,
+    parsed back and translated (the way every other response reaches an HTTP/2 client)."""
+    if body is BodyKind.LENGTH:  # (as parsed from a backend: one valid value)
+        headers = [*headers[:1], (b"Content-Length", b"1"), *headers[1:]]
+    resp = ResponseHead(status=status, reason=b"Whatever", version=b"1.1", headers=headers,
+                        body=body, content_length=1 if body is BodyKind.LENGTH else 0)  # fmt: skip
+    kw = {"framing": framing, "rid": b"rid-1", "via": b"pibl", "extra": extra}
+    raw = client_response(resp, keep_alive=True, client_version=b"1.1", **kw)  # type: ignore[arg-type]
+    head = next(
+        ev.head for ev in ResponseParser(head_request=True).feed(raw) if isinstance(ev, Head)
+    )
+    assert isinstance(head, ResponseHead)
+    expected = response_fields(head.status, head.headers)
+    assert client_response_fields(resp, **kw) == expected  # type: ignore[arg-type]

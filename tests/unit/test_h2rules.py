@@ -152,3 +152,18 @@ def test_response_fields_drop_hop_by_hop() -> None:
         (b"set-cookie", b"a=1"),
         (b"set-cookie", b"b=2"),
     ]
+
+
+def test_a_header_list_beyond_max_size_is_431() -> None:
+    fields = [*BASE, (b"x-big", b"v" * 1000)]
+    size = sum(len(n) + len(v) + 32 for n, v in fields)  # RFC 9113 §6.5.2
+    assert request_head(fields, True, max_size=size).host == b"example.com"  # at the limit
+    with pytest.raises(ProtocolError) as info:
+        request_head(fields, True, max_size=size - 1)
+    assert info.value.status == 431
+    assert f"{size} bytes" in info.value.reason
+    # the 32 bytes a field count too: many small fields reach the limit as well
+    small = [*BASE, *[(b"a", b"") for _ in range(40)]]
+    with pytest.raises(ProtocolError) as info:
+        request_head(small, True, max_size=40 * 32)
+    assert info.value.status == 431

@@ -42,3 +42,19 @@ def test_installed_handler_catches_a_failing_callback() -> None:
 
     asyncio.run(main())
     assert "ZeroDivisionError" in stream.getvalue()
+
+
+def test_a_log_with_no_file_and_no_stdout_does_no_work() -> None:
+    from pibl.observe.accesslog import AccessRecord
+
+    formatted: list[AccessRecord] = []
+    log = AccessLog(path=None, stdout=False)
+    log._format = lambda record: formatted.append(record) or "line"  # type: ignore[assignment,func-returns-value]
+    log.access(AccessRecord(client="127.0.0.1", request_line="GET / HTTP/1.1", host="h"))
+    log.event("warning", "nothing to write it to")
+    assert formatted == []  # not even formatted
+    assert log._queue.empty() and not log._thread.is_alive()  # no thread waking for it
+    log.close()
+    busy, stream = _log()  # one with a sink formats and writes
+    busy.access(AccessRecord(client="127.0.0.1", request_line="GET / HTTP/1.1", host="h"))
+    assert '"GET / HTTP/1.1"' in stream.getvalue()
