@@ -19,7 +19,10 @@ Method (the same as ``compare.py``, see bench/README.md):
 * Load: ``h2load -c<C> -m<M> -D<D>`` after a warm-up run; CPU microseconds per request = the
   server's process tree CPU time (utime + stime, /proc) during the run / requests completed.
 
-Standard library only (plus hypercorn for its row: ``.venv/bin/pip install hypercorn``).
+Each run's rows are saved under bench/results/ (``h2-<time>-<mode>.json``); ``--chart PNG
+--replot A.json B.json`` draws one chart from saved runs (say the tls and the h2c one) and
+exits. Standard library only (plus hypercorn for its row, and matplotlib for the chart:
+``.venv/bin/pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -173,7 +176,15 @@ def main() -> int:
     p.add_argument("--base-port", type=int, default=18400)
     p.add_argument("--python", default=str(REPO / ".venv" / "bin" / "python"))
     p.add_argument("--base", type=Path, help="checkout the pibl-base row runs PIBL from")
+    p.add_argument("--chart", type=Path, help="PNG to draw from --replot files")
+    p.add_argument("--replot", type=Path, nargs="*", default=[], help="saved runs (JSON)")
     args = p.parse_args()
+    if args.replot:
+        rows = [row for path in args.replot for row in json.loads(path.read_text())["rows"]]
+        if args.chart is None:
+            raise SystemExit("--replot needs --chart PNG")
+        note = "; ".join(json.loads(path.read_text())["run"] for path in args.replot)
+        return 0 if draw_chart(rows, args.chart, note) else 1
     if "pibl-base" in args.servers.split(",") and args.base is None:
         raise SystemExit("the pibl-base row needs --base DIR")
     for tool in ("h2load", "nginx", "haproxy", "taskset"):
@@ -267,10 +278,68 @@ def main() -> int:
             if not run["ok"]:
                 say(log_tail(item.log))
         print(json.dumps(results, indent=1))
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        saved = REPO / "bench" / "results" / f"h2-{stamp}-{args.mode}.json"
+        saved.parent.mkdir(exist_ok=True)
+        when = time.strftime("%d %b %Y %H:%M UTC", time.gmtime())
+        run = f"{args.mode}, {when}, {os.cpu_count()} CPUs"
+        saved.write_text(json.dumps({"run": run, "rows": results}, indent=1))
+        say(f"saved {saved.relative_to(REPO)}")
     finally:
         manager.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+NAMES = {
+    "pibl": "PIBL (proxying)",
+    "pibl-base": "PIBL before",
+    "pibl-h1": "PIBL, HTTP/1.1 clients",
+    "nginx": "nginx (proxying)",
+    "haproxy": "HAProxy (proxying)",
+    "hypercorn": "hypercorn (answering itself)",
+}
+COLORS = {
+    "pibl": "#d9534f",
+    "pibl-base": "#f0a8a6",
+    "pibl-h1": "#e8a33d",
+    "nginx": "#2e8b57",
+    "haproxy": "#3a6fb0",
+    "hypercorn": "#8e6bb8",
+}
+
+
+def draw_chart(rows: list[dict[str, object]], path: Path, note: str) -> bool:
+    """CPU microseconds per request by mode (tls, h2c) and server, one bar each."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        say("matplotlib is not importable; chart skipped (pip install -e '.[bench]')")
+        return False
+    modes = list(dict.fromkeys(str(r["mode"]) for r in rows))
+    servers = list(dict.fromkeys(str(r["server"]) for r in rows))
+    width = 0.8 / len(servers)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for s, server in enumerate(servers):
+        xs, ys = [], []
+        for m, mode in enumerate(modes):
+            for r in rows:
+                if r["server"] == server and r["mode"] == mode and r.get("ok"):
+                    xs.append(m + (s - (len(servers) - 1) / 2) * width)
+                    ys.append(float(str(r["cpu_us_per_req"])))
+        bars = ax.bar(xs, ys, width, label=NAMES.get(server, server), color=COLORS.get(server))
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(modes)), [f"HTTP/2 over {m.upper()}" for m in modes])
+    ax.set_ylabel("CPU microseconds per request (lower is better)")
+    ax.set_title(f"HTTP/2 to clients, 1 KiB responses\n{note}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    say(f"chart written to {path}")
+    return True
 
 
 if __name__ == "__main__":
