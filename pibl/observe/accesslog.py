@@ -114,7 +114,13 @@ def format_json(r: AccessRecord) -> str:
 
 
 class AccessLog:
-    """Formats on the loop, writes on a thread."""
+    """Queues records on the loop; a thread formats and writes them in batches.
+
+    The loop's share of a request's log line is one ``SimpleQueue.put`` of its record (the
+    record is finished by then and never changed again); formatting and writing happen
+    on the writer thread, a few milliseconds later and many lines at a time. Event lines
+    (``info``, ``warning``...) are queued already formatted, in the same order.
+    """
 
     def __init__(
         self,
@@ -129,7 +135,7 @@ class AccessLog:
         self._stream = stream if stream is not None else (sys.stdout if stdout else None)
         self._format = format_json if fmt == "json" else format_combined
         self._json = fmt == "json"
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[str | AccessRecord | None] = queue.SimpleQueue()
         self._reopen = threading.Event()
         self._file: TextIO | None = None
         self._next_open = 0.0
@@ -147,7 +153,11 @@ class AccessLog:
     # -- loop side ----------------------------------------------------------------------
 
     def access(self, record: AccessRecord) -> None:
-        if not self.silent:
+        if self.silent:
+            return
+        if self._threaded:
+            self._queue.put(record)  # formatted by the writer thread
+        else:
             self._put(self._format(record))
 
     def _put(self, line: str) -> None:
@@ -214,8 +224,17 @@ class AccessLog:
                 self._file.close()
             self._file = None
 
+    def _line(self, item: str | AccessRecord) -> str:
+        if isinstance(item, str):
+            return item
+        try:
+            return self._format(item)
+        except Exception:  # a record no format expected: its line says so, the log goes on
+            return f"unformattable access record {item!r}"
+
     def _run(self) -> None:
         q = self._queue
+        line = self._line
         running = True
         while running:
             batch: list[str] = []
@@ -227,7 +246,7 @@ class AccessLog:
                 if item is None:
                     running = False
                     break
-                batch.append(item)
+                batch.append(line(item))
                 if len(batch) >= 4096:
                     break
                 try:
