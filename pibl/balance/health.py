@@ -356,8 +356,17 @@ class Balancer:
         self, now: float, exclude: frozenset[int] | set[int], prefer: int | None
     ) -> int | None:
         states = self.states
+        if not (exclude or self.panicking) and prefer is None and self.policy == "round_robin":
+            # The common pick: every backend available at full weight. The rotation's own
+            # weights are the configured ones, and nothing can start a panic.
+            for s in states:
+                if not s.available(now) or s.ramping(now):
+                    break
+            else:
+                return self._rotation.pick()
         available = self._candidates(now)
-        available = [a and i not in exclude for i, a in enumerate(available)]
+        if exclude:
+            available = [a and i not in exclude for i, a in enumerate(available)]
         if prefer is not None and 0 <= prefer < len(states) and available[prefer]:
             return prefer
         if not any(available):
