@@ -348,6 +348,26 @@ class ResponseParser:
         self._decoders: list[_TransferDecoder] = []  # last applied coding first
         self.trailing_junk = False
 
+    def reset(
+        self, *, head_request: bool, on_interim: Callable[[ResponseHead], None] | None
+    ) -> bool:
+        """Ready for the next response on the same keep-alive connection; False if this
+        parser cannot be used again (llhttp was stopped early, or the last response did
+        not end cleanly): then the connection needs a new one."""
+        if (
+            not self._done
+            or self._head_request  # stopped after the head, on purpose
+            or self._upgraded
+            or self.trailing_junk
+            or self._c.error is not None
+        ):
+            return False
+        self._head_request = head_request
+        self._on_interim = on_interim
+        self._done = False
+        self._decoders = []
+        return True
+
     def feed_eof(self) -> list[Event]:
         """The backend closed the connection: the end of a body delimited by close.
 

@@ -182,7 +182,9 @@ class UpstreamConnection(WriteFlow):
     ) -> None:
         """Begin an exchange: send the request head, expect one response (and hand any
         interim 1xx responses before it to ``on_interim``)."""
-        self._parser = ResponseParser(head_request=head_request, on_interim=on_interim)
+        parser = self._parser
+        if parser is None or not parser.reset(head_request=head_request, on_interim=on_interim):
+            self._parser = ResponseParser(head_request=head_request, on_interim=on_interim)
         self._events.clear()
         self._buffered = 0
         self._error = None

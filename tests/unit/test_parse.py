@@ -1508,3 +1508,32 @@ def test_interim_responses_are_handed_over_not_returned_as_events() -> None:
     head = events[0]
     assert isinstance(head, Head) and isinstance(head.head, ResponseHead)
     assert head.head.status == 200 and head.head.headers == [(b"Content-Length", b"2")]
+
+
+def test_a_response_parser_is_reused_for_the_next_response_on_the_connection() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+    chunked = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    parser = ResponseParser()
+    assert not parser.reset(head_request=False, on_interim=None)  # nothing parsed yet
+    first = parser.feed(ok)
+    assert parser.reset(head_request=False, on_interim=None)
+    second = parser.feed(chunked)
+    assert parser.reset(head_request=False, on_interim=None)
+    third = parser.feed(ok[:20])
+    assert not parser.reset(head_request=False, on_interim=None)  # mid-response
+    third += parser.feed(ok[20:])
+    for events, fresh in ((first, ok), (second, chunked), (third, ok)):
+        expected = ResponseParser().feed(fresh)
+        assert [type(e) for e in events] == [type(e) for e in expected]
+        assert events[0].head.status == expected[0].head.status  # type: ignore[union-attr]
+        body = b"".join(e.data for e in events if isinstance(e, Body))
+        assert body == b"".join(e.data for e in expected if isinstance(e, Body))
+
+
+def test_a_parser_stopped_after_a_head_response_is_not_reused() -> None:
+    parser = ResponseParser(head_request=True)
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+    assert isinstance(events[-1], End)
+    assert not parser.reset(head_request=False, on_interim=None)
+    with pytest.raises(ProtocolError):  # still refuses bytes nobody asked for
+        parser.feed(b"HTTP/1.1 200 OK\r\n")
