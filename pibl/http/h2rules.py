@@ -58,12 +58,16 @@ def check_field(name: bytes, value: bytes) -> None:
         raise _malformed(f"whitespace around the value of {name[:40]!r}")
 
 
-def request_head(fields: HeaderList, end_stream: bool, max_size: int = 2**31) -> RequestHead:
+def request_head(
+    fields: HeaderList, end_stream: bool, max_size: int = 2**31, max_fields: int = 2**31
+) -> RequestHead:
     """The HTTP/1.1 request head of an HTTP/2 request's fields, or ``ProtocolError``.
 
     ``end_stream``: the HEADERS frame ended the stream (the request has no body).
     ``max_size``: SETTINGS_MAX_HEADER_LIST_SIZE; a larger list (names and values plus 32
     bytes a field, RFC 9113 §6.5.2) is ``ProtocolError(431)``, answered on its stream.
+    ``max_fields``: ``[limits] max_headers``, as for an HTTP/1.1 head: more regular fields
+    are ``ProtocolError(431)`` too (cookie crumbs count as the one field they become).
     """
     size = 32 * len(fields)
     pseudo: dict[bytes, bytes] = {}
@@ -111,6 +115,8 @@ def request_head(fields: HeaderList, end_stream: bool, max_size: int = 2**31) ->
         raise ProtocolError(
             431, f"request header fields too large ({size} bytes, limit {max_size})"
         )
+    if len(headers) + (1 if cookies else 0) > max_fields:
+        raise ProtocolError(431, "too many header fields")
     method = pseudo.get(b":method")
     scheme = pseudo.get(b":scheme")
     path = pseudo.get(b":path")

@@ -497,7 +497,12 @@ class H2Connection(asyncio.Protocol):
             self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
-            head = h2rules.request_head(fields, end_stream, self.settings.max_header_list_size)
+            head = h2rules.request_head(
+                fields,
+                end_stream,
+                self.settings.max_header_list_size,
+                self.proxy.config.limits.max_headers,
+            )
         except ProtocolError as exc:
             if exc.status == 431:
                 self._too_large(sid, exc, end_stream)

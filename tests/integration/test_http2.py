@@ -546,6 +546,22 @@ def test_a_header_list_beyond_the_limit_gets_431_on_its_stream(
     assert r.stdout.endswith("GET /later")
 
 
+def test_more_header_fields_than_max_headers_get_431_on_their_stream(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    proxy = make_proxy(backends, server=H2C, limits={"max_headers": 20})
+    client = Client(proxy.port)
+    settled(client)
+    many = client.request("/many", extra=[(b"x-h%d" % i, b"v") for i in range(30)])
+    crumbs = client.request("/crumbs", extra=[(b"cookie", b"c%d=1" % i) for i in range(60)])
+    assert client.pump(lambda: {many, crumbs} <= client.ended)
+    assert client.heads[many][b":status"] == b"431"
+    assert client.heads[crumbs][b":status"] == b"200"  # the crumbs are one Cookie field
+    assert client.goaway is None
+    client.close()
+    assert sorted(s.path for b in backends for s in b.seen) == ["/crumbs"]
+
+
 def header_block_start(sid: int = 1) -> bytes:
     """A HEADERS frame of a valid request without END_HEADERS: a block left open."""
     frame = HeadersFrame(sid)

@@ -167,3 +167,15 @@ def test_a_header_list_beyond_max_size_is_431() -> None:
     with pytest.raises(ProtocolError) as info:
         request_head(small, True, max_size=40 * 32)
     assert info.value.status == 431
+
+
+def test_more_fields_than_max_headers_is_431_and_cookie_crumbs_count_once() -> None:
+    fields = [*BASE, *[(b"x-h%d" % i, b"v") for i in range(10)]]
+    regular = sum(1 for n, _ in fields if not n.startswith(b":"))
+    assert request_head(fields, True, max_fields=regular).host == b"example.com"
+    with pytest.raises(ProtocolError) as info:
+        request_head(fields, True, max_fields=regular - 1)
+    assert info.value.status == 431 and info.value.reason == "too many header fields"
+    crumbs = [*BASE, *[(b"cookie", b"c%d=1" % i) for i in range(50)]]
+    head = request_head(crumbs, True, max_fields=regular + 1)
+    assert sum(1 for n, _ in head.headers if n == b"cookie") == 1
