@@ -458,6 +458,7 @@ class H2Connection(asyncio.Protocol):
                 self._reset_by_client(ev.stream_id)
             elif isinstance(ev, StreamRefused):
                 self.proxy.metrics.h2_refused.labels("concurrency").inc()
+                self._count_reset()
             elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 self.flush()
             elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -510,6 +511,7 @@ class H2Connection(asyncio.Protocol):
             self.proxy.metrics.h2_refused.labels("malformed").inc()
             self._log_refused(exc.reason)
             self.reset(sid, ErrorCodes.PROTOCOL_ERROR)
+            self._count_reset()
             return
         incoming = Incoming(head, None)
         stream = H2Stream(self, sid, incoming, head.method == b"HEAD")
@@ -609,17 +611,26 @@ class H2Connection(asyncio.Protocol):
         stream._finished = True  # (its exchange fails on the body and logs a 400)
         self.reset(stream.sid, ErrorCodes.PROTOCOL_ERROR)
         self.streams.pop(stream.sid, None)
+        self._count_reset()
 
     def _reset_by_client(self, sid: int) -> None:
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            stream.lost()
+        self._count_reset()
+        self._maybe_idle()
+
+    def _count_reset(self) -> None:
+        """One more stream reset that the client caused: by RST_STREAM, or by PIBL for its
+        error (a malformed request, a stream beyond the concurrency limit). Both count
+        toward ``max_resets``: a client that provokes resets instead of sending them (the
+        "MadeYouReset" variant of rapid reset, CVE-2025-8671) is stopped the same way."""
         now = time.monotonic()
         resets = self._resets
         resets.append(now)
         while resets and resets[0] < now - self.settings.reset_interval:
             resets.popleft()
-        stream = self.streams.pop(sid, None)
-        if stream is not None:
-            stream.lost()
-        if len(resets) > self.settings.max_resets:
+        if len(resets) > self.settings.max_resets and not self._draining:
             self.proxy.log.warning(
                 f"HTTP/2 client {self.client_ip} reset {len(resets)} streams in "
                 f"{self.settings.reset_interval:g} s: GOAWAY ENHANCE_YOUR_CALM"
@@ -628,7 +639,6 @@ class H2Connection(asyncio.Protocol):
             self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
             self._flush_out()
             self._close_soon()
-        self._maybe_idle()
 
     # -- used by the streams -----------------------------------------------------------------
 

@@ -418,6 +418,33 @@ def test_rapid_reset_gets_goaway_and_others_are_served(
     assert metrics_ok
 
 
+def test_resets_a_client_provokes_count_toward_the_rapid_reset_cap(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    """Malformed requests PIBL resets (PROTOCOL_ERROR) count like the client's own resets:
+    a flood of them gets GOAWAY ENHANCE_YOUR_CALM ("MadeYouReset", CVE-2025-8671)."""
+    proxy = make_proxy(backends, server=H2C, http2={"max_resets": 20, "reset_interval": 10})
+    attacker = Client(proxy.port)
+    settled(attacker)
+    for i in range(60):  # bounded: an uppercase field name is malformed (RFC 9113 §8.2.1)
+        attacker.request(f"/bad{i}", extra=[(b"X-Upper", b"1")])
+        with contextlib.suppress(OSError):
+            attacker.flush()
+    assert attacker.pump(lambda: attacker.goaway is not None)
+    assert attacker.goaway is not None and attacker.goaway.error_code == 11
+    attacker.close()
+    assert not any(s.path.startswith("/bad") for b in backends for s in b.seen)
+    r = curl("--http2-prior-knowledge", proxy.url + "/other")
+    assert r.stdout.endswith("GET /other")
+    under = Client(proxy.port)  # below the cap, malformed requests are only refused
+    settled(under)
+    bad = [under.request(f"/bad{i}", extra=[(b"X-Upper", b"1")]) for i in range(5)]
+    good = under.request("/good")
+    assert under.pump(lambda: good in under.ended and set(bad) <= set(under.resets))
+    assert under.goaway is None
+    under.close()
+
+
 def test_stream_limit_idle_goaway_and_settings(
     backends: list[Backend], make_proxy: Callable[..., ProxyThread]
 ) -> None:
