@@ -200,8 +200,8 @@ class CacheLayer:
         ranged = get_header(head.headers, b"range")
         left = incoming.resume
         if left is not None and left.upstream is not None:
-            # a pass the fast path started and left at the response head (storable after
-            # all, or to be compressed): the same fetch as below, from where it stands
+            # a fetch the fast path started and left at the response head to compress it:
+            # the same fetch as below, from where it stands
             return await self._fetch(
                 conn, incoming, head, rid, record, primary, "miss", asyncio.Event()
             )
@@ -391,25 +391,43 @@ class CacheLayer:
             self.remember_pass(primary, not ok)  # (only what the response decided)
         return ok, why
 
-    def fast_pass(self, conn: ResponseSink, head: RequestHead, route: Route | None) -> bytes | None:
-        """The primary key if ``handle`` would fetch this request at once, else None.
+    def fast_fetch(
+        self, conn: ResponseSink, head: RequestHead, route: Route | None
+    ) -> _StoreHook | None:
+        """The store hook of a miss that ``handle`` would fetch at once, else None.
 
-        That is a request whose URI's latest response could not be stored (hit-for-miss),
-        with nothing stored for it, no Range and no ``only-if-cached``: the fast path
-        forwards it, and leaves at the response head if that one can be stored after all.
+        For the fast path, which then drives the hook as ``_fetch`` does (Cache-Status at
+        the head, the body teed to the store, the entry committed and the waiters woken at
+        the end). That is a request with nothing stored for it, no Range and no
+        ``only-if-cached``, and either a URI whose latest response could not be stored
+        (Varnish's hit-for-miss: fetched without queueing) or one nobody else is fetching
+        (this request leads: later ones wait for it in ``handle``). With a Redis tier a
+        miss takes ``handle``, which asks the fleet first.
         """
-        if policy.bypass_reason(head.method, head.headers) is not None:
-            return None
-        primary = primary_key(conn.scheme, key_host(head.host or b"-", route), head.target)
-        if not self._passing(primary) or self.store.lookup(primary, head.headers)[0] is not None:
+        if self.remote is not None or policy.bypass_reason(head.method, head.headers):
             return None
         if get_header(head.headers, b"range") is not None or policy.only_if_cached(head.headers):
             return None
-        return primary
+        primary = primary_key(conn.scheme, key_host(head.host or b"-", route), head.target)
+        entry, found = self.store.lookup(primary, head.headers)
+        if entry is not None:
+            return None  # stale, or not for this request: handle() decides
+        event = asyncio.Event()
+        fwd = "miss"
+        if not self._passing(primary):
+            if primary in self._inflight:
+                return None  # another request fetches it: handle() waits for that one
+            self._inflight[primary] = event
+            fwd = "vary-miss" if found == "vary-miss" else "miss"
+        hook = _StoreHook(self, primary, head, fwd, ttl=route.cache_ttl if route else None)
+        hook.event = event
+        return hook
 
-    def pass_label(self, resp: ResponseHead, why: str) -> bytes:
-        """``Cache-Status`` of a response fetched and not stored (as ``_StoreHook`` says)."""
-        return f"pibl; fwd=miss; fwd-status={resp.status}; detail={why.replace(' ', '-')}".encode()
+    def fetched(self, hook: _StoreHook, *, complete: bool) -> None:
+        """The end of a fetch the fast path drove (``fast_fetch``), whole or not."""
+        hook.finish(complete)
+        assert hook.event is not None
+        self._release(hook.primary, hook.event, hook)
 
     def remember_pass(self, primary: bytes, uncacheable: bool) -> None:
         """Note whether the URI's latest response could not be stored."""

@@ -15,11 +15,12 @@ the coroutine path, so nothing is decided twice):
   (the client connection waits for a small one still arriving: ``awaits_body``);
 * the balancer's pick has an idle pooled connection;
 * with the response cache on: a fresh hit whose body is in memory or small
-  (``serve_hit``, answered at once), or a pass: a URI whose latest response could not be
-  stored (``CacheLayer.fast_pass``, Varnish's hit-for-miss), forwarded like any request;
-  if its response can be stored after all, the exchange leaves at the response head
-  (``cache fill``) and the coroutine path stores it. Other misses, stale entries and large
-  bodies leave (``cache miss``) for ``CacheLayer.handle``.
+  (``serve_hit``, answered at once), or a miss the cache would fetch at once
+  (``CacheLayer.fast_fetch``: nothing stored, no Range, and the URI either in hit-for-miss
+  or fetched by nobody else), forwarded with the cache's own store hook, which labels the
+  response, tees its body to the store and commits it at the end. Misses that must wait for
+  another request's fetch or ask a Redis tier, stale entries and large bodies leave
+  (``cache miss``) for ``CacheLayer.handle``.
 
 A response PIBL compresses (the client accepts a coding it offers, the response is
 compressible) leaves at its head: the coroutine path takes the connection over and streams
@@ -41,7 +42,7 @@ error; ``Proxy.forward`` starts from there on the coroutine path, which retries,
 502/503/504 or aborts a response cut short exactly as it does for its own attempts. The
 reasons are counted by name in ``Proxy.fast_exits``: before the exchange starts ``needs a
 connection``, ``body to stream``, ``upgrade``, ``no backend``, ``cache miss``; after,
-``compression`` and ``cache fill`` (at the response head), ``retry`` (the reused
+``compression`` (at the response head), ``retry`` (the reused
 connection was closed by the backend as it was used: one fresh connection, as on the
 coroutine path) and ``failure``.
 
@@ -63,6 +64,7 @@ from pibl.http.parse import Body, End, Event, Head
 
 if TYPE_CHECKING:
     from pibl.observe.accesslog import AccessRecord
+    from pibl.proxy.cached import _StoreHook
     from pibl.proxy.client import Incoming
     from pibl.proxy.exchange import Proxy
     from pibl.proxy.h2 import H2Stream
@@ -184,7 +186,7 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
     if group.maxconn:
         exits["route policy"] += 1  # admission queues live on the coroutine path
         return None
-    cache_pass: bytes | None = None
+    fetch: _StoreHook | None = None
     if proxy.cache is not None and route.cache is not False:
         if head.body is not BodyKind.NONE:
             exits["body to stream"] += 1
@@ -192,8 +194,8 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
         hit = serve_hit(proxy, sink, incoming, head)
         if hit is not None:
             return hit
-        cache_pass = proxy.cache.fast_pass(sink, head, route)
-        if cache_pass is None:
+        fetch = proxy.cache.fast_fetch(sink, head, route)
+        if fetch is None:
             exits["cache miss"] += 1
             return None
     body: bytes | None = None
@@ -213,20 +215,23 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
         coding = compress.request_coding(head.method, head.headers, settings)
     prefer = proxy.sticky_backend(head, group) if group.balance.sticky else None
     index = group.pick(time.monotonic(), _NONE_TRIED, prefer)
-    if index is None:
-        exits["no backend"] += 1
-        return None
-    pool = proxy.pools[index]
-    upstream = pool.take_idle()
-    if upstream is None:
-        exits["needs a connection"] += 1
-        incoming.resume = Exit("needs a connection", index)
+    pool = proxy.pools[index] if index is not None else None
+    upstream = pool.take_idle() if pool is not None else None
+    if index is None or pool is None or upstream is None:
+        if fetch is not None:  # handle() fetches it, from the start
+            assert proxy.cache is not None
+            proxy.cache.fetched(fetch, complete=False)
+        if index is None:
+            exits["no backend"] += 1
+        else:
+            exits["needs a connection"] += 1
+            incoming.resume = Exit("needs a connection", index)
         return None
     record = incoming.record = proxy.new_record(sink, head)
     record.route, record.pool = route.name, group.name
     exchange = FastExchange(proxy, sink, incoming, head, record, index, pool, upstream, coding)
-    if cache_pass is not None:
-        exchange.cache_pass = cache_pass
+    if fetch is not None:
+        exchange.fetch = fetch
         record.cache = "MISS"
     exchange.start(proxy.request_bytes(sink, head, record.request_id, index, body), body)
     return exchange
@@ -316,7 +321,7 @@ class FastExchange:
         "_sent",
         "_started",
         "_timeout",
-        "cache_pass",
+        "fetch",
         "finished",
         "head",
         "incoming",
@@ -365,7 +370,7 @@ class FastExchange:
         self._paused = False
         self._started = 0.0
         self._timeout = proxy.group_of[index].response_timeout
-        self.cache_pass: bytes | None = None  # a cache pass: the URI's primary key
+        self.fetch: _StoreHook | None = None  # a cache miss: the cache's store hook
 
     def __repr__(self) -> str:
         return f"<FastExchange {self.head.request_line!r} {self.state.value}>"
@@ -402,15 +407,9 @@ class FastExchange:
                         self.upstream.close_delimited = True
                     compressible = self.proxy.compressible(self.head, ev.head)
                     if compressible and self._coding:
-                        self._leave_at_head(events[i:], "compression")
+                        self._leave_at_head(events[i:])
                         return
-                    label = None
-                    if self.cache_pass is not None:
-                        label = self._pass_label(ev.head)
-                        if label is None:
-                            self._leave_at_head(events[i:], "cache fill")
-                            return
-                    out = self.on_backend_head(ev.head, compressible, label)
+                    out = self.on_backend_head(ev.head, compressible)
                     if out:
                         parts.append(out)
                 elif isinstance(ev, Body):
@@ -431,9 +430,7 @@ class FastExchange:
         if not self._paused:
             self.upstream.response_timer.set(self._timeout)  # between two reads, as nginx
 
-    def on_backend_head(
-        self, resp: ResponseHead, compressible: bool, cache_status: bytes | None = None
-    ) -> bytes:
+    def on_backend_head(self, resp: ResponseHead, compressible: bool) -> bytes:
         """The response head: health, status, the head the client gets (returned, as bytes
         for HTTP/1.1; an HTTP/2 stream is handed its fields and b"" is returned)."""
         proxy = self.proxy
@@ -442,9 +439,10 @@ class FastExchange:
         proxy.backend_answered(self.index, self.head, resp, record)
         if compressible:  # for a client that accepts no coding PIBL offers
             resp = proxy.uncompressed(resp)
-        extra = proxy.client_extra(self.sink, self.index)
-        if cache_status is not None:
-            extra = [(b"Cache-Status", cache_status), *extra]
+        fetch = self.fetch
+        if fetch is not None:
+            fetch.on_head(resp)  # stored or not, and the Cache-Status that says so
+        extra = proxy.client_extra(self.sink, self.index, fetch)
         self.resp = resp
         self.state = State.STREAMING
         if self.head.http2 and not proxy.verbose:
@@ -464,6 +462,8 @@ class FastExchange:
         if data and self.send_body:
             parts.append(encode_chunk(data) if self._chunked else data)
             self._sent += len(data)
+            if self.fetch is not None and self.fetch.tee is not None:
+                self.fetch.tee.write(data)
 
     def on_backend_end(self, parts: list[bytes]) -> None:
         """The response ended cleanly: the client has it all, the connection goes back."""
@@ -473,6 +473,7 @@ class FastExchange:
         if parts:
             self._write(parts)
         assert self.resp is not None
+        self._end_fetch(complete=True)
         self._finish(reusable=self.resp.keep_alive)
         self.proxy.fast_served += 1
         self.sink.exchange_done(self.keep_alive)
@@ -518,6 +519,7 @@ class FastExchange:
         record.detail = "client closed the connection"
         if not record.response_started:
             record.status = 499  # nginx's code for a client that left before its answer
+        self._end_fetch(complete=False)
         self._finish(reusable=False)
 
     # -- internals ------------------------------------------------------------------------
@@ -547,29 +549,27 @@ class FastExchange:
         self._release(reusable=False)
         self._hand_over(Exit(reason, self.index, error, fresh=fresh))
 
-    def _pass_label(self, resp: ResponseHead) -> bytes | None:
-        """A cache pass's ``Cache-Status``, or None if the response can be stored after all
-        (then the coroutine path takes it over and stores it, as for any miss)."""
-        cache = self.proxy.cache
-        assert cache is not None and self.cache_pass is not None
-        route = self.incoming.route
-        ttl = route.cache_ttl if route is not None else None  # the route's, if it has one
-        ok, why = cache.storable(
-            self.cache_pass, self.head, resp, cache.config.ttl if ttl is None else ttl
-        )
-        return None if ok else cache.pass_label(resp, why)
-
-    def _leave_at_head(self, events: list[Event], reason: str) -> None:
+    def _leave_at_head(self, events: list[Event]) -> None:
         """Leave with the response head received: the coroutine path streams the rest."""
         self.state = State.DONE
         upstream = self.upstream
         upstream.response_timer.clear()
         upstream.sink = None  # later reads queue up for ``UpstreamConnection.read``
         self.proxy.states[self.index].active -= 1
-        exit = Exit(reason, self.index, upstream=upstream, events=events, started=self._started)
+        exit = Exit(
+            "compression", self.index, upstream=upstream, events=events, started=self._started
+        )
         self._hand_over(exit)
 
+    def _end_fetch(self, *, complete: bool) -> None:
+        """A cache miss's entry committed (or dropped) and its waiters woken."""
+        fetch, self.fetch = self.fetch, None
+        if fetch is not None:
+            assert self.proxy.cache is not None
+            self.proxy.cache.fetched(fetch, complete=complete)
+
     def _hand_over(self, exit: Exit) -> None:
+        self._end_fetch(complete=False)  # the coroutine path fetches it again, as its own
         self.proxy.in_flight -= 1  # counted again by Proxy.handle
         self.proxy.fast_exits[exit.reason] += 1
         self.incoming.resume = exit

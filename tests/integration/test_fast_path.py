@@ -13,8 +13,10 @@ import hashlib
 import re
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -402,8 +404,10 @@ def test_fresh_cache_hits_are_answered_in_the_callback_with_the_same_answers(
     # (the bodies name how often the backend served the URI: the same count both times)
     assert fast_answers == slow_answers
     assert hits_fast == backends[0].hits == 4
-    assert wait_for(lambda: served(fast) == 6)
-    assert exits(fast) == {"cache miss": 4}
+    # six hits and three of the four misses (stored by the fast path); the very first
+    # request found no pooled connection
+    assert wait_for(lambda: served(fast) == 9)
+    assert exits(fast) == {"needs a connection": 1}
     line_shapes = [_log_shape(x) for x in fast.log_lines()]
     assert line_shapes == [_log_shape(x) for x in slow.log_lines()]
 
@@ -421,7 +425,8 @@ def test_a_stale_entry_leaves_the_fast_path_and_is_revalidated(
         r = client.get(path)
     assert r.status_code == 200
     assert r.headers["cache-status"].startswith("pibl; fwd=stale")
-    assert exits(proxy) == {"cache miss": 2} and wait_for(lambda: served(proxy) == 1)
+    assert exits(proxy) == {"needs a connection": 1, "cache miss": 1}
+    assert wait_for(lambda: served(proxy) == 1)
 
 
 def test_a_slow_client_of_a_cache_hit_is_drained_before_the_next_answer(
@@ -540,11 +545,11 @@ def test_http10_clients_and_close_delimited_backends_get_the_same_bytes_on_both_
     assert wait_for(lambda: served(fast) == len(requests))
 
 
-def test_a_uri_that_cannot_be_stored_is_passed_on_the_fast_path(
+def test_misses_that_cannot_be_stored_are_forwarded_on_the_fast_path(
     backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
 ) -> None:
-    """Hit-for-miss: after a response that could not be stored, the URI's next requests
-    are forwarded in callbacks, with the answers (and Cache-Status) of the coroutine path."""
+    """Misses, and a URI's next requests in hit-for-miss, are forwarded in callbacks with
+    the answers (Cache-Status included) and log lines of the coroutine path."""
     fast, _ = _cached(make_proxy, backends[0], tmp_path / "fast", FAST)
     slow, _ = _cached(make_proxy, backends[0], tmp_path / "slow", SLOW)
     paths = ("/cache/p?cc=private", "/cache/q?cc=no-store&size=3000", "/cache/c?cookie=1")
@@ -569,13 +574,13 @@ def test_a_uri_that_cannot_be_stored_is_passed_on_the_fast_path(
         "pibl; fwd=miss; fwd-status=200; detail=no-store",
         "pibl; fwd=miss; fwd-status=200; detail=set-cookie",
     }
-    # the first request of each URI is a miss on the coroutine path; the others go fast
-    assert exits(fast) == {"cache miss": 3} and wait_for(lambda: served(fast) == 6)
+    # all fast but the very first request, which found no pooled connection
+    assert exits(fast) == {"needs a connection": 1} and wait_for(lambda: served(fast) == 8)
     assert [_log_shape(x) for x in fast.log_lines()] == [_log_shape(x) for x in slow.log_lines()]
     assert all(" cache=MISS " in line for line in fast.log_lines())
 
 
-def test_a_passed_uri_that_can_now_be_stored_leaves_at_its_head_and_is_stored(
+def test_a_hit_for_miss_uri_whose_response_can_now_be_stored_is_stored_by_the_fast_path(
     make_proxy: Callable[..., ProxyThread], tmp_path: Path
 ) -> None:
     answers = iter([b"private", b"max-age=60", b"max-age=60"])
@@ -616,11 +621,11 @@ def test_a_passed_uri_that_can_now_be_stored_leaves_at_its_head_and_is_stored(
     assert second.headers["cache-status"].startswith("pibl; fwd=miss; fwd-status=200; stored")
     assert third.content == b"version 2" and third.headers["cache-status"].startswith("pibl; hit")
     assert sent == [b"private", b"max-age=60"]
-    assert exits(proxy) == {"cache miss": 1, "cache fill": 1}
-    assert wait_for(lambda: served(proxy) == 1)  # the hit
+    assert exits(proxy) == {"needs a connection": 1}
+    assert wait_for(lambda: served(proxy) == 2)  # the fetch that stored it, and the hit
 
 
-def test_a_passed_compressible_response_leaves_to_be_compressed(
+def test_a_compressible_miss_leaves_at_its_head_to_be_compressed(
     backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
 ) -> None:
     proxy, _ = _cached(make_proxy, backends[0], tmp_path, FAST)
@@ -631,4 +636,33 @@ def test_a_passed_compressible_response_leaves_to_be_compressed(
         assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
         assert hashlib.sha256(r.content).hexdigest() == pattern_sha256(5000)
         assert r.headers["cache-status"] == "pibl; fwd=miss; fwd-status=200; detail=private"
-    assert exits(proxy) == {"cache miss": 1, "compression": 1}
+    assert exits(proxy) == {"needs a connection": 1, "compression": 1}
+
+
+def test_a_fast_miss_leads_and_concurrent_requests_wait_for_its_entry(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    """The fast path's miss registers as the fetch of its URI: requests arriving meanwhile
+    wait for its entry in ``handle`` (collapsed), and the backend is asked once."""
+    proxy, _ = _cached(make_proxy, backends[0], tmp_path, FAST)
+    with httpx.Client(base_url=proxy.url) as client:  # a pooled connection to start from
+        assert client.get("/cache/warm?cc=no-store").status_code == 200
+    backends[0].hits = 0
+    url = f"{proxy.url}/cache/slow?cc=max-age=60&delay=2"
+    results: list[httpx.Response] = []
+    leader = threading.Thread(target=lambda: results.append(httpx.get(url, timeout=20)))
+    leader.start()
+    time.sleep(0.3)  # its fetch is under way (the backend answers after 2 s)
+
+    def get(_: int) -> httpx.Response:
+        return httpx.get(url, timeout=20)
+
+    with ThreadPoolExecutor(8) as pool:
+        results += pool.map(get, range(8))
+    leader.join(20)
+    assert backends[0].hits == 1
+    assert len({r.content for r in results}) == 1
+    labels = sorted(r.headers["cache-status"] for r in results)
+    assert labels[0].startswith("pibl; fwd=miss; fwd-status=200; stored")  # the one fetch
+    assert all(label.endswith("; collapsed") for label in labels[1:]), labels
+    assert exits(proxy).get("cache miss") == 8  # the followers wait in handle()
