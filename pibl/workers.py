@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pibl.balance.consistency import VERIFYING
 from pibl.balance.health import SharedBalance
 from pibl.config import Config, load_config, resolve_path
 from pibl.discovery import Watcher, expanded_config, make_resolver, needs_discovery
@@ -48,6 +49,7 @@ from pibl.observe.metrics import prepare_multiprocess, worker_exited
 from pibl.ports import PortInUse, PortLocks, config_addresses
 from pibl.procs import alive, start_time
 from pibl.proxy.server import announce_backends, make_socket, run_worker, validate_runtime
+from pibl.proxy.shadow import SharedShadow
 from pibl.routes import route_warnings
 
 HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
@@ -78,6 +80,7 @@ class Master:
     stopping: bool = False
     rotation: SharedBalance | None = None
     limiter: RateLimiter | None = None
+    shadow: SharedShadow | None = None  # consistency checks' node-wide state (kept on reload)
     configured: Config | None = None  # as written in the file (before discovery)
     watcher: Watcher | None = None
     state_dir: Path | None = None
@@ -267,10 +270,23 @@ class Master:
         """Memory the workers share: rotation and ejections (new per generation), and the
         rate-limit buckets (made once, when a route first has a limit, and kept across
         reloads as nginx keeps its zones)."""
-        shared = SharedBalance.create(len(config.all_backends), config.server.workers)
-        if self.limiter is None and any(r.limit is not None for r in config.routes):
+        consistency = config.consistency.enabled
+        shared = SharedBalance.create(
+            len(config.all_backends), config.server.workers, holds=consistency
+        )
+        limited = any(r.limit is not None for r in config.routes)
+        if self.limiter is None and (limited or consistency):  # (shadow requests' rate too)
             self.limiter = RateLimiter.shared()
-        return dataclasses.replace(shared, limiter=self.limiter)
+        if self.shadow is None and consistency:
+            self.shadow = SharedShadow.create()
+        shared = dataclasses.replace(shared, limiter=self.limiter, consistency=self.shadow)
+        if consistency and config.consistency.verifies_return and self.rotation is not None:
+            # a reload adds backends: each is verified against the others before traffic
+            known = {b.label for b in self.config.all_backends}
+            for i, backend in enumerate(config.all_backends):
+                if backend.label not in known and shared.hold is not None:
+                    shared.hold[i] = VERIFYING
+        return shared
 
     def reload(self) -> None:
         """SIGHUP: validate, start a new generation, retire the old one gracefully."""
