@@ -299,7 +299,8 @@ class Shadow:
         if outcome.expected is not None and len(outcome.agreeing) >= 2:
             self._remember(request, outcome.expected, hot=bool(outcome.outliers))
             for name in outcome.agreeing:
-                self._resolved(name, request.url)
+                if self._index[name] in answers:  # (an older answer settles nothing)
+                    self._resolved(name, request.url)
         for name in outcome.outliers:
             i = self._index[name]
             fp = answers.get(i)
@@ -532,10 +533,12 @@ class Shadow:
         answered = 0
         rid = b"verify-%x" % self._random.getrandbits(48)
         for entry in entries:
-            fp = await self.fetch(index, self.replay_request(entry, rid), kind="replay")
+            request = self.replay_request(entry, rid)
+            fp = await self.fetch(index, request, kind="replay")
             if fp is None:
                 continue
             answered += 1
+            self.votes.record(request.vote_key, state.name, fp, time.monotonic())
             if not entry.expected.same(fp):
                 mismatches.append((entry, fp))
         version_problem = await self._version_mismatch(index)
