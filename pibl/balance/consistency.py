@@ -428,7 +428,7 @@ class ReplayRing:
     """
 
     def __init__(self, buffer: MutableSequence[bytes] | bytearray | None = None) -> None:
-        size = REPLAY_SLOTS * REPLAY_SLOT_BYTES
+        size = (REPLAY_SLOTS + 1) * REPLAY_SLOT_BYTES  # slot 0: the write position
         self.buffer: bytearray | MutableSequence[bytes] = (
             buffer if buffer is not None else bytearray(size)
         )
