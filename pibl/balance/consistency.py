@@ -379,8 +379,17 @@ class ReplayEntry:
         return self.target
 
 
+_SLOT_HEAD = struct.Struct("!HQB")  # JSON length, entry key, hot flag
+
+
+def entry_key(pool: str, method: str, target: str) -> int:
+    """The slot key of an entry: one per (pool, method, target); never 0 (empty)."""
+    digest = hashlib.blake2b(f"{pool}\0{method}\0{target}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") or 1
+
+
 def encode_entry(entry: ReplayEntry) -> bytes | None:
-    """A slot's bytes (2-byte length + JSON), or None when the entry does not fit."""
+    """A slot's bytes (length, key, hot flag, then JSON), or None when it does not fit."""
     data = json.dumps(
         [
             entry.pool,
@@ -393,19 +402,21 @@ def encode_entry(entry: ReplayEntry) -> bytes | None:
         ],
         separators=(",", ":"),
     ).encode()
-    if len(data) + 2 > REPLAY_SLOT_BYTES:
+    if len(data) + _SLOT_HEAD.size > REPLAY_SLOT_BYTES:
         return None
-    return struct.pack("!H", len(data)) + data
+    key = entry_key(entry.pool, entry.method, entry.target)
+    return _SLOT_HEAD.pack(len(data), key, entry.hot) + data
 
 
 def decode_entry(raw: bytes) -> ReplayEntry | None:
-    if len(raw) < 2:
+    if len(raw) < _SLOT_HEAD.size:
         return None
-    (n,) = struct.unpack("!H", raw[:2])
-    if n == 0 or n + 2 > len(raw):
+    n, _, _ = _SLOT_HEAD.unpack_from(raw)
+    start = _SLOT_HEAD.size
+    if n == 0 or start + n > len(raw):
         return None
     try:
-        pool, method, target, host, fields, expected, hot = json.loads(raw[2 : 2 + n])
+        pool, method, target, host, fields, expected, hot = json.loads(raw[start : start + n])
         return ReplayEntry(
             str(pool),
             str(method),
@@ -424,7 +435,8 @@ class ReplayRing:
 
     Slot 0 holds the write position. One entry per (pool, target, method): a newer answer
     replaces the older. Ordinary entries are overwritten oldest first; hot ones only when
-    every slot is hot.
+    every slot is hot. Adding reads only the slots' small heads (key and hot flag), not
+    their JSON: it runs for every agreeing comparison.
     """
 
     def __init__(self, buffer: MutableSequence[bytes] | bytearray | None = None) -> None:
@@ -438,6 +450,12 @@ class ReplayRing:
         start = (slot + 1) * REPLAY_SLOT_BYTES
         raw = self.buffer[start : start + REPLAY_SLOT_BYTES]
         return decode_entry(bytes(raw))  # type: ignore[arg-type]
+
+    def _head(self, slot: int) -> tuple[int, int, int]:
+        start = (slot + 1) * REPLAY_SLOT_BYTES
+        raw = bytes(self.buffer[start : start + _SLOT_HEAD.size])  # type: ignore[arg-type]
+        n, key, hot = _SLOT_HEAD.unpack(raw)
+        return int(n), int(key), int(hot)
 
     def _write(self, slot: int, data: bytes) -> None:
         start = (slot + 1) * REPLAY_SLOT_BYTES
@@ -455,22 +473,21 @@ class ReplayRing:
         data = encode_entry(entry)
         if data is None:
             return False
-        entries = [self._read(i) for i in range(self.slots)]
-        for i, old in enumerate(entries):
-            if old is not None and (old.pool, old.target, old.method) == (
-                entry.pool,
-                entry.target,
-                entry.method,
-            ):
-                if old.hot and not entry.hot and old.expected.same(entry.expected):
-                    return True  # keep the hot mark of a URL still answered the same
+        key = entry_key(entry.pool, entry.method, entry.target)
+        heads = [self._head(i) for i in range(self.slots)]
+        for i, (n, k, hot) in enumerate(heads):
+            if n and k == key:
+                if hot and not entry.hot:
+                    old = self._read(i)
+                    if old is not None and old.expected.same(entry.expected):
+                        return True  # keep the hot mark of a URL still answered the same
                 self._write(i, data)
                 return True
         pos = self._position()
         for step in range(self.slots):
             slot = (pos + step) % self.slots
-            old = entries[slot]
-            if old is None or not old.hot or step == self.slots - 1:
+            n, _, hot = heads[slot]
+            if not n or not hot or step == self.slots - 1:
                 self._write(slot, data)
                 self._set_position(slot + 1)
                 return True
