@@ -95,6 +95,8 @@ class StatusTracker:
     def snapshot(self) -> dict[str, Any]:
         proxy = self.proxy
         now = time.monotonic()
+        if proxy.shadow is not None:
+            proxy.shadow.adopt()  # holds set by another worker show here at once
         backends = []
         for backend, state, group in zip(proxy.backends, proxy.states, proxy.group_of, strict=True):
             name = state.name

@@ -503,8 +503,14 @@ class Shadow:
 
     # -- a backend coming back -----------------------------------------------------------------
 
+    def adopt(self) -> None:
+        """Every backend's hold as the node knows it (another worker may have set it)."""
+        for i, state in enumerate(self.proxy.states):
+            state.held = self.holds.hold[i]
+
     def on_return(self, index: int) -> None:
         """Health checks pass again: hold it and replay recent requests before traffic."""
+        self.proxy.states[index].held = self.holds.hold[index]  # another worker's verdict
         if not self.cfg.verifies_return:
             return
         group = self.proxy.group_of[index]

@@ -146,6 +146,16 @@ def backend_state(admin: int, label: str) -> str:
     return next(b["state"] for b in status(admin)["backends"] if b["name"] == label)
 
 
+def wait_state(admin: int, label: str, want: str, timeout: float = 10.0) -> bool:
+    """Until every worker shows ``want`` for the backend, three reads in a row."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while time.monotonic() < deadline and streak < 3:
+        streak = streak + 1 if backend_state(admin, label) == want else 0
+        time.sleep(0.4)
+    return streak >= 3
+
+
 def log_lines(workdir: Path) -> list[str]:
     return (workdir / "pibl.log").read_text().splitlines()
 
@@ -271,10 +281,8 @@ def test_returning_replica_with_other_content_stays_out(tmp_path: Path) -> None:
         victim.stop()
         time.sleep(4 * INTERVAL)  # down for the health checks
         victim.start(release=OTHER_RELEASE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and backend_state(admin, victim.label) != "divergent":
-            time.sleep(0.2)
-        assert backend_state(admin, victim.label) == "divergent"
+        # every worker's view (each worker's own health checks see it come back)
+        assert wait_state(admin, victim.label, "divergent"), backend_state(admin, victim.label)
         served = _client_replicas(port, 60)
         time.sleep(2.0)  # longer than its normal return time
         served += _client_replicas(port, 60)
