@@ -34,13 +34,13 @@ def _shadow_requests(backends: list[Backend]) -> list[tuple[str, dict[str, str]]
 
 
 def test_sampled_requests_are_shadowed_to_another_replica(backends: list[Backend]) -> None:
-    proxy = _proxy(backends, {"sample": 1.0, "rate": 1000})
+    proxy = _proxy(backends, {"sample": 1.0, "rate": 1000, "max_concurrent": 64})
     try:
         with httpx.Client() as client:
             responses = [client.get(f"{proxy.url}/download?size=2000") for _ in range(12)]
         assert all(r.status_code == 200 and len(r.content) == 2000 for r in responses)
         assert all("pibl-shadow" not in r.headers for r in responses)
-        assert wait_for(lambda: len(_shadow_requests(backends)) >= 12, 5)
+        assert wait_for(lambda: len(_shadow_requests(backends)) >= 12, 10)
         shadows = _shadow_requests(backends)
         ids = {r.headers["x-request-id"]: r.headers.get("x-backend") for r in responses}
         for name, headers in shadows:
