@@ -372,6 +372,104 @@ class DiscoveryConfig(_Section):
         return value
 
 
+# Response fields that differ between identical replicas (per-response times, ids,
+# connection management, file-system validators): never compared, even with headers = ["*"].
+VOLATILE_FIELDS = (
+    "Date",
+    "Age",
+    "Expires",
+    "Last-Modified",
+    "ETag",
+    "Set-Cookie",
+    "X-Request-ID",
+    "Server",
+    "Via",
+    "Connection",
+    "Keep-Alive",
+    "Transfer-Encoding",
+    "Content-Length",
+)
+_FIELD_NAME = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+
+
+class ConsistencyConfig(_Section):
+    """Shadow comparison of the replicas (see pibl/balance/consistency.py).
+
+    On when ``sample`` > 0 or ``version_path`` is set; off (the default), the request path
+    pays one check.
+    """
+
+    sample: float = Field(default=0.0, ge=0.0, le=1.0)  # share of eligible requests shadowed
+    on_divergence: Literal["report", "eject"] = "report"
+    methods: tuple[Literal["GET", "HEAD", "OPTIONS"], ...] = ("GET", "HEAD")
+    credentials: bool = False  # also shadow requests with Authorization or Cookie
+    headers: tuple[str, ...] = ("Content-Type",)  # response fields compared; "*" = all
+    ignore_headers: tuple[str, ...] = VOLATILE_FIELDS  # never compared
+    skip_paths: tuple[str, ...] = ()  # path prefixes never shadowed
+    # applied to text bodies (text/*, JSON, XML, JavaScript without Content-Encoding) before
+    # hashing: every match is removed (timestamps, CSRF tokens)
+    ignore_body: str | None = None
+    max_body: int = 1024 * 1024  # larger responses are not compared
+    max_concurrent: int = Field(default=4, ge=1, le=1024)  # shadow requests at once, per worker
+    rate: PositiveFloat = 20.0  # shadow requests per second, for the node
+    window: PositiveFloat = 300.0  # seconds an answer counts in the per-URL majority vote
+    timeout: PositiveFloat = 5.0  # for one shadow, replayed or version request
+    version_path: str | None = None  # read from every replica at each [health] interval
+    # before a returning backend (health checks pass again, added by a reload) is put back
+    # in rotation, replay recent requests against it; unset: on when the feature is on
+    verify_return: bool | None = None
+    replay: int = Field(default=8, ge=1, le=64)  # recent requests replayed to verify
+    recheck: PositiveFloat = 10.0  # seconds between verifications of a backend held out
+
+    @field_validator("headers", "ignore_headers")
+    @classmethod
+    def _fields(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        for name in value:
+            if name == "*" and info.field_name == "headers":
+                continue
+            if not re.fullmatch(_FIELD_NAME, name):
+                raise ValueError(f"{name!r} is not a header field name")
+        return value
+
+    @field_validator("skip_paths")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} must start with /")
+        return value
+
+    @field_validator("version_path")
+    @classmethod
+    def _version_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c.isspace() for c in value)):
+            raise ValueError("must be an origin-form path such as /version")
+        return value
+
+    @field_validator("ignore_body")
+    @classmethod
+    def _ignore_body(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value.encode())
+            except re.error as exc:
+                raise ValueError(f"is not a valid regular expression ({exc})") from None
+        return value
+
+    @field_validator("max_body", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int:
+        return parse_size(value)
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample > 0 or self.version_path is not None
+
+    @property
+    def verifies_return(self) -> bool:
+        return self.enabled if self.verify_return is None else self.verify_return
+
+
 class AdminConfig(_Section):
     """The admin listener: /metrics, /api/status, the dashboard, and token-guarded actions."""
 
@@ -587,6 +685,7 @@ class Config(_Section):
     http2: Http2Config = Http2Config()
     admin: AdminConfig | None = None
     discovery: DiscoveryConfig = DiscoveryConfig()
+    consistency: ConsistencyConfig = ConsistencyConfig()
     pools: dict[str, PoolConfig] = {}
     # the default pool; with [pools.NAME] and [[routes]] it may be left out
     backends: tuple[BackendConfig, ...] = Field(default=(), validate_default=True)

@@ -72,6 +72,8 @@ def _plan(
         "addresses": [[a.host, a.port, a.role] for a in config_addresses(effective)],
         "backends": [b.label for b in effective.all_backends],
         "limited": any(r.limit is not None for r in effective.routes),
+        "consistency": effective.consistency.enabled,
+        "verifies_return": effective.consistency.verifies_return,
         "shutdown": effective.timeouts.shutdown,
         "log_file": str(resolve_path(log.file)) if log.file else None,
         "log_stdout": log.stdout,

@@ -75,6 +75,8 @@ class Plan:
     addresses: tuple[Listen, ...]
     backends: tuple[str, ...]  # labels, in order
     limited: bool  # a route has a rate limit: the node's buckets are made
+    consistency: bool  # [consistency] is on: its shared state is made
+    verifies_return: bool  # and a backend a reload adds is checked before traffic
     shutdown: float
     log_file: str | None  # resolved
     log_stdout: bool
@@ -190,6 +192,7 @@ class Master:
     stopping: bool = False
     rotation: SharedBalance | None = None
     limiter: Any = None  # pibl.limits.RateLimiter once a route has a limit
+    shadow: Any = None  # consistency checks' node-wide state (kept on reload)
     state_dir: Path | None = None
     last_restart: float = 0.0
     next_discovery: float = 0.0
@@ -374,12 +377,24 @@ class Master:
         """Memory the workers share: rotation and ejections (new per generation), and the
         rate-limit buckets (made once, when a route first has a limit, and kept across
         reloads as nginx keeps its zones)."""
-        shared = SharedBalance.create(len(plan.backends), plan.workers)
-        if self.limiter is None and plan.limited:
+        consistency = plan.consistency
+        shared = SharedBalance.create(len(plan.backends), plan.workers, holds=consistency)
+        if self.limiter is None and (plan.limited or consistency):  # (shadow requests' rate)
             from pibl.limits import RateLimiter
 
             self.limiter = RateLimiter.shared()
-        return replace(shared, limiter=self.limiter)
+        if consistency:
+            from pibl.balance.consistency import VERIFYING, SharedShadow
+
+            if self.shadow is None:
+                self.shadow = SharedShadow.create()
+            if plan.verifies_return and self.rotation is not None and shared.hold is not None:
+                # a reload adds backends: each is verified against the others before traffic
+                known = set(self.plan.backends)
+                for i, label in enumerate(plan.backends):
+                    if label not in known:
+                        shared.hold[i] = VERIFYING
+        return replace(shared, limiter=self.limiter, consistency=self.shadow)
 
     def reload(self) -> None:
         """SIGHUP: validate, start a new generation, retire the old one gracefully."""

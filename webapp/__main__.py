@@ -1,8 +1,11 @@
 """Command line entry point: ``python -m webapp --name replica-1 --port 8001``.
 
 Options fall back to environment variables: ``PIBL_REPLICA`` for the
-replica name and ``PIBL_APP_DB`` for the database path (default
-``./guestbook.sqlite3``).
+replica name, ``PIBL_APP_DB`` for the database path (default
+``./guestbook.sqlite3``) and ``PIBL_WEBAPP_RELEASE`` for the release the
+replica claims to run (default: the package version; another value changes
+``/version`` and the ``/about`` page, to watch PIBL's consistency checks
+catch a replica left on another release).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ except ImportError as exc:  # pibl installed without the app extra
         f'python -m webapp: {exc.name} is not installed: pip install "pibl[app]"'
     ) from None
 
-from webapp.replica import validate_replica_name
+from webapp import __version__
+from webapp.replica import validate_release, validate_replica_name
 
 DEFAULT_DB = "guestbook.sqlite3"
 
@@ -35,6 +39,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--name",
         default=environ.get("PIBL_REPLICA"),
         help="replica name sent in X-Replica (env PIBL_REPLICA; default replica-PORT)",
+    )
+    parser.add_argument(
+        "--release",
+        default=environ.get("PIBL_WEBAPP_RELEASE") or __version__,
+        help=f"release this replica runs: /version and /about show it "
+        f"(env PIBL_WEBAPP_RELEASE; default {__version__})",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8001, help="port to bind (default 8001)")
@@ -81,6 +91,7 @@ def parse_args(
         args.name = f"replica-{args.port}"
     try:
         validate_replica_name(args.name)
+        validate_release(args.release)
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -93,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     uvicorn.run(
-        create_app(args.name, args.db),
+        create_app(args.name, args.db, release=args.release),
         host=args.host,
         port=args.port,
         http="httptools",

@@ -11,7 +11,7 @@ from email.utils import formatdate
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from webapp.helpers import NO_STORE, client_address, get_store, header_pairs, int_param
 from webapp.replica import get_replica, utc_now_iso
@@ -69,6 +69,12 @@ async def cacheable(request: Request) -> Response:
         "Last-Modified": formatdate(now, usegmt=True),
     }
     return Response(body, headers=headers, media_type="application/json")
+
+
+async def version(request: Request) -> PlainTextResponse:
+    """``GET /version``: the release this replica runs (the same on every replica of a
+    release: PIBL's ``[consistency] version_path`` compares it)."""
+    return PlainTextResponse(get_replica(request).release + "\n", headers=NO_STORE)
 
 
 async def health(request: Request) -> JSONResponse:

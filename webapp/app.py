@@ -21,10 +21,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from webapp import api, guestbook, home, probes
+from webapp import __version__, api, guestbook, home, probes
 from webapp.db import GuestbookStore
 from webapp.helpers import NO_STORE, BadRequest
-from webapp.replica import ReplicaHeaderMiddleware, ReplicaInfo, validate_replica_name
+from webapp.replica import (
+    ReplicaHeaderMiddleware,
+    ReplicaInfo,
+    validate_release,
+    validate_replica_name,
+)
 from webapp.static import CachedStaticFiles
 
 logger = logging.getLogger("webapp")
@@ -46,6 +51,8 @@ def routes() -> Sequence[BaseRoute]:
     return [
         Route("/", home.home, methods=["GET"]),
         Route("/headers", home.headers_text, methods=["GET"]),
+        Route("/about", home.about, methods=["GET"]),
+        Route("/version", api.version, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/api/info", api.info, methods=["GET"]),
         Route("/api/echo", api.echo, methods=["GET"]),
@@ -74,9 +81,10 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(name: str, db_path: str) -> Starlette:
-    """Build the application for replica ``name`` using the SQLite file ``db_path``."""
-    replica = ReplicaInfo(validate_replica_name(name))
+def create_app(name: str, db_path: str, *, release: str = __version__) -> Starlette:
+    """Build the application for replica ``name`` using the SQLite file ``db_path``;
+    ``release`` is the release it claims to run (``/version``, ``/about``)."""
+    replica = ReplicaInfo(validate_replica_name(name), validate_release(release))
     store = GuestbookStore(db_path)
 
     @asynccontextmanager

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse
 
 from webapp.helpers import NO_STORE, client_address, header_pairs, target
-from webapp.pages import render_home
+from webapp.pages import render_about, render_home
 from webapp.replica import get_replica, utc_now_iso
 
 
@@ -23,6 +23,17 @@ async def home(request: Request) -> HTMLResponse:
         "Served at": utc_now_iso(),
     }
     page = render_home(info.name, request_info, header_pairs(request))
+    return HTMLResponse(page, headers=NO_STORE)
+
+
+async def about(request: Request) -> HTMLResponse:
+    """``GET /about``: the release this replica runs, and when the page was rendered.
+
+    The same on every replica of one release but for the time (a volatile part, as
+    PIBL's ``[consistency] ignore_body`` is made for); on another release
+    (``--release``) the page says what that release changed.
+    """
+    page = render_about(get_replica(request).release, utc_now_iso())
     return HTMLResponse(page, headers=NO_STORE)
 
 

@@ -162,3 +162,34 @@ def render_guestbook(
       </ol>
     </section>"""
     return layout("Guestbook", replica, body)
+
+
+def render_about(release: str, rendered_at: str) -> str:
+    """The ``/about`` page: the same on every replica of a release (no replica name)."""
+    from webapp import __version__
+
+    changes = (
+        ""
+        if release == __version__
+        else f"""
+  <section class="release-notes">
+    <h2>What is new in release {esc(release)}</h2>
+    <p>The guestbook lists newest entries last.</p>
+  </section>"""
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>About the PIBL demo app</title>
+  <link rel="stylesheet" href="/static/style.css">
+</head>
+<body>
+  <main>
+  <h1>About the PIBL demo app</h1>
+  <p>Release <strong class="release">{esc(release)}</strong>.</p>{changes}
+  <p>Rendered at <time>{esc(rendered_at)}</time>.</p>
+  </main>
+</body>
+</html>
+"""

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from webapp import __version__
+
 REPLICA_HEADER = b"x-replica"
 
 _NAME_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,62}[\x21-\x7e])?")
@@ -40,11 +42,19 @@ def validate_replica_name(name: str) -> str:
     return name
 
 
+def validate_release(release: str) -> str:
+    """Return ``release`` if it is a usable release string (1-64 printable ASCII)."""
+    if not _NAME_RE.fullmatch(release):
+        raise ValueError(f"invalid release {release!r}: use 1-64 printable ASCII characters")
+    return release
+
+
 @dataclass
 class ReplicaInfo:
     """Identity and counters of the running replica."""
 
     name: str
+    release: str = __version__
     pid: int = field(default_factory=os.getpid)
     started: str = field(default_factory=utc_now_iso)
     requests_served: int = 0

@@ -13,7 +13,10 @@ Each backend has one ``BackendState``. Four independent reasons keep it out of r
   connection ends early once active checks see the server accept again (``rise`` good
   probes), instead of waiting out the cool-down;
 * **draining**: no new requests, in-flight ones finish;
-* **disabled** by an operator.
+* **disabled** by an operator;
+* **held** by the consistency checks (``pibl.balance.consistency``): verifying a replica
+  that came back, or a replica whose answers differ from the others'. Like a passive
+  ejection it is ignored in a panic.
 
 A backend that comes back is ramped up over ``slow_start`` seconds: its effective weight
 grows linearly from 1/10 of its weight to the full weight, so a cold replica is not
@@ -65,6 +68,7 @@ class BackendState:
     up: bool = True  # as far as active checks know
     draining: bool = False
     disabled: bool = False
+    held: int = 0  # consistency: 1 verifying its return, 2 divergent (0: not held)
     ejected_until: float = 0.0
     ejected_refused: bool = False  # the ejection came from a refused connection
     shared_until: float = 0.0  # the shared ejection deadline last seen (multi-worker)
@@ -80,7 +84,13 @@ class BackendState:
     # -- queries ----------------------------------------------------------------------
 
     def available(self, now: float) -> bool:
-        return self.up and not self.draining and not self.disabled and now >= self.ejected_until
+        return (
+            self.up
+            and not self.draining
+            and not self.disabled
+            and not self.held
+            and now >= self.ejected_until
+        )
 
     def state(self, now: float) -> str:
         if self.disabled:
@@ -91,6 +101,8 @@ class BackendState:
             return "down"
         if now < self.ejected_until:
             return "ejected"
+        if self.held:
+            return "verifying" if self.held == 1 else "divergent"
         if self.ramping(now):
             return "slow-start"
         return "up"
@@ -201,9 +213,15 @@ class SharedBalance:
     slot: int = 0  # this worker's row
     width: int = 0  # backends per row
     rows: int = 1  # worker slots (the generation's [server] workers)
+    # consistency checks ([consistency] on): per backend, held out of rotation or not
+    # (pibl.balance.consistency.Holds), and the node's shared shadow state
+    hold: MutableSequence[int] | None = None
+    hold_since: MutableSequence[float] | None = None
+    hold_claimed: MutableSequence[float] | None = None
+    consistency: Any = None  # pibl.balance.consistency.SharedShadow, kept across reloads
 
     @classmethod
-    def create(cls, n: int, workers: int = 1) -> SharedBalance:
+    def create(cls, n: int, workers: int = 1, *, holds: bool = False) -> SharedBalance:
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
@@ -215,6 +233,9 @@ class SharedBalance:
             inflight=ctx.RawArray("i", workers * n),
             width=n,
             rows=workers,
+            hold=ctx.RawArray("b", n) if holds else None,
+            hold_since=ctx.RawArray("d", n) if holds else None,
+            hold_claimed=ctx.RawArray("d", n) if holds else None,
         )
 
     def in_flight(self, index: int) -> int:
@@ -251,6 +272,7 @@ class SharedBalance:
             self.lock,
             part(self.refused, "b"),
             self.limiter,
+            hold=part(self.hold, "b") if self.hold is not None else None,
         )
 
 
@@ -275,11 +297,13 @@ class Balancer:
         weights = [s.weight * 1000 for s in states]
         self._ejected: MutableSequence[float] | None = None
         self._refused: MutableSequence[int] | None = None
+        self._held: MutableSequence[int] | None = None  # consistency holds, when shared
         if shared is not None and len(shared.scores) == len(states):
             self._rotation = SmoothWeighted(weights, state=shared.scores)
             self._lock: AbstractContextManager[object] = shared.lock
             self._ejected = shared.ejected_until
             self._refused = shared.refused
+            self._held = shared.hold
         else:
             self._rotation = SmoothWeighted(weights)
             self._lock = contextlib.nullcontext()
@@ -306,6 +330,10 @@ class Balancer:
                 for i, state in enumerate(self.states):
                     if ejected[i] != state.shared_until:
                         state.adopt_ejection(ejected[i], bool(self._refused[i]))
+            held = self._held
+            if held is not None:  # replicas the consistency checks hold out, in any worker
+                for i, state in enumerate(self.states):
+                    state.held = held[i]
             return self._pick(now, exclude, prefer)
 
     def record_failure(self, index: int, now: float, kind: str = "error") -> str | None:

@@ -172,6 +172,43 @@ class AccessLog:
                 self._next_open = 0.0
             self._write([line])
 
+    def shadow(
+        self,
+        *,
+        kind: str,
+        rid: bytes,
+        method: bytes,
+        target: bytes,
+        backend: str,
+        primary: str,
+        status: int,
+        length: int,
+        result: str,
+        total: float,
+    ) -> None:
+        """A request PIBL sent on its own to compare replicas (a shadow of a client's
+        request, or a replay): its own record type, never a client request's line."""
+        fields = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kind": kind,
+            "rid": rid.decode("latin-1"),
+            "request": f"{method.decode('latin-1')} {target.decode('latin-1')}",
+            "backend": backend,
+            "primary": primary,
+            "status": status,
+            "length": length,
+            "total": round(total, 6),
+            "result": result,
+        }
+        if self._json:
+            self._put(json.dumps({"type": "shadow", **fields}, separators=(",", ":")))
+            return
+        self._put(
+            f"{fields['time']} shadow {kind} rid={fields['rid']} "
+            f'"{_quote(str(fields["request"]))}" backend={backend} primary={primary} '
+            f'status={status} length={length} total={total:.3f} result="{_quote(result)}"'
+        )
+
     def event(self, level: str, message: str) -> None:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if self._json:

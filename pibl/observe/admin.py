@@ -525,4 +525,30 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("")
         lines.append(fmt(header))
         lines.extend(fmt(r) for r in rows)
+    lines.extend(_consistency_lines(status.get("consistency")))
     return "\n".join(lines) + "\n"
+
+
+def _consistency_lines(consistency: dict[str, Any] | None) -> list[str]:
+    """The consistency checks' part of ``pibl status``: divergences first."""
+    if not consistency:
+        return []
+    shadow: dict[str, int] = consistency.get("shadow") or {}
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(shadow.items()))
+    lines = [
+        "",
+        f"  consistency  sample {float(consistency.get('sample') or 0):g}, "
+        f"on divergence: {consistency.get('on_divergence')}" + (f"  ({counts})" if counts else ""),
+    ]
+    versions: dict[str, str] = consistency.get("versions") or {}
+    if versions:
+        lines.append("  versions     " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+    divergences = consistency.get("divergences") or []
+    if not divergences:
+        lines.append("  divergences  none")
+    for d in divergences:
+        lines.append(
+            f"  DIVERGENT    {d.get('backend')} on {d.get('url')} "
+            f"(x{d.get('count', 1)}): {d.get('diff')}"
+        )
+    return lines

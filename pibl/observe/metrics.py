@@ -169,6 +169,19 @@ class Metrics:
             registry=r,
         )
         self.retries = Counter("pibl_retries", "Requests retried on another backend", registry=r)
+        self.divergences = Counter(
+            "pibl_consistency_divergences",
+            "Answers of a backend found different from the other replicas' (majority vote)",
+            ["backend"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "pibl_consistency_requests",
+            "Requests PIBL sent on its own to compare replicas (kind: shadow, replay), "
+            "never counted as client requests",
+            ["kind", "result"],
+            registry=r,
+        )
         self.cache = Counter(
             "pibl_cache_requests",
             "Cacheable requests by outcome (HIT, MISS, STALE, REVALIDATED, EXPIRED, BYPASS)",

@@ -95,6 +95,8 @@ class StatusTracker:
     def snapshot(self) -> dict[str, Any]:
         proxy = self.proxy
         now = time.monotonic()
+        if proxy.shadow is not None:
+            proxy.shadow.adopt()  # holds set by another worker show here at once
         backends = []
         for backend, state, group in zip(proxy.backends, proxy.states, proxy.group_of, strict=True):
             name = state.name
@@ -130,6 +132,8 @@ class StatusTracker:
             ),
             "backends": backends,
             "panic": proxy.panicking,  # passive ejections ignored (panic_threshold)
+            # [consistency]: shadow comparisons and the divergences found by this worker
+            "consistency": proxy.shadow.snapshot() if proxy.shadow is not None else None,
             "routes": [
                 {
                     "name": r.name,
@@ -218,6 +222,7 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         "cache_store": first.get("cache_store"),
         # workers in a balancer panic (passive ejections ignored, [health] panic_threshold)
         "panic": sum(1 for s in snapshots if s.get("panic")),
+        "consistency": _merge_consistency(snapshots),
     }
     backends = []
     for i, b in enumerate(first["backends"]):
@@ -278,6 +283,26 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         )
     out["history"] = history
     return out
+
+
+def _merge_consistency(snapshots: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The workers' consistency checks as one: counts summed, one report per URL and
+    replica (whichever worker found it)."""
+    from pibl.balance.consistency import merge_reports
+
+    parts = [s["consistency"] for s in snapshots if s.get("consistency")]
+    if not parts:
+        return None
+    versions: dict[str, str] = {}
+    for p in parts:
+        versions.update(p.get("versions") or {})
+    return {
+        "sample": parts[0].get("sample"),
+        "on_divergence": parts[0].get("on_divergence"),
+        "shadow": _sum_dicts([p.get("shadow") or {} for p in parts]),
+        "versions": versions,
+        "divergences": merge_reports(p.get("divergences") or [] for p in parts),
+    }
 
 
 def _sum_dicts(dicts: list[dict[str, int]]) -> dict[str, int]:

@@ -128,7 +128,7 @@ class BodyStream:
 class Incoming:
     """A parsed request waiting for, or in, its exchange (on either path)."""
 
-    __slots__ = ("body", "error", "head", "record", "resume", "route", "upgrade_data")
+    __slots__ = ("body", "error", "head", "record", "resume", "route", "sampled", "upgrade_data")
 
     def __init__(self, head: RequestHead | None, body: BodyStream | None) -> None:
         self.head = head
@@ -138,6 +138,7 @@ class Incoming:
         self.route: Route | None = None  # the route it matched (pool and policies)
         self.record: AccessRecord | None = None  # once its exchange started
         self.resume: Exit | None = None  # where the fast path left it for the coroutine path
+        self.sampled: bool | None = None  # compared against another replica (decided once)
 
 
 class ClientConnection(WriteFlow):

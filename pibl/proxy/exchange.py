@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pibl import compress
+from pibl.balance.consistency import SHADOW_HEADER, Holds
 from pibl.balance.health import SharedBalance
 from pibl.cache.store import BodyWriter
 from pibl.compress import CompressionSettings, Compressor
@@ -54,6 +55,7 @@ from pibl.observe.metrics import Metrics, multiprocess_dir
 from pibl.observe.status import StatusTracker
 from pibl.proxy import fast
 from pibl.proxy.groups import PoolGroup, build_groups
+from pibl.proxy.shadow import Shadow, Tap
 from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
 from pibl.routes import NO_EDITS, Route, Router, TrustedProxies, compile_routes
 
@@ -186,6 +188,18 @@ class Proxy:
         self.fast_path = config.upstream.fast_path and self.redirect_port is None
         self.fast_served = 0
         self.fast_exits: collections.Counter[str] = collections.Counter()
+        # [consistency]: None when off (the request path's only cost is checking that)
+        self.shadow = self._make_shadow(config, shared)
+
+    def _make_shadow(self, config: Config, shared: SharedBalance | None) -> Shadow | None:
+        cfg = config.consistency
+        if not cfg.enabled:
+            return None
+        if shared is None or shared.hold is None:
+            return Shadow(self, cfg, None, None, None)
+        assert shared.hold_since is not None and shared.hold_claimed is not None
+        holds = Holds(shared.hold, shared.hold_since, shared.hold_claimed)
+        return Shadow(self, cfg, shared.consistency, holds, shared.lock, leader=shared.slot == 0)
 
     # -- connection bookkeeping ---------------------------------------------------------
 
@@ -285,7 +299,10 @@ class Proxy:
 
     def record_check(self, index: int, ok: bool, now: float) -> str | None:
         group = self.group_of[index]
-        return group.balancer.record_check(index - group.first, ok, now)
+        change = group.balancer.record_check(index - group.first, ok, now)
+        if change == "up" and self.shadow is not None:
+            self.shadow.on_return(index)  # held until its answers match the others'
+        return change
 
     def probing_fast(self, index: int, now: float) -> bool:
         return self.states[index].probing_fast(now)
@@ -628,6 +645,9 @@ class Proxy:
         group = self.groups[route.pool] if route is not None and route.pool else self.default_group
         if route is not None and route.mirror is not None:
             self._maybe_mirror(conn, head, rid, route, body)
+        sampled = incoming.sampled
+        if sampled is None:
+            sampled = incoming.sampled = self.shadow is not None and self.shadow.sample(head)
         prefer = self.sticky_backend(head, group) if group.balance.sticky else None
         tried: set[int] = set()
         last_error: UpstreamError | None = None
@@ -667,6 +687,7 @@ class Proxy:
                     drop=drop,
                     extra=extra,
                     left=left,
+                    sampled=sampled,
                 )
             except UpstreamError as exc:
                 last_error = exc
@@ -983,6 +1004,7 @@ class Proxy:
         drop: frozenset[bytes],
         extra: list[tuple[bytes, bytes]] | None,
         left: fast.Exit | None = None,
+        sampled: bool = False,
     ) -> bool:
         """One try on one backend; ``body`` is the request body when it was buffered.
 
@@ -1052,6 +1074,9 @@ class Proxy:
             resp = first.head
             assert isinstance(resp, ResponseHead)
             record.upstream = time.monotonic() - upstream_started
+            tap: Tap | None = None
+            if sampled and self.shadow is not None:  # the backend's answer, as it sent it
+                tap = self.shadow.tap(resp, list(resp.headers))
             if route is not None and route.response_edits is not NO_EDITS:
                 resp.headers = route.response_edits.apply(resp.headers)
             self.backend_answered(index, head, resp, record)
@@ -1065,6 +1090,8 @@ class Proxy:
             if hook is not None and hook.on_head(resp):
                 ok = await self._discard(upstream, events, response_timeout)
                 return head.keep_alive and not self.stopping and (pump is None or pump.done())
+            if tap is not None:
+                tap.feed(events[1:], self.shadow.rules.max_body if self.shadow else 0)
             client_extra = self.client_extra(conn, index, hook)
             try:
                 keep_alive, ok = await self._respond(
@@ -1080,6 +1107,7 @@ class Proxy:
                     comp,
                     comp_slow,
                     response_timeout,
+                    tap,
                 )
             except BaseException:
                 if hook is not None:
@@ -1087,6 +1115,23 @@ class Proxy:
                 raise
             if hook is not None:
                 hook.finish(True)  # _respond returns only once the body ended
+            if tap is not None and self.shadow is not None:
+                # the client has the whole answer: ask another replica the same
+                self.shadow.primary_done(
+                    index,
+                    tap,
+                    head,
+                    rid,
+                    functools.partial(
+                        self.request_bytes,
+                        conn,
+                        up_head,
+                        rid,
+                        body=None,
+                        drop=drop,
+                        extra=[*(extra or ()), (SHADOW_HEADER, b"1")],
+                    ),
+                )
             if pump is not None and not pump.done():
                 # The backend answered before reading the whole body: stop sending it, and
                 # close the client connection since the rest of its body was never read.
@@ -1204,6 +1249,7 @@ class Proxy:
         comp: Compressor | None = None,
         comp_slow: bool = False,
         timeout: float | None = None,
+        tap: Tap | None = None,
     ) -> tuple[bool, bool]:
         """Stream the response to the client; returns (client keep-alive, upstream clean).
 
@@ -1251,6 +1297,8 @@ class Proxy:
                 pending = await upstream.read(timeout)
             except TimeoutError:
                 raise UpstreamError(504, "backend timed out during the body") from None
+            if tap is not None:  # a sampled request: the backend's bytes, before compression
+                tap.feed(pending, self.shadow.rules.max_body if self.shadow else 0)
         record.bytes_out = sent
         if conn.closed:
             raise ConnectionResetError("client closed the connection")

@@ -41,10 +41,10 @@ record and gets an ``Exit`` naming the backend already picked and, for a failure
 error; ``Proxy.forward`` starts from there on the coroutine path, which retries, answers
 502/503/504 or aborts a response cut short exactly as it does for its own attempts. The
 reasons are counted by name in ``Proxy.fast_exits``: before the exchange starts ``needs a
-connection``, ``body to stream``, ``upgrade``, ``no backend``, ``cache miss``; after,
-``compression`` (at the response head), ``retry`` (the reused
-connection was closed by the backend as it was used: one fresh connection, as on the
-coroutine path) and ``failure``.
+connection``, ``body to stream``, ``upgrade``, ``no backend``, ``cache miss``,
+``consistency sample`` (compared against another replica, ``[consistency] sample``); after,
+``compression`` (at the response head), ``retry`` (the reused connection was closed by the
+backend as it was used: one fresh connection, as on the coroutine path) and ``failure``.
 
 The exchange talks to its client through ``ResponseSink``, not to a transport, so another
 kind of client stream (an HTTP/2 stream, say) can be served by the same object.
@@ -187,13 +187,24 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
         exits["route policy"] += 1  # admission queues live on the coroutine path
         return None
     fetch: _StoreHook | None = None
-    if proxy.cache is not None and route.cache is not False:
+    cached = proxy.cache is not None and route.cache is not False
+    if cached:
         if head.body is not BodyKind.NONE:
             exits["body to stream"] += 1
             return None
         hit = serve_hit(proxy, sink, incoming, head)
         if hit is not None:
-            return hit
+            return hit  # (a hit asks no backend: nothing to compare)
+    shadow = proxy.shadow
+    if shadow is not None:
+        # [consistency] sample: a sampled request (1 in 100, say) is compared against
+        # another replica; the coroutine path collects its answer for that
+        sampled = incoming.sampled = shadow.sample(head)
+        if sampled:
+            exits["consistency sample"] += 1
+            return None
+    if cached:
+        assert proxy.cache is not None
         fetch = proxy.cache.fast_fetch(sink, head, route)
         if fetch is None:
             exits["cache miss"] += 1

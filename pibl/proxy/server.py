@@ -186,6 +186,8 @@ class Worker:
             proxy.cache.remote.start()
         self._sweeper = loop.create_task(self._sweep())
         self._start_health_checks()
+        if proxy.shadow is not None:
+            proxy.shadow.start()  # return verification, the version probe
 
     def _start_health_checks(self) -> None:
         """One prober per backend, with its pool's [health] settings."""
@@ -250,6 +252,8 @@ class Worker:
             self._sweeper.cancel()
         for task in self._checks:
             task.cancel()
+        if proxy.shadow is not None:
+            proxy.shadow.stop()
         if proxy.cache is not None:
             proxy.cache.close()
             if proxy.cache.remote is not None:

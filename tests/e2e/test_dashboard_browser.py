@@ -200,3 +200,46 @@ def test_dashboard_updates_live(
     wait.until(lambda d: _rows(d)[target]["state"] == "up")
     logs = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
     assert logs == []  # no script errors, no CSP violations
+
+
+def test_dashboard_shows_a_divergent_replica(
+    make_proxy: Callable[..., ProxyThread], driver: Any
+) -> None:
+    """[consistency]: the replica whose pages differ is listed with the URL and the diff."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.support import start_backend
+
+    # the test backends answer "<name> GET <path>": two alike, one on "another release"
+    replicas = [start_backend("app"), start_backend("app"), start_backend("app-old")]
+    proxy = make_proxy(replicas, consistency={"sample": 1.0, "rate": 1000})
+    assert proxy.worker is not None
+    server = asyncio.run_coroutine_threadsafe(
+        start_admin(ProxyAdmin(proxy.worker.proxy), host="127.0.0.1", port=0, token=TOKEN),
+        proxy.loop,
+    ).result(5)
+    odd = f"127.0.0.1:{replicas[2].port}"
+    try:
+        with httpx.Client(base_url=proxy.url, timeout=5) as client:
+            for i in range(30):
+                client.get(f"/page/{i % 3}")
+        admin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        driver.get(admin + "/")
+        wait = WebDriverWait(driver, 10, poll_frequency=0.1)
+        wait.until(lambda d: d.find_elements("css selector", "#divergences tr.divergence"))
+        rows = driver.execute_script(
+            "return [...document.querySelectorAll('#divergences tr.divergence')]"
+            ".map((tr) => [tr.dataset.backend, ...[...tr.cells].map((c) => c.innerText)])"
+        )
+        assert {r[0] for r in rows} == {odd}, rows
+        assert all(r[2].startswith("/page/") and "digest" in r[3] for r in rows)
+        assert driver.find_element("id", "consistency-panel").is_displayed()
+        assert "on divergence: report" in driver.find_element("id", "consistency-sub").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "dashboard-divergence.png"))
+        logs = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
+        assert logs == []
+    finally:
+        proxy.loop.call_soon_threadsafe(server.close)
+        for b in replicas:
+            b.stop()

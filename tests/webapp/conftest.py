@@ -54,4 +54,5 @@ def subprocess_env() -> dict[str, str]:
     )
     env.pop("PIBL_REPLICA", None)
     env.pop("PIBL_APP_DB", None)
+    env.pop("PIBL_WEBAPP_RELEASE", None)
     return env
