@@ -133,3 +133,18 @@ def test_the_two_applications_example_is_a_valid_file_with_no_warnings(
     assert set(config.pools) == {"shop", "api", "staging"}
     assert [r.name for r in config.routes] == ["api", "admin", "static", "shop"]
     assert route_warnings(config) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "sections"),
+    [
+        ("README.md", ["Introduction", "How to run", "Development", "Conclusions", "References"]),
+        (
+            "README.es.md",
+            ["Introducción", "Funcionamiento", "Desarrollo", "Conclusiones", "Referencias"],
+        ),
+    ],
+)
+def test_the_readmes_keep_their_sections(name: str, sections: list[str]) -> None:
+    text = (ROOT / name).read_text(encoding="utf-8")
+    assert re.findall(r"^## (.+)$", text, flags=re.MULTILINE) == sections
