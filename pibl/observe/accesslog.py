@@ -137,9 +137,10 @@ class AccessLog:
         # names the process on event lines when several write to one log ("worker 1234")
         self.label = ""
         self._threaded = threaded
-        self._thread = threading.Thread(target=self._run, name="pibl-log", daemon=True)
+        # (not "_thread": mypyc would name its C field "__thread", a C keyword)
+        self._writer = threading.Thread(target=self._run, name="pibl-log", daemon=True)
         if threaded:
-            self._thread.start()
+            self._writer.start()
 
     # -- loop side ----------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class AccessLog:
             self._close_file()
             return
         self._queue.put(None)
-        self._thread.join(timeout)
+        self._writer.join(timeout)
 
     # -- writer thread ------------------------------------------------------------------
 

@@ -156,16 +156,16 @@ class UpstreamConnection(WriteFlow):
             if self.close_delimited and self._parser is not None:
                 try:
                     sink.on_backend_events(self._parser.feed_eof())
-                except ProtocolError as exc:
-                    sink.on_backend_error(UpstreamError(502, exc.reason, retryable=False))
+                except ProtocolError as error:
+                    sink.on_backend_error(UpstreamError(502, error.reason, retryable=False))
             else:
                 sink.on_backend_error(UpstreamError(502, "backend closed the connection"))
         elif self._parser is not None:
             if self.close_delimited and self._error is None:
                 try:
                     self._events.extend(self._parser.feed_eof())
-                except ProtocolError as exc:
-                    self._fail(UpstreamError(502, exc.reason, retryable=False))
+                except ProtocolError as error:
+                    self._fail(UpstreamError(502, error.reason, retryable=False))
             elif not self._events or not isinstance(self._events[-1], End):
                 self._fail(UpstreamError(502, "backend closed the connection"))
         self._wake()
