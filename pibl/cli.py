@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pibl import __version__
+from pibl import BUILD, BUILD_REASON, __version__
 from pibl.config import (
     DEFAULT_CONFIG_FILE,
     CacheConfig,
@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="pibl",
         description="PIBL: an HTTP/1.1 reverse proxy and load balancer.",
     )
-    parser.add_argument("--version", action="version", version=f"pibl {__version__}")
+    build = "compiled with mypyc" if BUILD == "compiled" else f"pure Python: {BUILD_REASON}"
+    parser.add_argument("--version", action="version", version=f"pibl {__version__} ({build})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the proxy")
