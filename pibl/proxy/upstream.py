@@ -385,10 +385,10 @@ class Pool:
             raise UpstreamError(
                 502, f"TLS error with backend: {exc.reason}", connected=False
             ) from None
-        except OSError as exc:
+        except OSError as error:
             # nothing listens there: the idle connections are as good as dead too
             self.drop_idle()
-            reason = exc.strerror or str(exc)
+            reason = error.strerror or str(error)
             raise UpstreamError(
                 502, f"cannot connect to backend: {reason}", connected=False, unreachable=True
             ) from None
