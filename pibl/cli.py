@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pibl import DEFAULT_CONFIG_FILE, __version__
+from pibl import BUILD, BUILD_REASON, DEFAULT_CONFIG_FILE, __version__
 from pibl.errors import ConfigError
 
 if TYPE_CHECKING:  # the schema is imported by the commands that need it: not by `run`
@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="pibl",
         description="PIBL: an HTTP/1.1 reverse proxy and load balancer.",
     )
-    parser.add_argument("--version", action="version", version=f"pibl {__version__}")
+    build = "compiled with mypyc" if BUILD == "compiled" else f"pure Python: {BUILD_REASON}"
+    parser.add_argument("--version", action="version", version=f"pibl {__version__} ({build})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the proxy")

@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Installs what PIBL needs into ./.venv (and, with --test, the Debian packages the
 # test suite drives: Chromium for the browser tests, iproute2 for the namespace topology,
-# nghttp2-client (nghttp, h2load) for the HTTP/2 tests).
+# nghttp2-client (nghttp, h2load) for the HTTP/2 tests). With --compiled, also compiles the
+# request path with mypyc (scripts/build_compiled.py; PIBL_PURE_PYTHON=1 still runs the source).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test=0
-[[ "${1:-}" == "--test" ]] && want_test=1
+want_compiled=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) want_test=1 ;;
+        --compiled) want_compiled=1 ;;
+        *)
+            echo "usage: scripts/install.sh [--test] [--compiled]" >&2
+            exit 2
+            ;;
+    esac
+done
 
 apt_install() {
     local missing=()
@@ -28,6 +39,9 @@ apt_install() {
 
 if ((want_test)) && command -v apt-get >/dev/null; then
     apt_install chromium chromium-driver iproute2 curl redis-server nghttp2-client
+fi
+if ((want_compiled)) && ! command -v cc >/dev/null && command -v apt-get >/dev/null; then
+    apt_install gcc # mypyc's output is C
 fi
 
 PY=${PYTHON:-python3}
@@ -56,3 +70,12 @@ if [[ "$have" != "$want" && "$have" != "${want% *} app,dev" ]]; then
     echo "$want" >"$stamp"
 fi
 .venv/bin/python -c "import pibl, httptools, pydantic" >/dev/null
+
+if ((want_compiled)); then
+    # mypyc ships with mypy (in the dev extra); an install without it gets it here
+    if ! .venv/bin/python -c "import mypyc" >/dev/null 2>&1; then
+        echo "install.sh: installing mypy (for mypyc) into ./.venv"
+        .venv/bin/python -m pip install -q "mypy>=1.10" >>.venv/install.log 2>&1
+    fi
+    .venv/bin/python scripts/build_compiled.py
+fi

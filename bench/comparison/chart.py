@@ -13,6 +13,7 @@ from comparison.runs import Result
 
 CHART_COLORS = {
     "pibl": "#d9534f",
+    "pibl-pure": "#8c2d2a",
     "pibl-nolog": "#f0a8a6",
     "nginx": "#2e8b57",
     "nginx-nolog": "#9fd3b4",
@@ -20,6 +21,7 @@ CHART_COLORS = {
 }
 CHART_NAMES = {
     "pibl": "PIBL",
+    "pibl-pure": "PIBL, PIBL_PURE_PYTHON=1",
     "pibl-nolog": "PIBL, no access log",
     "nginx": "nginx",
     "nginx-nolog": "nginx, no access log",

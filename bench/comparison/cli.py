@@ -19,6 +19,7 @@ from comparison.chart import chart_subtitle, draw_chart, replot
 from comparison.common import (
     ALL_PROXIES,
     ALL_SCENARIOS,
+    DEFAULT_PROXIES,
     MODES,
     REPO,
     RESULTS_DIR,
@@ -72,9 +73,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--proxies",
         type=_list(ALL_PROXIES),
-        default=list(ALL_PROXIES),
-        help=f"comma-separated subset of {','.join(ALL_PROXIES)} (default: all); the "
-        "-nolog variants exist in the logging scenario only",
+        default=list(DEFAULT_PROXIES),
+        help=f"comma-separated subset of {','.join(ALL_PROXIES)} (default: all but "
+        "pibl-pure); the -nolog variants exist in the logging scenario only, pibl-pure (PIBL "
+        "with PIBL_PURE_PYTHON=1, to compare with a compiled build) in the others",
     )
     p.add_argument(
         "--sizes",
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     plan = build_plan(args)
     unused = [p for p in args.proxies if p not in {v.name for v, _ in plan}]
-    if unused and args.proxies != list(ALL_PROXIES):
+    if unused and args.proxies != list(DEFAULT_PROXIES):
         say(f"note: {', '.join(unused)} not part of the chosen scenarios; not run")
     needed = ["nginx", "wrk"] + (["haproxy"] if any(v.kind == "haproxy" for v, _ in plan) else [])
     try:

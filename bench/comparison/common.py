@@ -12,7 +12,10 @@ REPO = HERE.parent
 RESULTS_DIR = HERE / "results"
 
 ALL_SCENARIOS = ("proxy", "cache", "tls", "logging")
-ALL_PROXIES = ("pibl", "pibl-nolog", "nginx", "nginx-nolog", "haproxy")
+ALL_PROXIES = ("pibl", "pibl-pure", "pibl-nolog", "nginx", "nginx-nolog", "haproxy")
+# pibl-pure (the same checkout with PIBL_PURE_PYTHON=1) is worth a row only next to a
+# compiled build (scripts/build_compiled.py): not run unless --proxies names it
+DEFAULT_PROXIES = tuple(p for p in ALL_PROXIES if p != "pibl-pure")
 SIZES = {"1k": 1024, "100k": 100 * 1024}
 MODES = ("keepalive", "close")
 # Offsets from --base-port: backends on BASE+1..3, proxies on BASE+80 upward (one or two
@@ -33,6 +36,7 @@ class Variant:
     log: str  # none | file | file+stdout | stdout
     cache: bool = False
     tls: bool = False
+    pure: bool = False  # PIBL from its Python source even if a compiled build is there
 
     @property
     def describe(self) -> str:
@@ -48,22 +52,27 @@ class Variant:
             parts.append("response cache on")
         if self.tls:
             parts.append("HTTPS listener")
+        if self.pure:
+            parts.append("PIBL_PURE_PYTHON=1")
         return ", ".join(parts)
 
 
 SCENARIOS: dict[str, tuple[Variant, ...]] = {
     "proxy": (
         Variant("proxy", "pibl", "pibl", "file"),
+        Variant("proxy", "pibl-pure", "pibl", "file", pure=True),
         Variant("proxy", "nginx", "nginx", "file"),
         Variant("proxy", "haproxy", "haproxy", "none"),
     ),
     "cache": (
         Variant("cache", "pibl", "pibl", "file", cache=True),
+        Variant("cache", "pibl-pure", "pibl", "file", cache=True, pure=True),
         Variant("cache", "nginx", "nginx", "file", cache=True),
         Variant("cache", "haproxy", "haproxy", "none", cache=True),
     ),
     "tls": (
         Variant("tls", "pibl", "pibl", "file", tls=True),
+        Variant("tls", "pibl-pure", "pibl", "file", tls=True, pure=True),
         Variant("tls", "nginx", "nginx", "file", tls=True),
         Variant("tls", "haproxy", "haproxy", "none", tls=True),
     ),

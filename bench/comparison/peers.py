@@ -247,9 +247,12 @@ stdout = {"true" if log_stdout else "false"}
 {cache}{tls_section}{urls}"""
 
 
-def pibl_env() -> dict[str, str]:
-    """Environment for PIBL: this checkout first on the import path, unbuffered output."""
+def pibl_env(*, pure: bool = False) -> dict[str, str]:
+    """Environment for PIBL: this checkout first on the import path, unbuffered output;
+    with ``pure``, its Python source even if a compiled build is there."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if pure:
+        env["PIBL_PURE_PYTHON"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 

@@ -48,6 +48,7 @@ from comparison.procs import (
     nginx_supports_e,
     port_is_free,
     process_tree,
+    tool_version,
     tree_cpu_seconds,
     wait_listening,
 )
@@ -358,7 +359,11 @@ class Bench:
             argv = [*cpu, self.args.python, "-m", "pibl", "run", "--config", str(conf)]
             argv += ["--workers", "1"]
             # Run in its own directory so that relative paths stay out of the work tree.
-            item = self.pm.start(key, argv, d / "stdout.log", cwd=d, env=pibl_env())
+            env = pibl_env(pure=v.pure)
+            item = self.pm.start(key, argv, d / "stdout.log", cwd=d, env=env)
+            # which build runs: "pibl 0.1.0 (compiled with mypyc)" or "(pure Python ...)"
+            setup["build"] = tool_version([self.args.python, "-m", "pibl", "--version"], env=env)
+            say(f"  {key}: {setup['build']}")
             logs = [d / "stdout.log"] + ([access] if access else [])
             access_logs = ([access] if access else []) + (
                 [d / "stdout.log"] if v.log == "file+stdout" else []

@@ -518,6 +518,10 @@ class ResponseParser:
         self._c.events.append(END)
 
 
+# decoded bytes one read of a transfer-coded body may produce (a zip bomb guard)
+MAX_EXPANSION = 64 * 1024 * 1024
+
+
 class _TransferDecoder:
     """Removes one gzip or deflate transfer coding from a streamed body."""
 
@@ -529,8 +533,6 @@ class _TransferDecoder:
         # 8.4.1.2, raw deflate accepted too (as browsers do)
         self._z = zlib.decompressobj(wbits=15 if coding == b"deflate" else 31)
         self._started = False
-
-    MAX_EXPANSION = 64 * 1024 * 1024  # decoded bytes one read may produce (a zip bomb guard)
 
     def decode(self, data: bytes) -> bytes:
         out: list[bytes] = []
@@ -546,7 +548,7 @@ class _TransferDecoder:
                 raise ProtocolError(502, "backend sent a corrupt transfer-coded body") from None
             self._started = True
             produced += len(out[-1])
-            if produced > self.MAX_EXPANSION:
+            if produced > MAX_EXPANSION:
                 raise ProtocolError(502, "backend sent a transfer-coded body that expands too much")
             data = self._z.unused_data
             if data:

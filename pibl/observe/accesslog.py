@@ -146,9 +146,10 @@ class AccessLog:
         # no file and no stdout: nothing is formatted, queued or written (a log that is off
         # costs nothing per request, as nginx's access_log off)
         self.silent = self._stream is None and path is None
-        self._thread = threading.Thread(target=self._run, name="pibl-log", daemon=True)
+        # (not "_thread": mypyc would name its C field "__thread", a C keyword)
+        self._writer = threading.Thread(target=self._run, name="pibl-log", daemon=True)
         if threaded and not self.silent:
-            self._thread.start()
+            self._writer.start()
 
     # -- loop side ----------------------------------------------------------------------
 
@@ -242,7 +243,7 @@ class AccessLog:
             self._close_file()
             return
         self._queue.put(None)
-        self._thread.join(timeout)
+        self._writer.join(timeout)
 
     # -- writer thread ------------------------------------------------------------------
 

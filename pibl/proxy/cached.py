@@ -42,7 +42,7 @@ from pibl.proxy.filebody import FileSender, plain_socket
 
 if TYPE_CHECKING:
     from pibl.cache.redis_tier import RedisTier
-    from pibl.proxy.client import ClientConnection, Incoming
+    from pibl.proxy.client import ClientSide, Incoming
     from pibl.proxy.exchange import Proxy
     from pibl.proxy.fast import ResponseSink
     from pibl.routes import Route
@@ -183,7 +183,7 @@ class CacheLayer:
 
     async def handle(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         incoming: Incoming,
         head: RequestHead,
         rid: bytes,
@@ -289,7 +289,7 @@ class CacheLayer:
 
     async def _forward_uncached(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         incoming: Incoming,
         head: RequestHead,
         rid: bytes,
@@ -353,7 +353,7 @@ class CacheLayer:
 
     async def _fetch(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         incoming: Incoming,
         head: RequestHead,
         rid: bytes,
@@ -481,7 +481,7 @@ class CacheLayer:
 
     async def _revalidate(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         incoming: Incoming,
         head: RequestHead,
         rid: bytes,
@@ -555,7 +555,7 @@ class CacheLayer:
 
     async def _serve_stale_on_error(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         head: RequestHead,
         entry: Entry,
         age: float,
@@ -576,7 +576,7 @@ class CacheLayer:
 
     def _refresh_in_background(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         incoming: Incoming,
         head: RequestHead,
         primary: bytes,
@@ -593,7 +593,7 @@ class CacheLayer:
 
     async def _background(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         route: Route | None,
         head: RequestHead,
         primary: bytes,
@@ -636,7 +636,7 @@ class CacheLayer:
     # -- answering from the store -------------------------------------------------------
 
     def _only_if_cached(
-        self, conn: ClientConnection, head: RequestHead, rid: bytes, record: AccessRecord
+        self, conn: ClientSide, head: RequestHead, rid: bytes, record: AccessRecord
     ) -> bool:
         from pibl.http.forward import body_length, simple_response
 
@@ -736,7 +736,7 @@ class CacheLayer:
 
     async def serve(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         head: RequestHead,
         entry: Entry,
         age: float,

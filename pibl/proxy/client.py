@@ -24,11 +24,12 @@ import asyncio
 import contextlib
 import ipaddress
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pibl.errors import ProtocolError
 from pibl.http.message import RequestHead
 from pibl.http.parse import Body, End, Head, RequestParser, Upgrade
+from pibl.proxy.fast import ResponseSink
 from pibl.proxy.flow import Deadline, WriteFlow
 from pibl.routes import Route
 
@@ -40,12 +41,34 @@ if TYPE_CHECKING:
 BODY_HIGH = 256 * 1024  # buffered request body bytes before reading pauses
 
 
+class ClientSide(ResponseSink, Protocol):
+    """A client connection, or one HTTP/2 stream (``pibl.proxy.h2.H2Stream``), as the
+    coroutine path uses it. Both are passed where this type is named; a protocol says so
+    honestly (the compiled build checks a parameter typed ``ClientConnection`` when it
+    is called)."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport | None  # None: only ``write`` reaches the client
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def pause_reading(self, reason: str) -> None: ...
+
+    def resume_reading(self, reason: str) -> None: ...
+
+    def start_tunnel(
+        self, peer: asyncio.Transport, pending: bytes, done: asyncio.Future[None]
+    ) -> None: ...
+
+
 class BodyStream:
     """Request body chunks from the parser to the exchange, with flow control."""
 
     __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "received")
 
-    def __init__(self, conn: ClientConnection) -> None:
+    def __init__(self, conn: ClientSide) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
         self._buffered = 0

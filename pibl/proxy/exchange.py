@@ -61,7 +61,7 @@ from pibl.routes import NO_EDITS, Route, Router, TrustedProxies, compile_routes
 
 if TYPE_CHECKING:
     from pibl.proxy.cached import CacheLayer
-    from pibl.proxy.client import ClientConnection, Incoming
+    from pibl.proxy.client import ClientConnection, ClientSide, Incoming
     from pibl.proxy.fast import ClientExchange, ResponseSink
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -240,7 +240,7 @@ class Proxy:
 
     def _maybe_mirror(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         head: RequestHead,
         rid: bytes,
         route: Route,
@@ -320,7 +320,7 @@ class Proxy:
 
     # -- the request path ---------------------------------------------------------------
 
-    async def reject(self, conn: ClientConnection, error: ProtocolError) -> None:
+    async def reject(self, conn: ClientSide, error: ProtocolError) -> None:
         """Answer a request PIBL refused while parsing; it never reaches a backend."""
         response = simple_response(error.status, error.reason)
         conn.write(response)
@@ -393,7 +393,7 @@ class Proxy:
         """The fast path's exchange for ``incoming``, or None: ``handle`` serves it."""
         return fast.start_fast(self, conn, incoming)
 
-    async def handle(self, conn: ClientConnection, incoming: Incoming) -> bool:
+    async def handle(self, conn: ClientSide, incoming: Incoming) -> bool:
         """The coroutine path of a request, from its head or from where the fast path left."""
         head = incoming.head
         assert head is not None and incoming.body is not None
@@ -435,17 +435,17 @@ class Proxy:
             else:
                 conn.abort()
             keep_alive = False
-        except UpstreamError as exc:
-            record.detail = exc.reason
+        except UpstreamError as failure:
+            record.detail = failure.reason
             if not record.response_started:
-                record.status = exc.status
-                self.log.error(f"{record.backend or '-'}: {exc.reason} ({head.request_line})")
+                record.status = failure.status
+                self.log.error(f"{record.backend or '-'}: {failure.reason} ({head.request_line})")
                 response = simple_response(
-                    exc.status,
-                    _ERROR_TEXT.get(exc.status, exc.reason),
+                    failure.status,
+                    _ERROR_TEXT.get(failure.status, failure.reason),
                     rid=rid,
                     head_only=head.method == b"HEAD",
-                    extra=[(b"Retry-After", b"1")] if exc.status == 503 else None,
+                    extra=[(b"Retry-After", b"1")] if failure.status == 503 else None,
                 )
                 conn.write(response)
                 record.bytes_out = body_length(response)
@@ -466,7 +466,7 @@ class Proxy:
 
     def _answer(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         head: RequestHead,
         rid: bytes,
         record: AccessRecord,
@@ -494,7 +494,7 @@ class Proxy:
 
     async def _within_limit(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         client: str,
         head: RequestHead,
         rid: bytes,
@@ -545,7 +545,7 @@ class Proxy:
 
     def _route_answer(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         head: RequestHead,
         rid: bytes,
         record: AccessRecord,
@@ -614,7 +614,7 @@ class Proxy:
 
     async def forward(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         incoming: Incoming,
         head: RequestHead,
         rid: bytes,
@@ -738,7 +738,7 @@ class Proxy:
                     group.end(index)
 
     async def _buffer_body(
-        self, conn: ClientConnection, incoming: Incoming, head: RequestHead, record: AccessRecord
+        self, conn: ClientSide, incoming: Incoming, head: RequestHead, record: AccessRecord
     ) -> bytes | None:
         """The whole request body when it fits ``limits.request_buffer``, else None.
 
@@ -769,7 +769,7 @@ class Proxy:
         return b"".join(parts)
 
     def _redirect_to_https(
-        self, conn: ClientConnection, head: RequestHead, rid: bytes, record: AccessRecord
+        self, conn: ClientSide, head: RequestHead, rid: bytes, record: AccessRecord
     ) -> bool:
         """Plain HTTP answered with 308 to the same URL on the HTTPS listener."""
         assert self.redirect_port is not None
@@ -992,7 +992,7 @@ class Proxy:
 
     async def _attempt(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         incoming: Incoming,
         head: RequestHead,
         rid: bytes,
@@ -1237,7 +1237,7 @@ class Proxy:
 
     async def _respond(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         head: RequestHead,
         resp: ResponseHead,
         events: list[Head | Body | End | Upgrade],
@@ -1327,7 +1327,7 @@ class Proxy:
 
     async def _tunnel(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         incoming: Incoming,
         upstream: UpstreamConnection,
         resp: ResponseHead,

@@ -33,8 +33,10 @@ class _Client(Protocol):
     """What a sender needs of the client connection (``ClientConnection`` provides it)."""
 
     transport: asyncio.Transport | None  # None: only ``write`` reaches the client
-    closed: bool
     loop: asyncio.AbstractEventLoop
+
+    @property
+    def closed(self) -> bool: ...
 
     def write(self, data: bytes) -> None: ...
 

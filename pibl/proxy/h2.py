@@ -515,7 +515,7 @@ class H2Connection(asyncio.Protocol):
             return
         incoming = Incoming(head, None)
         stream = H2Stream(self, sid, incoming, head.method == b"HEAD")
-        incoming.body = BodyStream(cast("ClientConnection", stream))
+        incoming.body = BodyStream(stream)
         if end_stream:
             incoming.body.finish()
         self.streams[sid] = stream
@@ -535,7 +535,7 @@ class H2Connection(asyncio.Protocol):
     async def serve(self, stream: H2Stream) -> None:
         """The coroutine path of one stream."""
         try:
-            await self.proxy.handle(cast("ClientConnection", stream), stream.incoming)
+            await self.proxy.handle(stream, stream.incoming)
         except Exception:
             self.proxy.log_exception("error while serving an HTTP/2 stream")
             stream.abort()

@@ -156,16 +156,16 @@ class UpstreamConnection(WriteFlow):
             if self.close_delimited and self._parser is not None:
                 try:
                     sink.on_backend_events(self._parser.feed_eof())
-                except ProtocolError as exc:
-                    sink.on_backend_error(UpstreamError(502, exc.reason, retryable=False))
+                except ProtocolError as error:
+                    sink.on_backend_error(UpstreamError(502, error.reason, retryable=False))
             else:
                 sink.on_backend_error(UpstreamError(502, "backend closed the connection"))
         elif self._parser is not None:
             if self.close_delimited and self._error is None:
                 try:
                     self._events.extend(self._parser.feed_eof())
-                except ProtocolError as exc:
-                    self._fail(UpstreamError(502, exc.reason, retryable=False))
+                except ProtocolError as error:
+                    self._fail(UpstreamError(502, error.reason, retryable=False))
             elif not self._events or not isinstance(self._events[-1], End):
                 self._fail(UpstreamError(502, "backend closed the connection"))
         self._wake()
@@ -387,10 +387,10 @@ class Pool:
             raise UpstreamError(
                 502, f"TLS error with backend: {exc.reason}", connected=False
             ) from None
-        except OSError as exc:
+        except OSError as error:
             # nothing listens there: the idle connections are as good as dead too
             self.drop_idle()
-            reason = exc.strerror or str(exc)
+            reason = error.strerror or str(error)
             raise UpstreamError(
                 502, f"cannot connect to backend: {reason}", connected=False, unreachable=True
             ) from None
