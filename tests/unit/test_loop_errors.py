@@ -53,7 +53,7 @@ def test_a_log_with_no_file_and_no_stdout_does_no_work() -> None:
     log.access(AccessRecord(client="127.0.0.1", request_line="GET / HTTP/1.1", host="h"))
     log.event("warning", "nothing to write it to")
     assert formatted == []  # not even formatted
-    assert log._queue.empty() and not log._thread.is_alive()  # no thread waking for it
+    assert log._queue.empty() and not log._writer.is_alive()  # no thread waking for it
     log.close()
     busy, stream = _log()  # one with a sink formats and writes
     busy.access(AccessRecord(client="127.0.0.1", request_line="GET / HTTP/1.1", host="h"))
