@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pibl.balance.health import SharedBalance
+from pibl.balance.shared import SharedBalance
 from pibl.errors import ConfigError
 from pibl.observe.accesslog import AccessLog
 from pibl.ports import Listen, PortInUse, PortLocks, make_socket

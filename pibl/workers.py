@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from pibl.balance.health import SharedBalance
+from pibl.balance.shared import SharedBalance
 from pibl.config import Config, resolve_path
 from pibl.observe.accesslog import AccessLog
 from pibl.proxy.server import run_worker

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pibl import compress
 from pibl.balance.consistency import SHADOW_HEADER, Holds
-from pibl.balance.health import SharedBalance
+from pibl.balance.shared import SharedBalance
 from pibl.cache.store import BodyWriter
 from pibl.compress import CompressionSettings, Compressor
 from pibl.config import Config, LimitConfig

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedBalance
+from pibl.balance.health import BackendState, Balancer, HealthSettings
+from pibl.balance.shared import SharedBalance
 from pibl.config import (
     DEFAULT_POOL,
     BackendConfig,

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from pibl import compress
 from pibl.balance.checker import run_checks
-from pibl.balance.health import SharedBalance
+from pibl.balance.shared import SharedBalance
 from pibl.cache.key import Normalizer
 from pibl.cache.store import DiskStore
 from pibl.compress import CompressionSettings

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pibl.balance.health import BackendState, Balancer, HealthSettings, SharedBalance
+from pibl.balance.health import BackendState, Balancer, HealthSettings
+from pibl.balance.shared import SharedBalance
 
 
 def backend(name: str = "b", weight: int = 1, **health: Any) -> BackendState:
