@@ -178,12 +178,13 @@ def main() -> int:
     p.add_argument("--base", type=Path, help="checkout the pibl-base row runs PIBL from")
     p.add_argument("--chart", type=Path, help="PNG to draw from --replot files")
     p.add_argument("--replot", type=Path, nargs="*", default=[], help="saved runs (JSON)")
+    p.add_argument("--note", help="the chart's subtitle (default: the saved runs' own notes)")
     args = p.parse_args()
     if args.replot:
         rows = [row for path in args.replot for row in json.loads(path.read_text())["rows"]]
         if args.chart is None:
             raise SystemExit("--replot needs --chart PNG")
-        note = "; ".join(json.loads(path.read_text())["run"] for path in args.replot)
+        note = args.note or "; ".join(json.loads(path.read_text())["run"] for path in args.replot)
         return 0 if draw_chart(rows, args.chart, note) else 1
     if "pibl-base" in args.servers.split(",") and args.base is None:
         raise SystemExit("the pibl-base row needs --base DIR")
@@ -293,6 +294,7 @@ def main() -> int:
 
 NAMES = {
     "pibl": "PIBL (proxying)",
+    "pibl-pure": "PIBL, Python source (proxying)",
     "pibl-base": "PIBL before",
     "pibl-h1": "PIBL, HTTP/1.1 clients",
     "nginx": "nginx (proxying)",
@@ -301,6 +303,7 @@ NAMES = {
 }
 COLORS = {
     "pibl": "#d9534f",
+    "pibl-pure": "#e99a97",
     "pibl-base": "#f0a8a6",
     "pibl-h1": "#e8a33d",
     "nginx": "#2e8b57",
