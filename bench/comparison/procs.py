@@ -348,3 +348,22 @@ def nginx_supports_e(nginx: str) -> bool:
     if match is None:
         return False
     return tuple(int(x) for x in match.groups()) >= (1, 19, 5)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server a script is about to start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    """Until something accepts connections on the loopback ``port``; BenchError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listens on port {port}")

@@ -116,6 +116,13 @@ class ResponseHook:
         pass
 
 
+def _framing(head: RequestHead, resp: ResponseHead) -> BodyKind:
+    """How the body of ``resp`` is framed for this client (a HEAD answer keeps its length)."""
+    if head.method == b"HEAD":
+        return BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
+    return client_framing(resp.body, head.version)
+
+
 class Proxy:
     """Per-worker state shared by all client connections."""
 
@@ -951,9 +958,7 @@ class Proxy:
         extra: list[tuple[bytes, bytes]],
     ) -> tuple[BodyKind, bool, bytes]:
         """How the client gets ``resp``: (body framing, keep-alive, the head's bytes)."""
-        framing = client_framing(resp.body, head.version)
-        if head.method == b"HEAD":
-            framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
+        framing = _framing(head, resp)
         keep_alive = (
             head.keep_alive
             and framing is not BodyKind.CLOSE
@@ -983,9 +988,7 @@ class Proxy:
         extra: list[tuple[bytes, bytes]],
     ) -> HeaderList:
         """``response_head`` for an HTTP/2 stream: the fields of its HEADERS frame."""
-        framing = client_framing(resp.body, head.version)
-        if head.method == b"HEAD":
-            framing = BodyKind.NONE if resp.body is not BodyKind.LENGTH else BodyKind.LENGTH
+        framing = _framing(head, resp)
         fields = client_response_fields(resp, framing=framing, rid=rid, via=self.via, extra=extra)
         record.response_started = True
         return fields

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
-from tests.support import Backend, ProxyThread, start_backend, wait_for
-
-
-@pytest.fixture
-def backends() -> Iterator[list[Backend]]:
-    started = [start_backend(f"b{i}") for i in (1, 2, 3)]
-    yield started
-    for b in started:
-        b.stop()
+from tests.support import Backend, ProxyThread, wait_for
 
 
 def _proxy(backends: list[Backend], consistency: dict[str, object]) -> ProxyThread:
