@@ -836,4 +836,11 @@ def test_http2_fields_are_the_http11_head_read_back(
     )
     assert isinstance(head, ResponseHead)
     expected = response_fields(head.status, head.headers)
-    assert client_response_fields(resp, **kw) == expected  # type: ignore[arg-type]
+    fields = client_response_fields(resp, **kw)  # type: ignore[arg-type]
+
+    def undated(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        # each side stamps its own Date when the backend sent none: the two may straddle a
+        # second, so the field is compared by presence and place, not by value
+        return [(k, b"" if k == b"date" else v) for k, v in items]
+
+    assert undated(fields) == undated(expected)
