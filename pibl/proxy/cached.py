@@ -310,19 +310,25 @@ class CacheLayer:
             )
         return keep
 
-    def fresh_hit(
-        self, conn: ResponseSink, head: RequestHead, route: Route | None = None
-    ) -> tuple[Entry, float] | None:
-        """The stored entry and its age when ``handle`` would serve it fresh, else None.
-
-        The same steps as the start of ``handle``, without waiting for anything: for the
-        fast path, which serves such a hit in the callback the request arrived in. Bodies
-        large enough for ``sendfile`` are left to ``handle``.
-        """
+    def fast_lookup(
+        self, conn: ResponseSink, head: RequestHead, route: Route | None
+    ) -> tuple[bytes, Entry | None, str] | None:
+        """The start of ``handle`` for the fast path: (primary key, stored entry, how it was
+        found), or None for a request that bypasses the cache. One store lookup serves both
+        ``fresh_hit`` and ``fast_fetch``."""
         if policy.bypass_reason(head.method, head.headers) is not None:
             return None
         primary = primary_key(conn.scheme, key_host(head.host or b"-", route), head.target)
-        entry, _ = self.store.lookup(primary, head.headers)
+        entry, found = self.store.lookup(primary, head.headers)
+        return primary, entry, found
+
+    def fresh_hit(self, head: RequestHead, entry: Entry | None) -> float | None:
+        """The entry's age when ``handle`` would serve it fresh, else None.
+
+        Without waiting for anything: for the fast path, which serves such a hit in the
+        callback the request arrived in. Bodies large enough for ``sendfile`` are left to
+        ``handle``.
+        """
         if entry is None or entry.body_length >= SENDFILE_MIN:
             return None
         if not policy.may_serve_with_authorization(
@@ -330,7 +336,7 @@ class CacheLayer:
         ):
             return None
         age, decision = self._judge(head, entry)
-        return (entry, age) if decision.action == "fresh" else None
+        return age if decision.action == "fresh" else None
 
     def _judge(self, head: RequestHead, entry: Entry) -> tuple[float, policy.Decision]:
         """The entry's age now, and whether it may answer this request (RFC 9111)."""
@@ -392,7 +398,7 @@ class CacheLayer:
         return ok, why
 
     def fast_fetch(
-        self, conn: ResponseSink, head: RequestHead, route: Route | None
+        self, head: RequestHead, route: Route | None, looked: tuple[bytes, Entry | None, str]
     ) -> _StoreHook | None:
         """The store hook of a miss that ``handle`` would fetch at once, else None.
 
@@ -402,14 +408,13 @@ class CacheLayer:
         ``only-if-cached``, and either a URI whose latest response could not be stored
         (Varnish's hit-for-miss: fetched without queueing) or one nobody else is fetching
         (this request leads: later ones wait for it in ``handle``). With a Redis tier a
-        miss takes ``handle``, which asks the fleet first.
+        miss takes ``handle``, which asks the fleet first. ``looked`` is ``fast_lookup``'s.
         """
-        if self.remote is not None or policy.bypass_reason(head.method, head.headers):
+        if self.remote is not None:
             return None
         if get_header(head.headers, b"range") is not None or policy.only_if_cached(head.headers):
             return None
-        primary = primary_key(conn.scheme, key_host(head.host or b"-", route), head.target)
-        entry, found = self.store.lookup(primary, head.headers)
+        primary, entry, found = looked
         if entry is not None:
             return None  # stale, or not for this request: handle() decides
         event = asyncio.Event()

@@ -63,6 +63,7 @@ from pibl.http.message import BodyKind, RequestHead, ResponseHead
 from pibl.http.parse import Body, End, Event, Head
 
 if TYPE_CHECKING:
+    from pibl.cache.store import Entry
     from pibl.observe.accesslog import AccessRecord
     from pibl.proxy.cached import _StoreHook
     from pibl.proxy.client import Incoming
@@ -187,12 +188,17 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
         exits["route policy"] += 1  # admission queues live on the coroutine path
         return None
     fetch: _StoreHook | None = None
-    cached = proxy.cache is not None and route.cache is not False
-    if cached:
+    looked = None  # (primary key, stored entry, how found): one store lookup for both uses
+    cache = proxy.cache if route.cache is not False else None
+    if cache is not None:
         if head.body is not BodyKind.NONE:
             exits["body to stream"] += 1
             return None
-        hit = serve_hit(proxy, sink, incoming, head)
+        looked = cache.fast_lookup(sink, head, route)
+        if looked is None:  # (a method or no-store that bypasses the cache)
+            exits["cache miss"] += 1
+            return None
+        hit = serve_hit(proxy, sink, incoming, head, looked[1])
         if hit is not None:
             return hit  # (a hit asks no backend: nothing to compare)
     shadow = proxy.shadow
@@ -203,9 +209,8 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
         if sampled:
             exits["consistency sample"] += 1
             return None
-    if cached:
-        assert proxy.cache is not None
-        fetch = proxy.cache.fast_fetch(sink, head, route)
+    if cache is not None and looked is not None:
+        fetch = cache.fast_fetch(head, route, looked)
         if fetch is None:
             exits["cache miss"] += 1
             return None
@@ -249,7 +254,7 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
 
 
 def serve_hit(
-    proxy: Proxy, sink: ResponseSink, incoming: Incoming, head: RequestHead
+    proxy: Proxy, sink: ResponseSink, incoming: Incoming, head: RequestHead, entry: Entry | None
 ) -> HitExchange | None:
     """Answer a fresh cache hit at once (body in memory or small), or None for ``handle``.
 
@@ -259,10 +264,9 @@ def serve_hit(
     """
     cache = proxy.cache
     assert cache is not None
-    hit = cache.fresh_hit(sink, head, incoming.route)
-    if hit is None:
+    age = cache.fresh_hit(head, entry)
+    if age is None or entry is None:
         return None
-    entry, age = hit
     record = incoming.record = proxy.new_record(sink, head)
     if incoming.route is not None:
         record.route, record.pool = incoming.route.name, incoming.route.pool or "-"

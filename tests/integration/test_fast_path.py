@@ -672,3 +672,26 @@ def test_a_fast_miss_leads_and_concurrent_requests_wait_for_its_entry(
     assert labels[0].startswith("pibl; fwd=miss; fwd-status=200; stored")  # the one fetch
     assert all(label.endswith("; collapsed") for label in labels[1:]), labels
     assert exits(proxy).get("cache miss") == 8  # the followers wait in handle()
+
+
+def test_a_fast_miss_looks_in_the_store_once(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    """The hit check and the miss's fetch share one lookup (each may read a file)."""
+    proxy, _ = _cached(make_proxy, backends[0], tmp_path, FAST)
+    assert proxy.worker is not None and proxy.worker.proxy.cache is not None
+    store = proxy.worker.proxy.cache.store
+    lookups: list[bytes] = []
+    lookup = store.lookup
+
+    def counted(primary: bytes, headers: Any) -> Any:
+        lookups.append(primary)
+        return lookup(primary, headers)
+
+    with httpx.Client(base_url=proxy.url) as client:
+        assert client.get("/cache/warm?cc=no-store").status_code == 200  # a pooled connection
+        store.lookup = counted  # type: ignore[method-assign]
+        served_before = served(proxy)
+        assert client.get("/cache/once?cc=max-age=60").status_code == 200
+    assert wait_for(lambda: served(proxy) == served_before + 1)  # on the fast path
+    assert len(lookups) == 1
