@@ -34,10 +34,9 @@ def nginx_temp_paths(prefix: Path) -> str:
     return "\n".join(f"    {n}_temp_path {prefix / 'temp' / n};" for n in names)
 
 
-def backends_conf(prefix: Path, www: Path, ports: Sequence[int]) -> str:
-    listens = "\n".join(f"        listen 127.0.0.1:{p};" for p in ports)
-    return f"""# three static backends: one master, one worker, three ports
-{nginx_user_line()}
+def _nginx_main(prefix: Path) -> str:
+    """The main context both nginx configurations share: one worker, in the foreground."""
+    return f"""{nginx_user_line()}
 worker_processes 1;
 daemon off;
 master_process on;
@@ -45,7 +44,13 @@ pid {prefix / "nginx.pid"};
 error_log {prefix / "logs" / "error.log"} warn;
 events {{
     worker_connections 4096;
-}}
+}}"""
+
+
+def backends_conf(prefix: Path, www: Path, ports: Sequence[int]) -> str:
+    listens = "\n".join(f"        listen 127.0.0.1:{p};" for p in ports)
+    return f"""# three static backends: one master, one worker, three ports
+{_nginx_main(prefix)}
 http {{
     access_log off;
     default_type application/octet-stream;
@@ -119,15 +124,7 @@ def nginx_proxy_conf(
     else:
         listen = f"        listen 127.0.0.1:{port};"
     return f"""# nginx as the reverse proxy under test
-{nginx_user_line()}
-worker_processes 1;
-daemon off;
-master_process on;
-pid {prefix / "nginx.pid"};
-error_log {prefix / "logs" / "error.log"} warn;
-events {{
-    worker_connections 4096;
-}}
+{_nginx_main(prefix)}
 http {{
     {log}
     keepalive_timeout 75s;
