@@ -116,6 +116,11 @@ class ResponseHook:
         pass
 
 
+def _plain(resume: fast.Exit | None) -> bool:
+    """No attempt under way: a new pick, or the fast path's "needs a connection"."""
+    return resume is None or (resume.error is None and resume.upstream is None and not resume.fresh)
+
+
 def _framing(head: RequestHead, resp: ResponseHead) -> BodyKind:
     """How the body of ``resp`` is framed for this client (a HEAD answer keeps its length)."""
     if head.method == b"HEAD":
@@ -668,6 +673,12 @@ class Proxy:
             index: int | None = resume.index if resume is not None else None
             if index is None:
                 index = group.pick(now, tried, prefer)
+            if index is not None and self.pools[index].probing and _plain(resume):
+                # another request is dialling this backend to see whether it is still
+                # there: this one goes elsewhere meanwhile, if there is an elsewhere
+                other = group.pick(now, {*tried, index}, prefer)
+                if other is not None:
+                    index, resume = other, None
             if index is None and group.full(now, tried):
                 await group.admit()  # every backend is at maxconn: wait in the pool's queue
                 continue

@@ -309,6 +309,7 @@ class Pool:
         "_ssl",
         "active",
         "backend",
+        "dialing",
         "suspect",
     )
 
@@ -329,9 +330,11 @@ class Pool:
         self._idle_max = idle_max
         self._ssl = ssl
         self.active = 0
-        # a reused connection failed before any answer: one request checks with a new
-        # connection whether the backend is still there; the others go elsewhere meanwhile
+        # a reused connection failed before any answer, or idle ones were found closed, or
+        # a dial failed: one request checks with a new connection whether the backend is
+        # still there; the others go elsewhere meanwhile (``probing``)
         self.suspect = False
+        self.dialing = 0  # connections being opened
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -339,6 +342,12 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.backend.label} idle={len(self._idle)} active={self.active}>"
+
+    @property
+    def probing(self) -> bool:
+        """A dial is finding out whether a suspect backend is still there: send the
+        requests that would need a new connection elsewhere until it knows."""
+        return self.suspect and self.dialing > 0 and not self._idle
 
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection still fit for a request, if any."""
@@ -348,7 +357,10 @@ class Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.closed or now - conn.idle_since > self._idle_timeout:
+            if conn.closed:  # the backend closed it while it idled: maybe it is gone
+                self.suspect = True
+                continue
+            if now - conn.idle_since > self._idle_timeout:
                 conn.close()
                 continue
             self.active += 1
@@ -370,6 +382,7 @@ class Pool:
     async def connect(self, timeout: float | None = None) -> UpstreamConnection:
         backend = self.backend
         loop = self._loop
+        self.dialing += 1
         try:
             async with asyncio.timeout(timeout or self._connect_timeout):
                 _, protocol = await loop.create_connection(
@@ -380,6 +393,7 @@ class Pool:
                     server_hostname=(backend.server_name or backend.host) if self._ssl else None,
                 )
         except TimeoutError:
+            self.suspect = True
             raise UpstreamError(
                 504, "timed out connecting to backend", connected=False, unreachable=True
             ) from None
@@ -390,10 +404,13 @@ class Pool:
         except OSError as error:
             # nothing listens there: the idle connections are as good as dead too
             self.drop_idle()
+            self.suspect = True
             reason = error.strerror or str(error)
             raise UpstreamError(
                 502, f"cannot connect to backend: {reason}", connected=False, unreachable=True
             ) from None
+        finally:
+            self.dialing -= 1
         self.suspect = False
         return protocol
 

@@ -222,10 +222,12 @@ def test_all_backends_killed_fast_503(
     assert load.results
     statuses = {r.status for r in load.results}
     assert statuses == {503}, statuses
-    # PIBL answers each within 50 ms; the client sees no hang either (its own loop adds delay)
+    # PIBL answers each at once: refused dials, no timeout waited for (the connect timeout
+    # is 5 s; the bound leaves room for a machine busy with other work, typically < 10 ms);
+    # the client sees no hang either (its own loop adds delay)
     totals = access_totals(workdir, 503, len(load.results))
     assert len(totals) == len(load.results)
-    assert max(totals) < 0.05, f"slowest answer took {max(totals) * 1000:.1f} ms"
+    assert max(totals) < 0.25, f"slowest answer took {max(totals) * 1000:.1f} ms"
     assert max(r.elapsed for r in load.results) < 1.0
     print(f"503s={len(totals)} slowest={max(totals) * 1000:.1f} ms")
 

@@ -356,6 +356,51 @@ def test_killed_backend_502_without_retries(
     assert "the backend failed" in responses[1].text
 
 
+def test_while_one_dial_checks_a_suspect_backend_the_others_go_elsewhere(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread]
+) -> None:
+    """One dial at a time finds out whether a backend that failed is still there.
+
+    The middle backend's accept queue is full, so a dial to it hangs until the connect
+    timeout. After one such failure (not enough to eject it), a burst of requests arrives:
+    the first that picks it dials again; the others that pick it while that dial is pending
+    go to another backend at once instead of each waiting out a timeout of their own.
+    """
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    filler = socket.create_connection(hole.getsockname(), timeout=5)  # the queue is full
+    try:
+        proxy = make_proxy(
+            [backends[0], f"http://127.0.0.1:{hole.getsockname()[1]}", backends[1]],
+            timeouts={"upstream_connect": 0.6},
+            health={"enabled": False, "max_fails": 100},
+        )
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            assert [client.get("/warm").status_code for _ in range(3)] == [200] * 3
+
+        def timed_get(path: str, out: list[float]) -> None:
+            started = time.monotonic()
+            assert httpx.get(proxy.url + path, timeout=10).status_code == 200
+            out.append(time.monotonic() - started)
+
+        elapsed: list[float] = []
+        threads = [
+            threading.Thread(target=timed_get, args=(f"/burst/{i}", elapsed)) for i in range(9)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    finally:
+        filler.close()
+        hole.close()
+    assert len(elapsed) == 9
+    waited = [e for e in elapsed if e > 0.5]
+    # about three of the nine picked the stalled backend; only the one dialling it waits
+    assert len(waited) <= 1, sorted(elapsed)
+
+
 def test_all_backends_dead_503_with_retry_after(make_proxy: Callable[..., ProxyThread]) -> None:
     proxy = make_proxy([f"http://127.0.0.1:{free_port()}" for _ in range(2)])
     started = time.monotonic()
