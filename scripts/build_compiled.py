@@ -60,6 +60,7 @@ MODULES = (
     "pibl/balance/health.py",
     "pibl/limits.py",
     "pibl/observe/metrics.py",
+    "pibl/observe/record.py",
 )
 
 SETUP = """\

@@ -42,23 +42,54 @@ def header_tokens(headers: HeaderList, name: bytes) -> list[bytes]:
     return out
 
 
-@dataclass(slots=True)
+# ``init=False`` with an ``__init__`` of their own: the compiled build makes that a native
+# constructor (the one ``dataclass`` writes runs as interpreted code), and one of each is
+# made for every exchange. ``dataclass`` still gives them ``__eq__`` and ``__repr__``.
+@dataclass(slots=True, init=False)
 class RequestHead:
     method: bytes
     target: bytes
     version: bytes  # b"1.1" or b"1.0"
     headers: HeaderList
-    host: bytes = b""
-    body: BodyKind = BodyKind.NONE
-    content_length: int = 0
-    keep_alive: bool = True
-    expect_continue: bool = False
-    upgrade: bytes | None = None  # the Upgrade header value when the client asks to switch
+    host: bytes
+    body: BodyKind
+    content_length: int
+    keep_alive: bool
+    expect_continue: bool
+    upgrade: bytes | None  # the Upgrade header value when the client asks to switch
     # the tokens of every Connection field (lower case), when the parser collected them
     # (derived from ``headers``: not compared)
-    connection: frozenset[bytes] | None = field(default=None, compare=False)
+    connection: frozenset[bytes] | None = field(compare=False)
     # the request came on an HTTP/2 stream (served as HTTP/1.1, logged as HTTP/2.0)
-    http2: bool = field(default=False, compare=False)
+    http2: bool = field(compare=False)
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: HeaderList,
+        host: bytes = b"",
+        body: BodyKind = BodyKind.NONE,
+        content_length: int = 0,
+        keep_alive: bool = True,
+        expect_continue: bool = False,
+        upgrade: bytes | None = None,
+        connection: frozenset[bytes] | None = None,
+        http2: bool = False,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.body = body
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.upgrade = upgrade
+        self.connection = connection
+        self.http2 = http2
 
     @property
     def request_line(self) -> str:
@@ -67,16 +98,38 @@ class RequestHead:
         return f"{method} {self.target.decode('latin-1')} HTTP/{version}"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ResponseHead:
     status: int
     reason: bytes
     version: bytes
-    headers: HeaderList = field(default_factory=list)
-    body: BodyKind = BodyKind.NONE
-    content_length: int = 0
-    keep_alive: bool = True
+    headers: HeaderList
+    body: BodyKind
+    content_length: int
+    keep_alive: bool
     # transfer codings besides chunked (gzip, deflate), in the order applied: the parser
     # removes them, so bodies past it are the representation's bytes
-    codings: tuple[bytes, ...] = ()
-    connection: frozenset[bytes] | None = field(default=None, compare=False)  # as in RequestHead
+    codings: tuple[bytes, ...]
+    connection: frozenset[bytes] | None = field(compare=False)  # as in RequestHead
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        headers: HeaderList | None = None,
+        body: BodyKind = BodyKind.NONE,
+        content_length: int = 0,
+        keep_alive: bool = True,
+        codings: tuple[bytes, ...] = (),
+        connection: frozenset[bytes] | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = [] if headers is None else headers
+        self.body = body
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.codings = codings
+        self.connection = connection

@@ -31,26 +31,38 @@ from pibl.errors import ProtocolError
 from pibl.http.message import BodyKind, HeaderList, RequestHead, ResponseHead
 
 
-@dataclass(slots=True, frozen=True)
+# Events are made for every message (``init=False`` and an ``__init__`` of their own: see
+# ``pibl.http.message``); nothing changes them once made.
+@dataclass(slots=True, init=False)
 class Head:
     head: RequestHead | ResponseHead
 
+    def __init__(self, head: RequestHead | ResponseHead) -> None:
+        self.head = head
 
-@dataclass(slots=True, frozen=True)
+
+@dataclass(slots=True, init=False)
 class Body:
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
-@dataclass(slots=True, frozen=True)
+
+@dataclass(slots=True, init=False)
 class End:
-    pass
+    def __init__(self) -> None:
+        pass
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, init=False)
 class Upgrade:
     """The message asked to switch protocols; ``data`` are the bytes that followed its head."""
 
     data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 Event = Head | Body | End | Upgrade

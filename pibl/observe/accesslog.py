@@ -17,37 +17,14 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    # (made by the workers; the master, which logs events only, never loads it)
+    from pibl.observe.record import AccessRecord
 
 BATCH_DELAY = 0.02  # seconds a line may wait to be written with others
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-@dataclass(slots=True)
-class AccessRecord:
-    client: str
-    request_line: str
-    host: str
-    status: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    backend: str = ""
-    upstream: float = -1.0
-    total: float = 0.0
-    cache: str = "-"
-    route: str = "-"  # the [[routes]] entry it matched (its name)
-    pool: str = "-"  # and the pool it goes to
-    request_id: bytes = b"-"
-    user_agent: str = "-"
-    detail: str = ""
-    response_started: bool = False
-    continued: bool = False  # "100 Continue" already sent to the client
-    retries: int = 0
-    request_head: str = ""  # verbose mode: the head as received ...
-    response_head: str = ""  # ... and as delivered
-    started: float = field(default_factory=time.monotonic)
-    when: float = field(default_factory=time.time)
 
 
 def _format_clf_time(second: int) -> str:

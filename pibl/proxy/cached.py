@@ -36,7 +36,7 @@ from pibl.errors import UpstreamError
 from pibl.http.forward import REASONS, body_length, simple_response, stored_headers
 from pibl.http.framing import http_date
 from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
-from pibl.observe.accesslog import AccessRecord
+from pibl.observe.record import AccessRecord
 from pibl.proxy.exchange import ResponseHook
 from pibl.proxy.filebody import FileSender, plain_socket
 

@@ -34,7 +34,7 @@ from pibl.proxy.flow import Deadline, WriteFlow
 from pibl.routes import Route
 
 if TYPE_CHECKING:
-    from pibl.observe.accesslog import AccessRecord
+    from pibl.observe.record import AccessRecord
     from pibl.proxy.exchange import Proxy
     from pibl.proxy.fast import ClientExchange, Exit
 

@@ -50,8 +50,9 @@ from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk, http_dat
 from pibl.http.message import BodyKind, HeaderList, RequestHead, ResponseHead, get_header
 from pibl.http.parse import END, Body, End, Head, Upgrade
 from pibl.limits import RateLimiter, Verdict, bucket_key
-from pibl.observe.accesslog import AccessLog, AccessRecord
+from pibl.observe.accesslog import AccessLog
 from pibl.observe.metrics import Metrics, multiprocess_dir
+from pibl.observe.record import AccessRecord
 from pibl.observe.status import StatusTracker
 from pibl.proxy import fast
 from pibl.proxy.groups import PoolGroup, build_groups

@@ -64,7 +64,7 @@ from pibl.http.parse import Body, End, Event, Head
 
 if TYPE_CHECKING:
     from pibl.cache.store import Entry
-    from pibl.observe.accesslog import AccessRecord
+    from pibl.observe.record import AccessRecord
     from pibl.proxy.cached import _StoreHook
     from pibl.proxy.client import Incoming
     from pibl.proxy.exchange import Proxy

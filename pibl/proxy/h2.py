@@ -51,7 +51,7 @@ from pibl.http import h2rules
 from pibl.http.forward import simple_response
 from pibl.http.message import BodyKind, HeaderList, ResponseHead
 from pibl.http.parse import Body, End, Head, ResponseParser
-from pibl.observe.accesslog import AccessRecord
+from pibl.observe.record import AccessRecord
 from pibl.proxy.client import BodyStream, Incoming
 from pibl.proxy.flow import Deadline
 

@@ -56,6 +56,7 @@ class UpstreamConnection(WriteFlow):
         "_loop",
         "_parser",
         "_read_paused",
+        "_spare",
         "_waiter",
         "backend",
         "close_delimited",
@@ -83,7 +84,8 @@ class UpstreamConnection(WriteFlow):
         # the sink's response timeout: kept with the connection, moved for each exchange
         self.response_timer = Deadline(loop, self._response_timeout)
         self._loop = loop
-        self._parser: ResponseParser | None = None
+        self._parser: ResponseParser | None = None  # None while idle
+        self._spare: ResponseParser | None = None  # the last one, reused if it ended cleanly
         self._events: deque[Event] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -182,9 +184,10 @@ class UpstreamConnection(WriteFlow):
     ) -> None:
         """Begin an exchange: send the request head, expect one response (and hand any
         interim 1xx responses before it to ``on_interim``)."""
-        parser = self._parser
+        parser, self._spare = self._spare, None
         if parser is None or not parser.reset(head_request=head_request, on_interim=on_interim):
-            self._parser = ResponseParser(head_request=head_request, on_interim=on_interim)
+            parser = ResponseParser(head_request=head_request, on_interim=on_interim)
+        self._parser = parser
         self._events.clear()
         self._buffered = 0
         self._error = None
@@ -249,7 +252,7 @@ class UpstreamConnection(WriteFlow):
 
     def finish(self, *, reusable: bool) -> None:
         """The exchange is over; ``reusable`` only if the response ended cleanly."""
-        self._parser = None
+        self._spare, self._parser = self._parser, None
         self.sink = None
         self.response_timer.clear()
         if self._read_paused:

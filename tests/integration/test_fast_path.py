@@ -95,6 +95,23 @@ def test_common_requests_are_served_in_callbacks_with_the_same_answers(
     assert [_log_shape(x) for x in fast.log_lines()] == [_log_shape(x) for x in slow.log_lines()]
 
 
+@pytest.mark.parametrize("upstream", [FAST, SLOW], ids=["fast", "coroutine"])
+def test_a_kept_alive_backend_connection_parses_every_response_with_one_parser(
+    backends: list[Backend], make_proxy: Callable[..., ProxyThread], upstream: dict[str, bool]
+) -> None:
+    proxy = make_proxy(backends[:1], upstream=upstream)
+    assert proxy.worker is not None
+    pool = proxy.worker.proxy.pools[0]
+    parsers = []
+    with httpx.Client(base_url=proxy.url) as client:
+        for i in range(4):
+            assert client.get(f"/p/{i}").status_code == 200
+            assert wait_for(lambda: len(pool._idle) == 1)
+            parsers.append(pool._idle[0]._spare)
+    assert parsers[0] is not None
+    assert all(p is parsers[0] for p in parsers)  # one connection, one parser
+
+
 def test_a_body_that_must_stream_leaves_before_the_exchange_starts(
     backends: list[Backend], make_proxy: Callable[..., ProxyThread]
 ) -> None:

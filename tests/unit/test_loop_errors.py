@@ -45,7 +45,7 @@ def test_installed_handler_catches_a_failing_callback() -> None:
 
 
 def test_a_log_with_no_file_and_no_stdout_does_no_work() -> None:
-    from pibl.observe.accesslog import AccessRecord
+    from pibl.observe.record import AccessRecord
 
     formatted: list[AccessRecord] = []
     log = AccessLog(path=None, stdout=False)
