@@ -215,7 +215,11 @@ class Balancer:
         self._held: MutableSequence[int] | None = None  # consistency holds, when shared
         if shared is not None and len(shared.scores) == len(states):
             self._rotation = SmoothWeighted(weights, state=shared.scores)
-            self._lock: AbstractContextManager[object] = shared.lock
+            # multiprocessing's Lock enters and exits through Python methods around its C
+            # semaphore; the semaphore itself is the same lock as a context manager
+            self._lock: AbstractContextManager[object] = getattr(
+                shared.lock, "_semlock", shared.lock
+            )
             self._ejected = shared.ejected_until
             self._refused = shared.refused
             self._held = shared.hold

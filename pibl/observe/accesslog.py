@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
@@ -24,70 +25,11 @@ if TYPE_CHECKING:
     from pibl.observe.record import AccessRecord
 
 BATCH_DELAY = 0.02  # seconds a line may wait to be written with others
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def _format_clf_time(second: int) -> str:
-    t = time.gmtime(second)
-    day = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}"
-    return f"{day}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
-
-
-_last_clf: tuple[int, str] = (-1, "")
-
-
-def _clf_time(when: float) -> str:
-    """The log's time field; formatted once per second (lines of one second share it)."""
-    global _last_clf
-    second = int(when)
-    if _last_clf[0] != second:
-        _last_clf = (second, _format_clf_time(second))
-    return _last_clf[1]
 
 
 def _quote(text: str) -> str:
+    """A value inside double quotes on a log line (``pibl.observe.record`` has its own)."""
     return text.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def format_combined(r: AccessRecord) -> str:
-    upstream = f"{r.upstream:.3f}" if r.upstream >= 0 else "-"
-    line = (
-        f'{r.client} - - [{_clf_time(r.when)}] "{_quote(r.request_line)}" {r.status} {r.bytes_out}'
-        f' in={r.bytes_in} host="{_quote(r.host)}" backend={r.backend or "-"} up={upstream}'
-        f" total={r.total:.3f} cache={r.cache} rid={r.request_id.decode('latin-1')}"
-        f' ua="{_quote(r.user_agent)}"'
-    )
-    if r.detail:
-        line += f' detail="{_quote(r.detail)}"'
-    if r.request_head:
-        line += "".join(f"\n  > {h}" for h in r.request_head.rstrip("\r\n").split("\r\n"))
-    if r.response_head:
-        line += "".join(f"\n  < {h}" for h in r.response_head.rstrip("\r\n").split("\r\n"))
-    return line
-
-
-def format_json(r: AccessRecord) -> str:
-    return json.dumps(
-        {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.when)),
-            "client": r.client,
-            "request": r.request_line,
-            "host": r.host,
-            "status": r.status,
-            "bytes_in": r.bytes_in,
-            "bytes_out": r.bytes_out,
-            "backend": r.backend or None,
-            "upstream_time": round(r.upstream, 6) if r.upstream >= 0 else None,
-            "total_time": round(r.total, 6),
-            "cache": r.cache,
-            "request_id": r.request_id.decode("latin-1"),
-            "user_agent": r.user_agent,
-            "detail": r.detail or None,
-            **({"request_head": r.request_head} if r.request_head else {}),
-            **({"response_head": r.response_head} if r.response_head else {}),
-        },
-        separators=(",", ":"),
-    )
 
 
 class AccessLog:
@@ -110,8 +52,10 @@ class AccessLog:
     ) -> None:
         self.path = path
         self._stream = stream if stream is not None else (sys.stdout if stdout else None)
-        self._format = format_json if fmt == "json" else format_combined
         self._json = fmt == "json"
+        # the access line's format, from pibl.observe.record (the writer thread imports it
+        # at the first access record: the master writes event lines only)
+        self._format: Callable[[AccessRecord], str] | None = None
         self._queue: queue.SimpleQueue[str | AccessRecord | None] = queue.SimpleQueue()
         self._reopen = threading.Event()
         self._file: TextIO | None = None
@@ -136,7 +80,7 @@ class AccessLog:
         if self._threaded:
             self._queue.put(record)  # formatted by the writer thread
         else:
-            self._put(self._format(record))
+            self._put(self._line(record))
 
     def _put(self, line: str) -> None:
         if self.silent:
@@ -242,6 +186,10 @@ class AccessLog:
     def _line(self, item: str | AccessRecord) -> str:
         if isinstance(item, str):
             return item
+        if self._format is None:
+            from pibl.observe.record import format_combined, format_json
+
+            self._format = format_json if self._json else format_combined
         try:
             return self._format(item)
         except Exception:  # a record no format expected: its line says so, the log goes on

@@ -56,6 +56,8 @@ class Batch:
         self._counts: dict[Any, float] = {}
         self._histograms: dict[Any, list[float]] = {}  # child -> [sum, count per bucket...]
         self._gauges: list[tuple[Any, Callable[[], float]]] = []
+        # runs first at every flush: what was tallied per request elsewhere comes in here
+        self.before_flush: Callable[[], None] | None = None
 
     def track(self, gauge: Any, read: Callable[[], float]) -> None:
         """Set ``gauge`` to ``read()`` at every flush (instead of an update per event)."""
@@ -73,7 +75,19 @@ class Batch:
         # the library's bucket for a value is the first bound >= value (the last is +Inf)
         acc[1 + bisect.bisect_left(child._upper_bounds, value)] += 1
 
+    def observe_all(self, child: Any, values: list[float]) -> None:
+        """``observe`` for each of ``values``."""
+        acc = self._histograms.get(child)
+        if acc is None:
+            acc = self._histograms[child] = [0.0] * (len(child._upper_bounds) + 1)
+        bounds = child._upper_bounds
+        for value in values:
+            acc[0] += value
+            acc[1 + bisect.bisect_left(bounds, value)] += 1
+
     def flush(self) -> None:
+        if self.before_flush is not None:
+            self.before_flush()
         counts, self._counts = self._counts, {}
         histograms, self._histograms = self._histograms, {}
         for gauge, read in self._gauges:

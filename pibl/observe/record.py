@@ -1,12 +1,17 @@
-"""The access record: what one exchange leaves for the access log and the metrics.
+"""The access record, what one exchange leaves for the access log and the metrics, and
+the access log's line formats.
 
-Its own module so that the workers, which make one per request, get it compiled (see
-``scripts/build_compiled.py``) while the master, which logs events only, never loads it.
+Its own module so that the workers, which make a record per request and format its line,
+get it compiled (see ``scripts/build_compiled.py``) while the master, which logs events
+only, never loads it.
 """
 
 from __future__ import annotations
 
+import json
 import time
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 class AccessRecord:
@@ -74,3 +79,67 @@ class AccessRecord:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"AccessRecord({fields})"
+
+
+def _format_clf_time(second: int) -> str:
+    t = time.gmtime(second)
+    day = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}"
+    return f"{day}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+
+
+_last_clf: tuple[int, str] = (-1, "")
+
+
+def _clf_time(when: float) -> str:
+    """The log's time field; formatted once per second (lines of one second share it)."""
+    global _last_clf
+    second = int(when)
+    if _last_clf[0] != second:
+        _last_clf = (second, _format_clf_time(second))
+    return _last_clf[1]
+
+
+def _quote(text: str) -> str:
+    """A value inside double quotes on a log line (as ``pibl.observe.accesslog._quote``)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def format_combined(r: AccessRecord) -> str:
+    upstream = f"{r.upstream:.3f}" if r.upstream >= 0 else "-"
+    line = (
+        f'{r.client} - - [{_clf_time(r.when)}] "{_quote(r.request_line)}" {r.status} {r.bytes_out}'
+        f' in={r.bytes_in} host="{_quote(r.host)}" backend={r.backend or "-"} up={upstream}'
+        f" total={r.total:.3f} cache={r.cache} rid={r.request_id.decode('latin-1')}"
+        f' ua="{_quote(r.user_agent)}"'
+    )
+    if r.detail:
+        line += f' detail="{_quote(r.detail)}"'
+    if r.request_head:
+        line += "".join(f"\n  > {h}" for h in r.request_head.rstrip("\r\n").split("\r\n"))
+    if r.response_head:
+        line += "".join(f"\n  < {h}" for h in r.response_head.rstrip("\r\n").split("\r\n"))
+    return line
+
+
+def format_json(r: AccessRecord) -> str:
+    return json.dumps(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.when)),
+            "client": r.client,
+            "request": r.request_line,
+            "host": r.host,
+            "status": r.status,
+            "bytes_in": r.bytes_in,
+            "bytes_out": r.bytes_out,
+            "backend": r.backend or None,
+            "upstream_time": round(r.upstream, 6) if r.upstream >= 0 else None,
+            "total_time": round(r.total, 6),
+            "cache": r.cache,
+            "request_id": r.request_id.decode("latin-1"),
+            "user_agent": r.user_agent,
+            "detail": r.detail or None,
+            **({"request_head": r.request_head} if r.request_head else {}),
+            **({"response_head": r.response_head} if r.response_head else {}),
+        },
+        separators=(",", ":"),
+    )

@@ -48,24 +48,27 @@ class StatusTracker:
     def record(
         self,
         status: int,
-        total: float,
         backend: str,
-        upstream: float,
         cache: str,
-        route: str = "-",
+        route: str,
+        totals: list[float],
+        upstreams: list[float],
     ) -> None:
-        self.requests += 1
-        self.route_requests[route] = self.route_requests.get(route, 0) + 1
+        """Exchanges with these labels: their total times, and their backend's response
+        times where one answered (``Proxy.flush_tallies``)."""
+        count = len(totals)
+        self.requests += count
+        self.route_requests[route] = self.route_requests.get(route, 0) + count
         klass = f"{status // 100}xx" if status else "aborted"
-        self.by_class[klass] = self.by_class.get(klass, 0) + 1
-        self.latency_sum += total
+        self.by_class[klass] = self.by_class.get(klass, 0) + count
+        self.latency_sum += sum(totals)
         if cache != "-":
-            self.cache[cache] = self.cache.get(cache, 0) + 1
+            self.cache[cache] = self.cache.get(cache, 0) + count
         if backend:
-            self.backend_requests[backend] = self.backend_requests.get(backend, 0) + 1
+            self.backend_requests[backend] = self.backend_requests.get(backend, 0) + count
             if status >= 500 or status == 0:
-                self.backend_errors[backend] = self.backend_errors.get(backend, 0) + 1
-            if upstream >= 0:
+                self.backend_errors[backend] = self.backend_errors.get(backend, 0) + count
+            for upstream in upstreams:
                 old = self.backend_latency.get(backend, upstream)
                 self.backend_latency[backend] = old * 0.8 + upstream * 0.2
 
@@ -94,6 +97,7 @@ class StatusTracker:
 
     def snapshot(self) -> dict[str, Any]:
         proxy = self.proxy
+        proxy.flush_tallies()  # the exchanges finished since the last second count too
         now = time.monotonic()
         if proxy.shadow is not None:
             proxy.shadow.adopt()  # holds set by another worker show here at once

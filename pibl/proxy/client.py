@@ -531,9 +531,12 @@ class ClientConnection(WriteFlow):
 
     def _arm(self, kind: str) -> None:
         timeouts = self.proxy.config.timeouts
-        delay = {"header": timeouts.client_header, "body": timeouts.client_body}.get(
-            kind, timeouts.client_idle
-        )
+        if kind == "idle":
+            delay = timeouts.client_idle
+        elif kind == "header":
+            delay = timeouts.client_header
+        else:
+            delay = timeouts.client_body
         self._timer_kind = kind
         self._timer.set(delay)
 

@@ -117,6 +117,20 @@ class ResponseHook:
         pass
 
 
+class Tally:
+    """Finished exchanges with the same labels, since the last flush."""
+
+    __slots__ = ("bytes_in", "bytes_out", "count", "retries", "totals", "upstreams")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.totals: list[float] = []  # seconds, one per exchange
+        self.upstreams: list[float] = []  # seconds to the response head, where one came
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.retries = 0
+
+
 def _plain(resume: fast.Exit | None) -> bool:
     """No attempt under way: a new pick, or the fast path's "needs a connection"."""
     return resume is None or (resume.error is None and resume.upstream is None and not resume.fresh)
@@ -192,6 +206,9 @@ class Proxy:
         self.metrics = Metrics()
         self.metrics.batch.track(self.metrics.connections, lambda: len(self.connections))
         self._metric_children: dict[tuple[Any, ...], Any] = {}
+        # finished exchanges added up by what they are labelled with, until the next flush
+        self._tallies: dict[tuple[int, str, str, str, str], Tally] = {}
+        self.metrics.batch.before_flush = self.flush_tallies
         for state in self.states:  # exported from the start, at 0
             self.metrics.connect_refused.labels(state.name)
         self.verbose = config.log.verbose
@@ -593,29 +610,45 @@ class Proxy:
         return keep_alive
 
     def observe(self, record: AccessRecord) -> None:
-        """Metrics and live status for one finished exchange."""
+        """Metrics and live status for one finished exchange: added to its tally here, and
+        to the metrics and the status once a second (``flush_tallies``)."""
+        key = (record.status, record.backend, record.cache, record.route, record.pool)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = Tally()
+        tally.count += 1
+        tally.totals.append(record.total)
+        if record.upstream >= 0 and record.backend:
+            tally.upstreams.append(record.upstream)
+        tally.bytes_out += record.bytes_out
+        tally.bytes_in += record.bytes_in
+        tally.retries += record.retries
+
+    def flush_tallies(self) -> None:
+        """The tallied exchanges into the metrics batch and the live status (run by every
+        ``Batch.flush``, and before the status is read)."""
+        tallies, self._tallies = self._tallies, {}
         m = self.metrics
         batch = m.batch
         labelled = self._labelled
-        status = record.status
-        klass = _STATUS_CLASSES[status // 100] if 0 < status < 600 else "aborted"
-        batch.inc(labelled(m.requests, klass, record.backend))
-        batch.observe(m.latency, record.total)
-        if record.bytes_out:
-            batch.inc(m.bytes_out, record.bytes_out)
-        if record.bytes_in:
-            batch.inc(m.bytes_in, record.bytes_in)
-        if record.cache != "-":
-            batch.inc(labelled(m.cache, record.cache))
-        if record.retries:
-            batch.inc(m.retries, record.retries)
-        if record.upstream >= 0 and record.backend:
-            batch.observe(labelled(m.upstream_latency, record.backend), record.upstream)
-        self.status.record(
-            status, record.total, record.backend, record.upstream, record.cache, record.route
-        )
-        if record.route != "-":
-            batch.inc(labelled(m.route_requests, record.route, record.pool, klass))
+        for (status, backend, cache, route, pool), tally in tallies.items():
+            klass = _STATUS_CLASSES[status // 100] if 0 < status < 600 else "aborted"
+            count = tally.count
+            batch.inc(labelled(m.requests, klass, backend), count)
+            batch.observe_all(m.latency, tally.totals)
+            if tally.bytes_out:
+                batch.inc(m.bytes_out, tally.bytes_out)
+            if tally.bytes_in:
+                batch.inc(m.bytes_in, tally.bytes_in)
+            if cache != "-":
+                batch.inc(labelled(m.cache, cache), count)
+            if tally.retries:
+                batch.inc(m.retries, tally.retries)
+            if tally.upstreams:
+                batch.observe_all(labelled(m.upstream_latency, backend), tally.upstreams)
+            self.status.record(status, backend, cache, route, tally.totals, tally.upstreams)
+            if route != "-":
+                batch.inc(labelled(m.route_requests, route, pool, klass), count)
 
     def _labelled(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once (the library's lookup costs per call)."""
