@@ -210,6 +210,17 @@ class BodyWriter:
         return entry
 
 
+VARY_INDEXES = 4096  # Vary indexes kept in memory (a few hundred bytes each)
+
+
+def _mtime(path: str) -> int:
+    """The file's mtime in nanoseconds, -1 if it is gone."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
 def _writer_alive(name: str) -> bool:
     """Whether the process named in a temporary file's name (``<pid>-...``) still runs."""
     pid, dash, _ = name.partition("-")
@@ -246,6 +257,9 @@ class DiskStore:
         self._sizes: OrderedDict[str, int] = OrderedDict()  # meta path -> bytes, LRU order
         self._memory: OrderedDict[str, tuple[Entry, bytes, int]] = OrderedDict()
         self._memory_bytes = 0
+        # the Vary index of each URI stored in variants (its field names), by metadata path,
+        # with the mtime it was read at: a hit on a variant reads no index file
+        self._varies: OrderedDict[str, tuple[list[str], int]] = OrderedDict()
         self._verified: set[str] = set()
         # resync: the index follows what other processes store, purge and evict
         self._touched: set[str] | None = None  # keys accounted while a resync runs
@@ -433,11 +447,17 @@ class DiskStore:
         if cached is not None:
             return cached, "hit"
         path = Path(key)
-        meta = self._read_meta(path)
-        if meta is None or meta.get("key") != primary.decode("latin-1"):
-            return None, "uri-miss"
-        if meta.get("type") == "vary":
-            names = [str(n) for n in meta.get("vary", [])]
+        names = self._vary_get(key)
+        meta: dict[str, Any] | None = None
+        if names is None:
+            mtime = _mtime(key)
+            meta = self._read_meta(path)
+            if meta is None or meta.get("key") != primary.decode("latin-1"):
+                return None, "uri-miss"
+            if meta.get("type") == "vary":
+                names = [str(n) for n in meta.get("vary", [])]
+                self._vary_remember(key, names, mtime)
+        if names is not None:
             secondary = secondary_key(names, request_headers, self.normalize)
             vkey = self.meta_key(variant_digest(primary, secondary))
             cached = self._memory_get(vkey)
@@ -451,6 +471,7 @@ class DiskStore:
                 return None, "vary-miss"
             entry = self._entry(vmeta, vpath)
         else:
+            assert meta is not None
             entry = self._entry(meta, path)
         if entry is None:
             return None, "uri-miss"
@@ -566,16 +587,32 @@ class DiskStore:
         if cached is None:
             return None
         entry, _, mtime = cached
-        try:
-            current = os.stat(key).st_mtime_ns
-        except OSError:
-            current = -1
-        if current != mtime:
+        if _mtime(key) != mtime:
             self._forget(key)
             return None
         self._memory.move_to_end(key)
         self._touch(key)  # a memory hit is a use for the LRU bound too
         return entry
+
+    def _vary_get(self, key: str) -> list[str] | None:
+        """The Vary index at ``key`` as last read, if the file is still that one (a
+        ``stat``, as for a memory-tier entry)."""
+        cached = self._varies.get(key)
+        if cached is None:
+            return None
+        names, mtime = cached
+        if _mtime(key) != mtime:
+            del self._varies[key]
+            return None
+        return names
+
+    def _vary_remember(self, key: str, names: list[str], mtime: int) -> None:
+        if mtime < 0:
+            return
+        self._varies[key] = (names, mtime)
+        self._varies.move_to_end(key)
+        while len(self._varies) > VARY_INDEXES:
+            self._varies.popitem(last=False)
 
     def _remember(self, entry: Entry, body: bytes) -> None:
         key = str(entry.meta_path)
@@ -766,6 +803,7 @@ class DiskStore:
         with self._lock:
             self._sizes.clear()
             self._memory.clear()
+            self._varies.clear()
             self._memory_bytes = 0
             self.stats.entries = 0
             self.stats.bytes = 0

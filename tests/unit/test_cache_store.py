@@ -479,6 +479,32 @@ def test_two_variants_under_one_primary_key(store: DiskStore) -> None:
     assert gz.meta_path != br.meta_path
 
 
+def test_hits_on_variants_read_the_vary_index_once_until_it_changes(
+    store: DiskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(store, A, b"gzipped", vary=AE, req=GZIP)
+    put(store, A, b"brotli", vary=AE, req=BR)
+    index = str(store.meta_path(digest(A)))
+    reads: list[str] = []
+    read_meta = store._read_meta
+
+    def counting(path: Path) -> dict[str, object] | None:
+        reads.append(str(path))
+        return read_meta(path)
+
+    monkeypatch.setattr(store, "_read_meta", counting)
+    for _ in range(3):
+        for req, body in ((GZIP, b"gzipped"), (BR, b"brotli")):
+            entry, found = store.lookup(A, req)
+            assert found == "hit" and entry is not None
+            assert store.read_body(entry) == body
+    assert reads.count(index) == 1  # the index, once; then from memory
+    # replaced on disk (another worker stored the URI without Vary): read again
+    put(store, A, b"plain")
+    entry = get(store, A, GZIP)
+    assert entry is not None and store.read_body(entry) == b"plain"
+
+
 def test_vary_miss_for_a_third_value(store: DiskStore) -> None:
     put(store, A, b"gzipped", vary=AE, req=GZIP)
     put(store, A, b"brotli", vary=AE, req=BR)
