@@ -55,11 +55,16 @@ HEURISTIC_FRACTION = 0.1
 HEURISTIC_MAX = 86400.0
 
 
-@dataclass(frozen=True, slots=True)
+# ``init=False`` and an ``__init__`` of their own: made for every cache lookup, and the
+# compiled build makes only such a constructor native (see pibl.http.message).
+@dataclass(slots=True, init=False)
 class CacheControl:
     """Parsed Cache-Control directives (names lower-case; value None when absent)."""
 
     directives: dict[str, str | None]
+
+    def __init__(self, directives: dict[str, str | None]) -> None:
+        self.directives = directives
 
     def has(self, name: str) -> bool:
         return name in self.directives
@@ -344,7 +349,7 @@ def current_age(initial: float, response_time: float, now: float) -> float:
 # -- using a stored response --------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Decision:
     """How a stored response may be used for a request.
 
@@ -359,8 +364,22 @@ class Decision:
     action: str
     age: float
     lifetime: float
-    background: bool = False
-    stale_if_error: float = 0.0  # seconds of staleness allowed if the origin fails
+    background: bool
+    stale_if_error: float  # seconds of staleness allowed if the origin fails
+
+    def __init__(
+        self,
+        action: str,
+        age: float,
+        lifetime: float,
+        background: bool = False,
+        stale_if_error: float = 0.0,
+    ) -> None:
+        self.action = action
+        self.age = age
+        self.lifetime = lifetime
+        self.background = background
+        self.stale_if_error = stale_if_error
 
 
 def usable(
@@ -371,9 +390,12 @@ def usable(
     age: float,
     max_stale_on_error: float,
     targeted: tuple[bytes, ...] = (CDN_CACHE_CONTROL,),
+    stored: CacheControl | None = None,
 ) -> Decision:
+    """``stored``: the stored response's directives (``response_cache_control``), when
+    the caller kept them from an earlier use of the same entry."""
     req = parse_cache_control(request_headers)
-    res, _ = response_cache_control(stored_headers, targeted)
+    res = stored if stored is not None else response_cache_control(stored_headers, targeted)[0]
     staleness = age - lifetime
     fresh = staleness < 0
     # How long past freshness the origin's failure may be covered by this entry.

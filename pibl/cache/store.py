@@ -66,6 +66,9 @@ class Entry:
     body_path: Path
     meta_path: Path
     body: bytes | None = None  # set when served from the memory tier
+    # the cache layer's parse of ``headers``' directives, kept with the list it came from
+    # (a revalidation replaces the list): (headers, pibl.cache.policy.CacheControl)
+    directives: tuple[HeaderList, Any] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -211,6 +214,7 @@ class BodyWriter:
 
 
 VARY_INDEXES = 4096  # Vary indexes kept in memory (a few hundred bytes each)
+KEYS_KEPT = 8192  # primary keys whose metadata path is remembered
 
 
 def _mtime(path: str) -> int:
@@ -260,6 +264,7 @@ class DiskStore:
         # the Vary index of each URI stored in variants (its field names), by metadata path,
         # with the mtime it was read at: a hit on a variant reads no index file
         self._varies: OrderedDict[str, tuple[list[str], int]] = OrderedDict()
+        self._keys: dict[bytes, str] = {}  # primary key -> metadata path (a SHA-256 spared)
         self._verified: set[str] = set()
         # resync: the index follows what other processes store, purge and evict
         self._touched: set[str] | None = None  # keys accounted while a resync runs
@@ -442,7 +447,12 @@ class DiskStore:
             return None, "uri-miss"
 
     def _lookup(self, primary: bytes, request_headers: HeaderList) -> tuple[Entry | None, str]:
-        key = self.meta_key(digest(primary))
+        keys = self._keys
+        key = keys.get(primary)
+        if key is None:
+            if len(keys) >= KEYS_KEPT:
+                keys.clear()
+            key = keys[primary] = self.meta_key(digest(primary))
         cached = self._memory_get(key)
         if cached is not None:
             return cached, "hit"

@@ -341,6 +341,11 @@ class CacheLayer:
     def _judge(self, head: RequestHead, entry: Entry) -> tuple[float, policy.Decision]:
         """The entry's age now, and whether it may answer this request (RFC 9111)."""
         age = policy.current_age(entry.initial_age, entry.response_time, self.clock())
+        memo = entry.directives  # parsed once per entry in memory, not at every hit
+        if memo is None or memo[0] is not entry.headers:
+            targeted = self.config.targeted_fields
+            parsed = policy.response_cache_control(entry.headers, targeted)[0]
+            memo = entry.directives = (entry.headers, parsed)
         decision = policy.usable(
             head.headers,
             entry.headers,
@@ -348,6 +353,7 @@ class CacheLayer:
             age=age,
             max_stale_on_error=self.config.max_stale_on_error,
             targeted=self.config.targeted_fields,
+            stored=memo[1],
         )
         return age, decision
 
