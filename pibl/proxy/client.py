@@ -169,7 +169,7 @@ class ClientConnection(WriteFlow):
         # connection
         self.proxy = proxy
         self.scheme = scheme
-        self.loop = asyncio.get_running_loop()
+        self.loop = proxy.loop  # (asyncio.get_running_loop() makes a getpid() call)
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.closed = False
