@@ -69,6 +69,9 @@ class Entry:
     # the cache layer's parse of ``headers``' directives, kept with the list it came from
     # (a revalidation replaces the list): (headers, pibl.cache.policy.CacheControl)
     directives: tuple[HeaderList, Any] | None = field(default=None, compare=False, repr=False)
+    # and of the head a hit sends (see ``CacheLayer.hit_response``): (headers, the bytes
+    # that depend on the entry only, whether they hold a Date)
+    head: tuple[HeaderList, bytes, bool] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {

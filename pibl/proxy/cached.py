@@ -35,7 +35,7 @@ from pibl.config import DEFAULT_POOL, CacheConfig
 from pibl.errors import UpstreamError
 from pibl.http.forward import REASONS, body_length, simple_response, stored_headers
 from pibl.http.framing import http_date
-from pibl.http.message import BodyKind, RequestHead, ResponseHead, get_header
+from pibl.http.message import BodyKind, HeaderList, RequestHead, ResponseHead, get_header
 from pibl.observe.record import AccessRecord
 from pibl.proxy.exchange import ResponseHook
 from pibl.proxy.filebody import FileSender, plain_socket
@@ -711,23 +711,18 @@ class CacheLayer:
                 if body is None:
                     return None
                 body = body[first : first + length] if part is not None else body
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        has_date = False
-        for name, value in headers:
-            if name.lower() == b"date":
-                has_date = True
-            out.append(b"%s: %s\r\n" % (name, value))
-        if not has_date:
-            out.append(b"Date: %s\r\n" % http_date())
-        if status != 304 and entry.status not in (204, 304):
-            out.append(b"Content-Length: %d\r\n" % length)
-        if status == 206:
-            out.append(
-                b"Content-Range: bytes %d-%d/%d\r\n"
-                % (first, first + length - 1, entry.body_length)
-            )
-        if entry.status == 200 and get_header(headers, b"accept-ranges") is None:
-            out.append(b"Accept-Ranges: bytes\r\n")
+        if status == entry.status:  # the whole stored response: its head is made once
+            memo = entry.head
+            if memo is None or memo[0] is not entry.headers:
+                memo = entry.head = (entry.headers, *_stored_head(entry, status, reason, length))
+            out = [memo[1]]
+            if not memo[2]:
+                out.append(b"Date: %s\r\n" % http_date())
+        else:
+            fixed, has_date = _stored_head(entry, status, reason, length, headers, first)
+            out = [fixed]
+            if not has_date:
+                out.append(b"Date: %s\r\n" % http_date())
         out.append(b"Age: %d\r\n" % max(0, int(age)))
         out.append(b"Cache-Status: %s\r\n" % label.encode())
         for name, value in self.proxy.security_headers(conn):
@@ -893,3 +888,33 @@ class _Tracker(ResponseHook):
     def on_head(self, resp: ResponseHead) -> bool:
         self._sink.append(resp)
         return False
+
+
+def _stored_head(
+    entry: Entry,
+    status: int,
+    reason: bytes,
+    length: int,
+    headers: HeaderList | None = None,
+    first: int = 0,
+) -> tuple[bytes, bool]:
+    """The part of a hit's head that depends on the entry only (status line, the stored
+    fields, framing), and whether it has a Date; ``headers`` replaces the stored fields
+    (a 304 sends a subset), ``first`` starts a 206's range."""
+    if headers is None:
+        headers = entry.headers
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    has_date = False
+    for name, value in headers:
+        if name.lower() == b"date":
+            has_date = True
+        out.append(b"%s: %s\r\n" % (name, value))
+    if status != 304 and entry.status not in (204, 304):
+        out.append(b"Content-Length: %d\r\n" % length)
+    if status == 206:
+        out.append(
+            b"Content-Range: bytes %d-%d/%d\r\n" % (first, first + length - 1, entry.body_length)
+        )
+    if entry.status == 200 and get_header(headers, b"accept-ranges") is None:
+        out.append(b"Accept-Ranges: bytes\r\n")
+    return b"".join(out), has_date
