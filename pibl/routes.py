@@ -179,7 +179,11 @@ class Route:
         headers = self.request_edits.apply(head.headers)
         host = next((v for k, v in self.request_edits.add if k.lower() == b"host"), head.host)
         return dataclasses.replace(
-            head, target=self.rewrite_target(head.target), headers=headers, host=host
+            head,
+            target=self.rewrite_target(head.target),
+            headers=headers,
+            host=host,
+            names=None,  # (those of the fields as received)
         )
 
     def redirect_location(self, target: bytes) -> bytes:

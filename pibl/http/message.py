@@ -29,6 +29,19 @@ def get_header(headers: HeaderList, name: bytes) -> bytes | None:
     return None
 
 
+NO_FIELDS: HeaderList = []  # (never changed: read by rules given a request's fields)
+
+
+def fields_with(head: RequestHead, first: bytes, second: bytes = b"") -> HeaderList:
+    """The request's fields for a rule that reads only ``first`` (and ``second``): none at
+    all when the parser noted that the request has neither, so the rule does not walk
+    them to find nothing."""
+    names = head.names
+    if names is None or first in names or (second and second in names):
+        return head.headers
+    return NO_FIELDS
+
+
 def get_all(headers: HeaderList, name: bytes) -> list[bytes]:
     return [value for key, value in headers if key.lower() == name]
 
@@ -62,6 +75,10 @@ class RequestHead:
     connection: frozenset[bytes] | None = field(compare=False)
     # the request came on an HTTP/2 stream (served as HTTP/1.1, logged as HTTP/2.0)
     http2: bool = field(compare=False)
+    # the lower-case names of its fields, when the parser noted them (derived from
+    # ``headers``: not compared): a rule that reads a field the request lacks is skipped
+    # (``fields_with``)
+    names: set[bytes] | None = field(compare=False)
 
     def __init__(
         self,
@@ -77,6 +94,7 @@ class RequestHead:
         upgrade: bytes | None = None,
         connection: frozenset[bytes] | None = None,
         http2: bool = False,
+        names: set[bytes] | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -90,6 +108,7 @@ class RequestHead:
         self.upgrade = upgrade
         self.connection = connection
         self.http2 = http2
+        self.names = names
 
     @property
     def request_line(self) -> str:

@@ -236,8 +236,11 @@ def build_request_head(
     expect: bytes | None = None
     connection: list[bytes] = []
     upgrade: bytes | None = None
+    names: set[bytes] = set()
+    add_name = names.add
     for name, value in headers:
         lname = name.lower()
+        add_name(lname)
         if lname == b"host":
             hosts.append(value)
         elif lname == b"transfer-encoding":
@@ -315,6 +318,7 @@ def build_request_head(
         expect_continue=expect_continue,
         upgrade=upgrade,
         connection=frozenset(connection),
+        names=names,
     )
 
 

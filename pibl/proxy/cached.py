@@ -35,7 +35,14 @@ from pibl.config import DEFAULT_POOL, CacheConfig
 from pibl.errors import UpstreamError
 from pibl.http.forward import REASONS, body_length, simple_response, stored_headers
 from pibl.http.framing import http_date
-from pibl.http.message import BodyKind, HeaderList, RequestHead, ResponseHead, get_header
+from pibl.http.message import (
+    BodyKind,
+    HeaderList,
+    RequestHead,
+    ResponseHead,
+    fields_with,
+    get_header,
+)
 from pibl.observe.record import AccessRecord
 from pibl.proxy.exchange import ResponseHook
 from pibl.proxy.filebody import FileSender, plain_socket
@@ -193,7 +200,7 @@ class CacheLayer:
     ) -> bool:
         host = head.host or b"-"
         primary = primary_key(conn.scheme, key_host(host, incoming.route), head.target)
-        bypass = policy.bypass_reason(head.method, head.headers)
+        bypass = policy.bypass_reason(head.method, fields_with(head, b"cache-control"))
         if bypass is not None:
             why = b"pibl; fwd=method" if bypass == "method" else b"pibl; fwd=bypass"
             return await self._forward_uncached(conn, incoming, head, rid, record, why)
@@ -211,7 +218,7 @@ class CacheLayer:
         if entry is None and remote is not None and await remote.fetch(primary, head.headers):
             entry, found = self.store.lookup(primary, head.headers)  # hydrated from Redis
         if entry is not None and not policy.may_serve_with_authorization(
-            head.headers, entry.headers, self.config.targeted_fields
+            fields_with(head, b"authorization"), entry.headers, self.config.targeted_fields
         ):
             entry, found = None, "miss"
         if entry is not None:
@@ -316,7 +323,7 @@ class CacheLayer:
         """The start of ``handle`` for the fast path: (primary key, stored entry, how it was
         found), or None for a request that bypasses the cache. One store lookup serves both
         ``fresh_hit`` and ``fast_fetch``."""
-        if policy.bypass_reason(head.method, head.headers) is not None:
+        if policy.bypass_reason(head.method, fields_with(head, b"cache-control")) is not None:
             return None
         primary = primary_key(conn.scheme, key_host(head.host or b"-", route), head.target)
         entry, found = self.store.lookup(primary, head.headers)
@@ -332,7 +339,7 @@ class CacheLayer:
         if entry is None or entry.body_length >= SENDFILE_MIN:
             return None
         if not policy.may_serve_with_authorization(
-            head.headers, entry.headers, self.config.targeted_fields
+            fields_with(head, b"authorization"), entry.headers, self.config.targeted_fields
         ):
             return None
         age, decision = self._judge(head, entry)
@@ -347,7 +354,7 @@ class CacheLayer:
             parsed = policy.response_cache_control(entry.headers, targeted)[0]
             memo = entry.directives = (entry.headers, parsed)
         decision = policy.usable(
-            head.headers,
+            fields_with(head, b"cache-control", b"pragma"),
             entry.headers,
             lifetime=entry.lifetime,
             age=age,
@@ -686,11 +693,14 @@ class CacheLayer:
         if (
             entry.status == 200
             and head.method == b"GET"
-            and policy.if_range_matches(head.headers, entry.headers)
+            and policy.if_range_matches(fields_with(head, b"if-range"), entry.headers)
         ):
-            part = policy.byte_range(get_header(head.headers, b"range"), entry.body_length)
+            part = policy.byte_range(
+                get_header(fields_with(head, b"range"), b"range"), entry.body_length
+            )
         first, length = 0, entry.body_length
-        if 200 <= entry.status < 300 and policy.not_modified(head.headers, entry.headers):
+        conditionals = fields_with(head, b"if-none-match", b"if-modified-since")
+        if 200 <= entry.status < 300 and policy.not_modified(conditionals, entry.headers):
             status, reason = 304, b"Not Modified"
             headers = policy.not_modified_headers(entry.headers)
             send_body = False

@@ -47,7 +47,14 @@ from pibl.http.forward import (
     upstream_request,
 )
 from pibl.http.framing import LAST_CHUNK, client_framing, encode_chunk, http_date
-from pibl.http.message import BodyKind, HeaderList, RequestHead, ResponseHead, get_header
+from pibl.http.message import (
+    BodyKind,
+    HeaderList,
+    RequestHead,
+    ResponseHead,
+    fields_with,
+    get_header,
+)
 from pibl.http.parse import END, Body, End, Head, Upgrade
 from pibl.limits import RateLimiter, Verdict, bucket_key
 from pibl.observe.accesslog import AccessLog
@@ -872,7 +879,9 @@ class Proxy:
             return resp, None, False
         settings = self.compression
         assert settings is not None
-        encoding = compress.request_coding(head.method, head.headers, settings)
+        encoding = compress.request_coding(
+            head.method, fields_with(head, b"accept-encoding"), settings
+        )
         if encoding is None:  # the answer still depends on Accept-Encoding
             return self.uncompressed(resp), None, False
         transformed = ResponseHead(

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from pibl import compress
 from pibl.errors import UpstreamError
 from pibl.http.framing import LAST_CHUNK, encode_chunk
-from pibl.http.message import BodyKind, RequestHead, ResponseHead
+from pibl.http.message import BodyKind, RequestHead, ResponseHead, fields_with
 from pibl.http.parse import Body, End, Event, Head
 
 if TYPE_CHECKING:
@@ -228,7 +228,9 @@ def start_fast(proxy: Proxy, sink: ResponseSink, incoming: Incoming) -> ClientEx
     settings = proxy.compression
     coding = None
     if settings is not None:
-        coding = compress.request_coding(head.method, head.headers, settings)
+        coding = compress.request_coding(
+            head.method, fields_with(head, b"accept-encoding"), settings
+        )
     prefer = proxy.sticky_backend(head, group) if group.balance.sticky else None
     index = group.pick(time.monotonic(), _NONE_TRIED, prefer)
     pool = proxy.pools[index] if index is not None else None
