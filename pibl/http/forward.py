@@ -138,8 +138,9 @@ def upstream_request(
     if drop:
         named = named | drop
     host = head.host or default_host
-    out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
+    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
     append = out.append
+    extend = out.extend
     xff: bytes | None = None
     host_written = False
     for name, value in head.headers:
@@ -154,7 +155,7 @@ def upstream_request(
                 continue
             host_written = True
             value = host
-        append(b"%s: %s\r\n" % (name, value))
+        extend((name, b": ", value, b"\r\n"))
     if not host_written:
         append(b"Host: %s\r\n" % host)
     client = client_ip.encode()
@@ -179,14 +180,30 @@ def interim_response(resp: ResponseHead) -> bytes:
     """An interim (1xx) response as forwarded to an HTTP/1.1 client, hop-by-hop fields
     removed (103 Early Hints carries its Link fields through)."""
     named = _connection_named(resp.headers)
-    reason = resp.reason if _SANE_REASON.match(resp.reason) else b""
-    out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, reason or REASONS.get(resp.status, b"Unknown"))]
+    out = [status_line(resp.status, resp.reason)]
     for name, value in resp.headers:
         lname = name.lower()
         if lname not in HOP_BY_HOP and lname not in named and lname != b"content-length":
             out.append(b"%s: %s\r\n" % (name, value))
     out.append(b"\r\n")
     return b"".join(out)
+
+
+_status_lines: dict[tuple[int, bytes], bytes] = {}
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 <status> <reason>``: the backend's reason phrase when it is sane, else
+    the standard one; made once per status and phrase (a few hundred are kept)."""
+    key = (status, reason)
+    line = _status_lines.get(key)
+    if line is None:
+        sane = reason if _SANE_REASON.match(reason) else b""
+        line = b"HTTP/1.1 %d %s\r\n" % (status, sane or REASONS.get(status, b"Unknown"))
+        if len(_status_lines) >= 512:
+            _status_lines.clear()
+        _status_lines[key] = line
+    return line
 
 
 def client_response(
@@ -202,9 +219,8 @@ def client_response(
     """The response head PIBL sends to the client for a backend's response ``resp``."""
     named = resp.connection if resp.connection is not None else _connection_named(resp.headers)
     status = resp.status
-    reason = resp.reason if _SANE_REASON.match(resp.reason) else b""
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
-    append = out.append
+    out = [status_line(status, resp.reason)]
+    extend = out.extend
     has_date = False
     for name, value in resp.headers:
         lname = name.lower()
@@ -214,11 +230,12 @@ def client_response(
                 framing is BodyKind.LENGTH
                 or (framing is BodyKind.NONE and resp.body is BodyKind.NONE)
             ):
-                append(b"%s: %s\r\n" % (name, value))
+                extend((name, b": ", value, b"\r\n"))
             continue
         if lname == b"date":
             has_date = True
-        append(b"%s: %s\r\n" % (name, value))
+        extend((name, b": ", value, b"\r\n"))
+    append = out.append
     if not has_date:
         append(b"Date: %s\r\n" % http_date())
     if extra:

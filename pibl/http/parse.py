@@ -336,6 +336,7 @@ class ResponseParser:
         "_head_request",
         "_in_head",
         "_max_head",
+        "_may_be_large",
         "_on_interim",
         "_parser",
         "_raw_in_head",
@@ -361,6 +362,7 @@ class ResponseParser:
         self._max_head = max_head_bytes
         self._in_head = False
         self._raw_in_head = 0
+        self._may_be_large = True
         self._decoders: list[_TransferDecoder] = []  # last applied coding first
         self.trailing_junk = False
 
@@ -425,6 +427,9 @@ class ResponseParser:
     def _feed(self, data: bytes) -> list[Event]:
         c = self._c
         events = c.events = []
+        # an upper bound of any head completed in this read: what earlier reads gave the
+        # head under way, and all of this one (when it is below the limit, so is the head)
+        self._may_be_large = self._raw_in_head + len(data) > self._max_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -462,15 +467,16 @@ class ResponseParser:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        c = self._c
-        c.headers.append((name, value))
-        c.head_bytes += len(name) + len(value) + 4
-        if c.head_bytes > self._max_head:
-            c.error = ProtocolError(502, "response head too large")
-            raise c.error
+        # (the head's size is checked once it is complete; one read holds at most what the
+        # loop reads at once, and a head spread over reads is bounded in ``_feed``)
+        self._c.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        headers = self._c.headers
+        if self._may_be_large and sum(len(n) + len(v) + 4 for n, v in headers) > self._max_head:
+            self._c.error = ProtocolError(502, "response head too large")
+            raise self._c.error
         parser = self._parser
         status: int = parser.get_status_code()
         if not 100 <= status <= 599:  # RFC 9112 section 4: three digits, 1xx to 5xx

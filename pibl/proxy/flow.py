@@ -55,12 +55,13 @@ class Deadline:
     request, and ``clear`` costs nothing.
     """
 
-    __slots__ = ("_callback", "_handle", "_loop", "_when")
+    __slots__ = ("_callback", "_due", "_handle", "_loop", "_when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         self._loop = loop
         self._callback = callback
         self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the scheduled timer fires (``_handle.when()``)
         self._when: float | None = None
 
     @property
@@ -74,9 +75,11 @@ class Deadline:
         handle = self._handle
         if handle is None:
             self._handle = loop.call_at(when, self._fire)
-        elif handle.when() > when:  # due later than this deadline: schedule it earlier
+            self._due = when
+        elif self._due > when:  # due later than this deadline: schedule it earlier
             handle.cancel()
             self._handle = loop.call_at(when, self._fire)
+            self._due = when
 
     def clear(self) -> None:
         self._when = None
@@ -95,6 +98,7 @@ class Deadline:
             return
         if self._loop.time() < when:
             self._handle = self._loop.call_at(when, self._fire)
+            self._due = when
             return
         self._when = None
         self._callback()

@@ -1317,6 +1317,26 @@ def test_too_large_response_head_is_502() -> None:
     assert info.value.status == 502
 
 
+@pytest.mark.parametrize("read", [7, 100, 1000, 100_000])
+def test_a_response_head_over_the_limit_is_502_however_it_is_read(read: int) -> None:
+    lines = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100) for i in range(9))  # 1,000 bytes
+    for extra, refused in (
+        (b"X-Last: " + b"v" * 10 + b"\r\n", False),
+        (b"X-Last: " + b"v" * 20 + b"\r\n", True),
+    ):
+        data = b"HTTP/1.1 200 OK\r\n" + lines + extra + b"Content-Length: 0\r\n\r\n"
+        parser = ResponseParser(max_head_bytes=1005)  # 1,002 and 1,012 bytes of fields
+        chunks = [data[i : i + read] for i in range(0, len(data), read)]
+        if refused:
+            with pytest.raises(ProtocolError) as info:
+                for chunk in chunks:
+                    parser.feed(chunk)
+            assert info.value.status == 502
+        else:
+            events = [ev for chunk in chunks for ev in parser.feed(chunk)]
+            assert isinstance(events[0], Head) and isinstance(events[-1], End)
+
+
 def test_endless_response_header_line_is_cut() -> None:
     parser = ResponseParser(max_head_bytes=1024)
     parser.feed(b"HTTP/1.1 200 OK\r\nX-Endless: ")
