@@ -1,8 +1,8 @@
 """The access log and event log, written to stdout and a file without blocking the loop.
 
-Every exchange produces exactly one ``AccessRecord``; the event loop only formats the
-line and puts it on a queue. A background thread writes batches to standard output and to
-the log file. Writing never raises into the proxy: a full disk or a removed directory
+Every exchange produces exactly one ``AccessRecord`` (``pibl.observe.record``); the event
+loop only puts it on a queue. A background thread formats the lines and writes them in
+batches to standard output and to the log file. Writing never raises into the proxy: a full disk or a removed directory
 counts dropped lines and retries opening the file later; ``reopen()`` (SIGUSR1) makes the
 thread close and reopen the file, for log rotation.
 """
