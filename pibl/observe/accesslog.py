@@ -2,9 +2,9 @@
 
 Every exchange produces exactly one ``AccessRecord`` (``pibl.observe.record``); the event
 loop only puts it on a queue. A background thread formats the lines and writes them in
-batches to standard output and to the log file. Writing never raises into the proxy: a full disk or a removed directory
-counts dropped lines and retries opening the file later; ``reopen()`` (SIGUSR1) makes the
-thread close and reopen the file, for log rotation.
+batches to standard output and to the log file. Writing never raises into the proxy: a full
+disk or a removed directory counts dropped lines and retries opening the file later;
+``reopen()`` (SIGUSR1) makes the thread close and reopen the file, for log rotation.
 """
 
 from __future__ import annotations
