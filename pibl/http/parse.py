@@ -460,7 +460,6 @@ class ResponseParser:
         self._in_head = True
         self._raw_in_head = 0
         self._c.headers = []
-        self._c.head_bytes = 0
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:

@@ -67,22 +67,15 @@ class Batch:
         counts = self._counts
         counts[child] = counts.get(child, 0.0) + amount
 
-    def observe(self, child: Any, value: float) -> None:
-        acc = self._histograms.get(child)
-        if acc is None:
-            acc = self._histograms[child] = [0.0] * (len(child._upper_bounds) + 1)
-        acc[0] += value
-        # the library's bucket for a value is the first bound >= value (the last is +Inf)
-        acc[1 + bisect.bisect_left(child._upper_bounds, value)] += 1
-
     def observe_all(self, child: Any, values: list[float]) -> None:
-        """``observe`` for each of ``values``."""
+        """The histogram ``child`` observes each of ``values`` (at the next flush)."""
         acc = self._histograms.get(child)
         if acc is None:
             acc = self._histograms[child] = [0.0] * (len(child._upper_bounds) + 1)
         bounds = child._upper_bounds
         for value in values:
             acc[0] += value
+            # the library's bucket for a value is the first bound >= value (the last is +Inf)
             acc[1 + bisect.bisect_left(bounds, value)] += 1
 
     def flush(self) -> None:

@@ -453,6 +453,12 @@ def test_metrics_and_status_follow_real_traffic(
         page = admin.get("/")
         assert page.status_code == 200 and 'id="backends"' in page.text
 
+        # the status counts finished exchanges when it is read, not only once a second
+        for i in range(3):
+            assert client.get(f"/more/{i}").status_code == 200
+        assert wait_for(lambda: proxy.worker is not None and proxy.worker.proxy.in_flight == 0)
+        assert admin.get("/api/status").json()["requests"] == 11
+
 
 def _post(admin: httpx.Client, path: str, token: str | None = TOKEN, **kw: Any) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}

@@ -27,11 +27,11 @@ def test_flushed_batch_equals_direct_updates(samples: list[tuple[str, float]]) -
         d_counter.labels(key).inc(value)
         d_hist.labels(key).observe(value)
         batch.inc(b_counter.labels(key), value)
-        batch.observe(b_hist.labels(key), value)
+        batch.observe_all(b_hist.labels(key), [value])
     # bucket bounds themselves land in their own bucket (le is "less or equal")
     for bound in LATENCY_BUCKETS:
         d_hist.labels("a").observe(bound)
-        batch.observe(b_hist.labels("a"), bound)
+        batch.observe_all(b_hist.labels("a"), [bound])
     batch.flush()
     assert _samples(batched) == _samples(direct)
 
@@ -49,7 +49,7 @@ def test_nothing_reaches_the_library_before_a_flush() -> None:
     registry, counter, histogram = _metrics()
     batch = Batch()
     batch.inc(counter.labels("a"), 3)
-    batch.observe(histogram.labels("a"), 0.2)
+    batch.observe_all(histogram.labels("a"), [0.2])
     assert registry.get_sample_value("c_total", {"k": "a"}) == 0.0
     batch.flush()
     assert registry.get_sample_value("c_total", {"k": "a"}) == 3.0
