@@ -153,6 +153,11 @@ class RequestParser:
             raise self._error
         return events
 
+    def close(self) -> None:
+        """The connection is closed: nothing more will be fed. llhttp's parser and this
+        one refer to each other; dropping the link lets refcounting free both at once."""
+        self._parser = _CLOSED_REQUEST_PARSER
+
     @property
     def error(self) -> ProtocolError | None:
         """A refusal waiting to be raised by the next ``feed``."""
@@ -213,6 +218,10 @@ class RequestParser:
     def _fail(self, status: int, reason: str) -> None:
         self._c.error = ProtocolError(status, reason)
         raise self._c.error
+
+
+# what a closed RequestParser holds instead of its own llhttp parser (it is never fed)
+_CLOSED_REQUEST_PARSER = httptools.HttpRequestParser(_Collector())
 
 
 def _llhttp_reason(exc: Exception) -> str:

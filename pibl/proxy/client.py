@@ -223,8 +223,9 @@ class ClientConnection(WriteFlow):
         """Hand the connection to an HTTP/2 connection (ALPN h2, or the h2c preface)."""
         from pibl.proxy.h2 import H2Connection
 
-        self._timer.cancel()
+        self._timer.close()
         self._timer_kind = ""
+        self._parser.close()
         assert self.transport is not None
         H2Connection(self.proxy, self.scheme, self.client_ip).start(self.transport, data, self)
 
@@ -340,8 +341,9 @@ class ClientConnection(WriteFlow):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._timer.cancel()
+        self._timer.close()
         self._timer_kind = ""
+        self._parser.close()
         if self._fast is not None:
             fast, self._fast = self._fast, None
             fast.on_client_lost()

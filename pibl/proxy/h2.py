@@ -471,8 +471,8 @@ class H2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._idle.cancel()
-        self._ping.cancel()
+        self._idle.close()
+        self._ping.close()
         for stream in list(self.streams.values()):
             stream.lost()
         self.streams.clear()

@@ -148,7 +148,7 @@ class UpstreamConnection(WriteFlow):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
-        self.response_timer.cancel()
+        self.response_timer.close()
         if self.tunnel is not None:
             self.tunnel.close()
             if self.tunnel_done is not None and not self.tunnel_done.done():

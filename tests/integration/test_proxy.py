@@ -99,6 +99,40 @@ def test_keep_alive_and_pipelining_in_order(backends: list[Backend], proxy: Prox
     assert order == [str(i).encode() for i in range(10)] + [b"last"]
 
 
+def test_a_closed_client_connection_is_freed_at_once_not_by_the_cyclic_collector(
+    backends: list[Backend], proxy: ProxyThread
+) -> None:
+    """Connections that closed leave no reference cycle behind: one left per connection
+    made the cyclic collector run every few dozen ``Connection: close`` requests."""
+    from pibl.http.parse import RequestParser
+    from pibl.proxy.client import ClientConnection
+    from pibl.proxy.flow import Deadline
+
+    assert proxy.worker is not None
+    raw_request(proxy.port, b"GET /warm HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(10):
+            request = f"GET /c/{i} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            assert b" 200 " in raw_request(proxy.port, request.encode())
+        sent = b"GET /k HTTP/1.1\r\nHost: a\r\n\r\n"  # one the client closes, idle
+        assert b" 200 " in raw_request(proxy.port, sent, read_all=False)
+        assert wait_for(lambda: not proxy.worker.proxy.connections)  # type: ignore[union-attr]
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [
+            type(o).__name__
+            for o in gc.garbage
+            if isinstance(o, (ClientConnection, RequestParser, Deadline))
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
+
+
 def test_half_closed_client_gets_its_answers_then_the_connection_closes(
     backends: list[Backend], proxy: ProxyThread
 ) -> None:
