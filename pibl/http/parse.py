@@ -220,10 +220,6 @@ class RequestParser:
         raise self._c.error
 
 
-# what a closed RequestParser holds instead of its own llhttp parser (it is never fed)
-_CLOSED_REQUEST_PARSER = httptools.HttpRequestParser(_Collector())
-
-
 def _llhttp_reason(exc: Exception) -> str:
     text = str(exc.args[0]) if exc.args else "malformed request"
     return text if text.isprintable() and len(text) < 100 else "malformed request"
@@ -394,6 +390,13 @@ class ResponseParser:
         self._done = False
         self._decoders = []
         return True
+
+    def close(self) -> None:
+        """The connection is closed: nothing more will be fed. llhttp's parser and this
+        one refer to each other (and ``on_interim`` to the client's side); dropping the
+        links lets refcounting free them at once."""
+        self._parser = _CLOSED_RESPONSE_PARSER
+        self._on_interim = None
 
     def feed_eof(self) -> list[Event]:
         """The backend closed the connection: the end of a body delimited by close.
@@ -660,3 +663,8 @@ def build_response_head(
         keep_alive=keep_alive,
         connection=frozenset(connection),
     )
+
+
+# what a closed parser holds instead of its own llhttp parser (it is never fed again)
+_CLOSED_REQUEST_PARSER = httptools.HttpRequestParser(_Collector())
+_CLOSED_RESPONSE_PARSER = httptools.HttpResponseParser(_Collector())

@@ -149,6 +149,9 @@ class UpstreamConnection(WriteFlow):
         self.closed = True
         self.reusable = False
         self.response_timer.close()
+        if self._spare is not None:  # an idle connection the backend closed
+            self._spare.close()
+            self._spare = None
         if self.tunnel is not None:
             self.tunnel.close()
             if self.tunnel_done is not None and not self.tunnel_done.done():
@@ -259,6 +262,9 @@ class UpstreamConnection(WriteFlow):
             self.resume()
         self.reusable = reusable and not self.closed and not self._events
         if not self.reusable:
+            if self._spare is not None:  # never used again (see ResponseParser.close)
+                self._spare.close()
+                self._spare = None
             self.close()
 
     def start_tunnel(self, peer: asyncio.Transport, done: asyncio.Future[None]) -> None:

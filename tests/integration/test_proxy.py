@@ -99,14 +99,14 @@ def test_keep_alive_and_pipelining_in_order(backends: list[Backend], proxy: Prox
     assert order == [str(i).encode() for i in range(10)] + [b"last"]
 
 
-def test_a_closed_client_connection_is_freed_at_once_not_by_the_cyclic_collector(
-    backends: list[Backend], proxy: ProxyThread
-) -> None:
-    """Connections that closed leave no reference cycle behind: one left per connection
-    made the cyclic collector run every few dozen ``Connection: close`` requests."""
-    from pibl.http.parse import RequestParser
+def _left_to_the_cyclic_collector(proxy: ProxyThread) -> list[str]:
+    """Connection objects that ten ``Connection: close`` requests (and one keep-alive
+    request whose client leaves) left in reference cycles: only the cyclic collector
+    would free them. One left per connection made it run every few dozen requests."""
+    from pibl.http.parse import RequestParser, ResponseParser
     from pibl.proxy.client import ClientConnection
     from pibl.proxy.flow import Deadline
+    from pibl.proxy.upstream import UpstreamConnection
 
     assert proxy.worker is not None
     raw_request(proxy.port, b"GET /warm HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -119,18 +119,35 @@ def test_a_closed_client_connection_is_freed_at_once_not_by_the_cyclic_collector
         sent = b"GET /k HTTP/1.1\r\nHost: a\r\n\r\n"  # one the client closes, idle
         assert b" 200 " in raw_request(proxy.port, sent, read_all=False)
         assert wait_for(lambda: not proxy.worker.proxy.connections)  # type: ignore[union-attr]
+        time.sleep(0.1)  # (the backend's side of a closing upstream connection)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        left = [
-            type(o).__name__
-            for o in gc.garbage
-            if isinstance(o, (ClientConnection, RequestParser, Deadline))
-        ]
+        kinds = (ClientConnection, RequestParser, ResponseParser, UpstreamConnection, Deadline)
+        return [type(o).__name__ for o in gc.garbage if isinstance(o, kinds)]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
-    assert left == []
+
+
+def test_a_closed_client_connection_is_freed_at_once_not_by_the_cyclic_collector(
+    backends: list[Backend], proxy: ProxyThread
+) -> None:
+    assert _left_to_the_cyclic_collector(proxy) == []
+
+
+def test_a_backend_connection_the_backend_closes_is_freed_at_once(
+    make_proxy: Callable[..., ProxyThread],
+) -> None:
+    def answer_and_close(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    closing = RawServer(answer_and_close)
+    try:
+        assert _left_to_the_cyclic_collector(make_proxy([closing.url])) == []
+    finally:
+        closing.close()
 
 
 def test_half_closed_client_gets_its_answers_then_the_connection_closes(
