@@ -53,5 +53,10 @@ def digest(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()
 
 
+def variant_name(primary: bytes, secondary: bytes) -> bytes:
+    """What a variant's digest hashes: ``variant_digest(p, s) == digest(variant_name(p, s))``."""
+    return primary + b"\x00" + secondary
+
+
 def variant_digest(primary: bytes, secondary: bytes) -> str:
-    return hashlib.sha256(primary + b"\x00" + secondary).hexdigest()
+    return digest(variant_name(primary, secondary))

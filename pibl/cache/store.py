@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pibl.cache.key import Normalizer, digest, secondary_key, variant_digest
+from pibl.cache.key import Normalizer, digest, secondary_key, variant_digest, variant_name
 from pibl.http.message import HeaderList
 from pibl.procs import alive
 
@@ -267,7 +267,8 @@ class DiskStore:
         # the Vary index of each URI stored in variants (its field names), by metadata path,
         # with the mtime it was read at: a hit on a variant reads no index file
         self._varies: OrderedDict[str, tuple[list[str], int]] = OrderedDict()
-        self._keys: dict[bytes, str] = {}  # primary key -> metadata path (a SHA-256 spared)
+        # a primary key or variant name -> its metadata path (a SHA-256 spared per hit)
+        self._keys: dict[bytes, str] = {}
         self._verified: set[str] = set()
         # resync: the index follows what other processes store, purge and evict
         self._touched: set[str] | None = None  # keys accounted while a resync runs
@@ -449,21 +450,27 @@ class DiskStore:
                 self._discard(self.meta_path(digest(primary)))
             return None, "uri-miss"
 
-    def _lookup(self, primary: bytes, request_headers: HeaderList) -> tuple[Entry | None, str]:
+    def _meta_key_of(self, name: bytes) -> str:
+        """``meta_key(digest(name))``, remembered: a SHA-256 and a path spared per hit."""
         keys = self._keys
-        key = keys.get(primary)
+        key = keys.get(name)
         if key is None:
             if len(keys) >= KEYS_KEPT:
                 keys.clear()
-            key = keys[primary] = self.meta_key(digest(primary))
+            key = keys[name] = self.meta_key(digest(name))
+        return key
+
+    def _lookup(self, primary: bytes, request_headers: HeaderList) -> tuple[Entry | None, str]:
+        key = self._meta_key_of(primary)
         cached = self._memory_get(key)
         if cached is not None:
             return cached, "hit"
-        path = Path(key)
         names = self._vary_get(key)
         meta: dict[str, Any] | None = None
+        path: Path | None = None
         if names is None:
             mtime = _mtime(key)
+            path = Path(key)
             meta = self._read_meta(path)
             if meta is None or meta.get("key") != primary.decode("latin-1"):
                 return None, "uri-miss"
@@ -472,7 +479,7 @@ class DiskStore:
                 self._vary_remember(key, names, mtime)
         if names is not None:
             secondary = secondary_key(names, request_headers, self.normalize)
-            vkey = self.meta_key(variant_digest(primary, secondary))
+            vkey = self._meta_key_of(variant_name(primary, secondary))
             cached = self._memory_get(vkey)
             if cached is not None:
                 return cached, "hit"
@@ -484,7 +491,7 @@ class DiskStore:
                 return None, "vary-miss"
             entry = self._entry(vmeta, vpath)
         else:
-            assert meta is not None
+            assert meta is not None and path is not None
             entry = self._entry(meta, path)
         if entry is None:
             return None, "uri-miss"

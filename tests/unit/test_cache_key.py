@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pibl.cache.key import digest, primary_key, secondary_key, variant_digest
+from pibl.cache.key import digest, primary_key, secondary_key, variant_digest, variant_name
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -174,3 +174,10 @@ def test_same_secondary_under_different_primary_keys_differs() -> None:
 def test_digests_are_always_64_hex(key: bytes, secondary: bytes) -> None:
     assert HEX64.match(digest(key))
     assert HEX64.match(variant_digest(key, secondary))
+
+
+@given(st.binary(max_size=64), st.binary(max_size=64))
+def test_a_variant_digest_is_the_digest_of_its_name(primary: bytes, secondary: bytes) -> None:
+    # the store remembers metadata paths by name, primary keys and variant names alike
+    assert variant_digest(primary, secondary) == digest(variant_name(primary, secondary))
+    assert variant_name(primary, secondary) != primary
