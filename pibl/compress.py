@@ -120,6 +120,7 @@ _DIGEST_FIELDS: Final = (b"content-digest", b"repr-digest", b"digest", b"content
 _RULING_FIELDS: Final = frozenset(
     {b"content-range", b"content-encoding", b"cache-control", *_DIGEST_FIELDS}
 )
+_DECIDING_FIELDS: Final = _RULING_FIELDS | {b"content-type"}
 _TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+\Z")
 _QVALUE = re.compile(rb"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)\Z")
 
@@ -322,12 +323,14 @@ def compressible(
     content_type: bytes | None = None
     for name, value in response_headers:
         lname = name.lower()
+        if lname not in _DECIDING_FIELDS:
+            continue
         if lname == b"content-type":
             value = value.strip().lower()
             if content_type is not None and value != content_type:
                 return False  # conflicting values: do not guess
             content_type = value
-        elif lname in _RULING_FIELDS and _rules_out(lname, value):
+        elif _rules_out(lname, value):
             return False
     return content_type is not None and _type_matches(content_type, settings.types)
 
@@ -344,6 +347,8 @@ def _rules_out(lname: bytes, value: bytes) -> bool:
 
 
 def _no_transform(cache_control: bytes) -> bool:
+    if b"no-transform" not in cache_control.lower():
+        return False  # (most values: no token to split out)
     return any(t.partition(b"=")[0].strip() == b"no-transform" for t in _tokens(cache_control))
 
 
