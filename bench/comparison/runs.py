@@ -532,15 +532,9 @@ class Bench:
             raise BenchError(f"wrk exited with status {item.proc.returncode}:\n{text}")
         return text, argv
 
-    def measure_median(self, state: ProxyState, mode: str, size: str) -> Result:
-        """``--repeat`` measured runs (one warm-up); the run with the median CPU per request."""
-        runs = []
-        for i in range(self.args.repeat):
-            if i and (time.monotonic() > self.deadline or state.item.proc.poll() is not None):
-                break
-            runs.append(self.measure(state, mode, size, warmup=i == 0))
-            if not runs[-1].ok:
-                return runs[-1]
+    @staticmethod
+    def median_of(runs: list[Result]) -> Result:
+        """The run with the median CPU per request, carrying what the others saw."""
         if len(runs) == 1:
             return runs[0]
         values = [r.cpu_us_per_req or 0.0 for r in runs]
@@ -670,74 +664,104 @@ class Bench:
         if any(v.tls for v, _ in plan):
             self.tls_files = self.make_certs()
         self.start_backends()
-        scenario = None
+        # A scenario's proxies all run at once, each on its own port (the idle ones cost
+        # nothing measurable), and take turns: repeat 1 of every proxy, then repeat 2... so
+        # that a drift of the machine's speed during the run (on a virtual machine nginx's
+        # own cost moves by a quarter within minutes) weighs on every proxy of a row alike.
+        scenarios: dict[str, list[tuple[Variant, Sequence[str]]]] = {}
         for variant, modes in plan:
-            key = f"{variant.scenario}/{variant.name}"
-            if variant.scenario != scenario:
-                scenario = variant.scenario
-                say()
-                say(f"== {scenario}: {SCENARIO_TEXT[scenario]}")
-            if time.monotonic() > self.deadline:
-                self.fail(variant.scenario, variant.name, "-", "-", "time limit reached; skipped")
-                continue
+            scenarios.setdefault(variant.scenario, []).append((variant, modes))
+        for scenario, entries in scenarios.items():
+            say()
+            say(f"== {scenario}: {SCENARIO_TEXT[scenario]}")
+            states: list[tuple[ProxyState, Sequence[str]]] = []
             try:
-                state = self.start_proxy(variant)
-            except SkipVariant as exc:
-                self.skip(variant, str(exc))
-                self.stop_named(key)
-                continue
-            except BenchError as exc:
-                self.fail(variant.scenario, variant.name, "-", "-", f"failed to start: {exc}")
-                self.stop_named(key)
-                continue
-            try:
-                self.measure_proxy(state, modes)
+                for variant, wanted in entries:
+                    key = f"{variant.scenario}/{variant.name}"
+                    if time.monotonic() > self.deadline:
+                        self.fail(scenario, variant.name, "-", "-", "time limit reached; skipped")
+                        continue
+                    try:
+                        states.append((self.start_proxy(variant), wanted))
+                    except SkipVariant as exc:
+                        self.skip(variant, str(exc))
+                        self.stop_named(key)
+                    except BenchError as exc:
+                        self.fail(scenario, variant.name, "-", "-", f"failed to start: {exc}")
+                        self.stop_named(key)
+                self.measure_in_turns(states)
             finally:
-                lines_before = [count_lines(p) for p in state.access_logs]
-                stopping = time.monotonic()
-                rc = self.pm.stop(state.item)
-                stop_s = time.monotonic() - stopping
-                if rc not in (0, None, -signal.SIGTERM):
-                    say(f"  {key} exit status after SIGTERM: {rc}")
-                self.record_log(state, lines_before)
-                self.logs_info[key].update(exit_status=rc, stop_seconds=round(stop_s, 2))
+                for state, _ in states:
+                    lines_before = [count_lines(p) for p in state.access_logs]
+                    stopping = time.monotonic()
+                    rc = self.pm.stop(state.item)
+                    stop_s = time.monotonic() - stopping
+                    if rc not in (0, None, -signal.SIGTERM):
+                        say(f"  {state.key} exit status after SIGTERM: {rc}")
+                    self.record_log(state, lines_before)
+                    self.logs_info[state.key].update(exit_status=rc, stop_seconds=round(stop_s, 2))
 
-    def measure_proxy(self, state: ProxyState, modes: Sequence[str]) -> None:
+    def measure_in_turns(self, states: Sequence[tuple[ProxyState, Sequence[str]]]) -> None:
+        """Every (mode, size) row of the scenario: the proxies measured in turn, ``--repeat``
+        rounds (the first run of each with its warm-up), then each one's median run."""
         args = self.args
-        scenario = state.variant.scenario
+        modes = list(dict.fromkeys(m for _, ms in states for m in ms))
         for mode in modes:
             for size in args.sizes:
-                if time.monotonic() > self.deadline:
-                    self.fail(scenario, state.name, mode, size, "time limit reached; skipped")
-                    continue
-                if state.item.proc.poll() is not None:
-                    self.fail(
-                        scenario, state.name, mode, size, "proxy is no longer running; skipped"
-                    )
+                taking = [state for state, ms in states if mode in ms]
+                if not taking:
                     continue
                 say(
-                    f"  {state.key} {mode} {state.prefix}/{size}: warm-up {args.warmup} s, "
-                    f"measure {args.duration} s"
+                    f"  {mode} /{size}: {', '.join(s.key for s in taking)} in turn, "
+                    f"warm-up {args.warmup} s, measure {args.duration} s"
                     + (f" x {args.repeat}" if args.repeat > 1 else "")
                     + f", {args.connections} connections"
                 )
-                try:
-                    result = self.measure_median(state, mode, size)
-                except BenchError as exc:
-                    self.fail(scenario, state.name, mode, size, str(exc))
-                    continue
-                self.results.append(result)
-                self.print_result(result)
-                if not result.ok:
-                    self.failures.append(
-                        {
-                            "scenario": scenario,
-                            "proxy": state.name,
-                            "mode": mode,
-                            "size": size,
-                            "error": result.error,
-                        }
-                    )
+                runs: dict[str, list[Result]] = {state.key: [] for state in taking}
+                broken: set[str] = set()
+                for i in range(args.repeat):
+                    for state in taking:
+                        key, scenario = state.key, state.variant.scenario
+                        if key in broken or (i and time.monotonic() > self.deadline):
+                            continue
+                        if state.item.proc.poll() is not None:
+                            if not runs[key]:
+                                self.fail(
+                                    scenario,
+                                    state.name,
+                                    mode,
+                                    size,
+                                    "proxy is no longer running; skipped",
+                                )
+                            broken.add(key)
+                            continue
+                        try:
+                            result = self.measure(state, mode, size, warmup=i == 0)
+                        except BenchError as exc:
+                            self.fail(scenario, state.name, mode, size, str(exc))
+                            broken.add(key)
+                            continue
+                        runs[key].append(result)
+                        if not result.ok:
+                            broken.add(key)
+                for state in taking:
+                    done = runs[state.key]
+                    if not done:
+                        continue
+                    result = done[-1] if not done[-1].ok else self.median_of(done)
+                    say(f"  {state.key} {mode} {state.prefix}/{size}:")
+                    self.results.append(result)
+                    self.print_result(result)
+                    if not result.ok:
+                        self.failures.append(
+                            {
+                                "scenario": state.variant.scenario,
+                                "proxy": state.name,
+                                "mode": mode,
+                                "size": size,
+                                "error": result.error,
+                            }
+                        )
 
     def stop_named(self, name: str) -> None:
         for item in list(self.pm.items):
