@@ -39,6 +39,9 @@ _REQUEST_OWNED = frozenset(
     {b"content-length", b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
 )
 _RESPONSE_OWNED = frozenset({b"content-length", b"x-request-id"})
+# what a request or response head sent on never carries as it came (one set test a field)
+_NOT_FORWARDED = HOP_BY_HOP | _REQUEST_OWNED
+_NOT_RETURNED = HOP_BY_HOP | _RESPONSE_OWNED
 
 _SANE_REASON = re.compile(rb"^[\t \x21-\x7e]{1,64}$")
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@+=/-]{1,128}$")
@@ -145,7 +148,7 @@ def upstream_request(
     host_written = False
     for name, value in head.headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in _REQUEST_OWNED or lname in named:
+        if lname in _NOT_FORWARDED or lname in named:
             continue
         if lname == b"x-forwarded-for":
             xff = value if xff is None else xff + b", " + value
@@ -224,7 +227,7 @@ def client_response(
     has_date = False
     for name, value in resp.headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in _RESPONSE_OWNED or lname in named:
+        if lname in _NOT_RETURNED or lname in named:
             # Content-Length passes through unless PIBL re-frames the body.
             if lname == b"content-length" and (
                 framing is BodyKind.LENGTH
@@ -279,7 +282,7 @@ def client_response_fields(
     has_date = False
     for name, value in resp.headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in _RESPONSE_OWNED or lname in named:
+        if lname in _NOT_RETURNED or lname in named:
             if lname == b"content-length" and keep_length:
                 append((lname, value))
             continue

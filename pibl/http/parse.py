@@ -67,6 +67,12 @@ class Upgrade:
 
 Event = Head | Body | End | Upgrade
 END = End()
+_NO_TOKENS: frozenset[bytes] = frozenset()  # (most heads: no Connection field)
+# the fields that frame a message or direct the connection, which the heads' builders read
+_REQUEST_FRAMING = frozenset(
+    {b"host", b"transfer-encoding", b"content-length", b"expect", b"connection", b"upgrade"}
+)
+_RESPONSE_FRAMING = frozenset({b"transfer-encoding", b"content-length", b"connection"})
 
 # RFC 3986 host (reg-name, IPv4, or IP-literal) with an optional port.
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?$")
@@ -246,6 +252,8 @@ def build_request_head(
     for name, value in headers:
         lname = name.lower()
         add_name(lname)
+        if lname not in _REQUEST_FRAMING:
+            continue  # (most fields: one set test instead of six comparisons)
         if lname == b"host":
             hosts.append(value)
         elif lname == b"transfer-encoding":
@@ -322,7 +330,7 @@ def build_request_head(
         keep_alive=keep_alive,
         expect_continue=expect_continue,
         upgrade=upgrade,
-        connection=frozenset(connection),
+        connection=frozenset(connection) if connection else _NO_TOKENS,
         names=names,
     )
 
@@ -615,6 +623,8 @@ def build_response_head(
     connection: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
+        if lname not in _RESPONSE_FRAMING:
+            continue
         if lname == b"transfer-encoding":
             te.extend(t.strip().lower() for t in value.split(b","))
         elif lname == b"content-length":
@@ -661,7 +671,7 @@ def build_response_head(
         body=body,
         content_length=length,
         keep_alive=keep_alive,
-        connection=frozenset(connection),
+        connection=frozenset(connection) if connection else _NO_TOKENS,
     )
 
 

@@ -376,7 +376,8 @@ class Proxy:
     def new_record(self, conn: ResponseSink, head: RequestHead) -> AccessRecord:
         """The access record of a request, with its request id (kept or made)."""
         agent = client_id = None
-        for name, value in head.headers:  # the first of each, in one pass
+        # the first of each, in one pass (none when the request has neither)
+        for name, value in fields_with(head, b"user-agent", b"x-request-id"):
             lname = name.lower()
             if lname == b"user-agent":
                 agent = value if agent is None else agent
