@@ -255,16 +255,17 @@ class UpstreamConnection(WriteFlow):
 
     def finish(self, *, reusable: bool) -> None:
         """The exchange is over; ``reusable`` only if the response ended cleanly."""
-        self._spare, self._parser = self._parser, None
+        parser, self._parser = self._parser, None
         self.sink = None
         self.response_timer.clear()
         if self._read_paused:
             self.resume()
         self.reusable = reusable and not self.closed and not self._events
-        if not self.reusable:
-            if self._spare is not None:  # never used again (see ResponseParser.close)
-                self._spare.close()
-                self._spare = None
+        if self.reusable:
+            self._spare = parser  # for the next response, if it ended cleanly
+        else:
+            if parser is not None:  # never used again (see ResponseParser.close)
+                parser.close()
             self.close()
 
     def start_tunnel(self, peer: asyncio.Transport, done: asyncio.Future[None]) -> None:
