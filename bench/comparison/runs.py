@@ -722,7 +722,14 @@ class Bench:
                 for i in range(args.repeat):
                     for state in taking:
                         key, scenario = state.key, state.variant.scenario
-                        if key in broken or (i and time.monotonic() > self.deadline):
+                        if key in broken:
+                            continue
+                        if time.monotonic() > self.deadline:
+                            if not runs[key]:  # (a row begun keeps the runs it has)
+                                self.fail(
+                                    scenario, state.name, mode, size, "time limit reached; skipped"
+                                )
+                            broken.add(key)
                             continue
                         if state.item.proc.poll() is not None:
                             if not runs[key]:
