@@ -5,6 +5,8 @@ Layout under the cache directory (files ``0600``, directories ``0700``)::
     tmp/                         bodies and metadata being written
     ab/<sha256>.meta             metadata of one entry, or a Vary pointer
     ab/<sha256>.<nonce>.body     the body an entry's metadata points to
+    generations                  change counters every process maps (see generations)
+    purged                       a new token at every purge of everything
 
 Why two files per entry: a 304 from the origin refreshes an entry's headers and times; with
 the metadata apart, that is a small atomic rewrite instead of copying the body.
@@ -37,8 +39,9 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from pibl.cache.generations import Generations, slot_of
 from pibl.cache.key import Normalizer, digest, secondary_key, variant_digest, variant_name
 from pibl.http.message import HeaderList
 from pibl.procs import alive
@@ -216,8 +219,19 @@ class BodyWriter:
         return entry
 
 
+RECHECK = 1.0  # seconds a memory-tier copy may go without a stat (files changed by hand)
 VARY_INDEXES = 4096  # Vary indexes kept in memory (a few hundred bytes each)
 KEYS_KEPT = 8192  # primary keys whose metadata path is remembered
+
+
+class Checked(NamedTuple):
+    """A metadata file as last checked: its generations slot and the count read there,
+    its mtime (-1: gone) and when (monotonic seconds)."""
+
+    slot: int
+    seen: int
+    mtime: int
+    at: float
 
 
 def _mtime(path: str) -> int:
@@ -262,11 +276,12 @@ class DiskStore:
         self.stats = Stats()
         self._lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # meta path -> bytes, LRU order
-        self._memory: OrderedDict[str, tuple[Entry, bytes, int]] = OrderedDict()
+        # meta path -> (entry, body, Checked): a hot entry's body in memory
+        self._memory: OrderedDict[str, tuple[Entry, bytes, Checked]] = OrderedDict()
         self._memory_bytes = 0
         # the Vary index of each URI stored in variants (its field names), by metadata path,
-        # with the mtime it was read at: a hit on a variant reads no index file
-        self._varies: OrderedDict[str, tuple[list[str], int]] = OrderedDict()
+        # as last checked against the disk: a hit on a variant reads no index file
+        self._varies: OrderedDict[str, tuple[list[str], Checked]] = OrderedDict()
         # a primary key or variant name -> its metadata path (a SHA-256 spared per hit)
         self._keys: dict[bytes, str] = {}
         self._verified: set[str] = set()
@@ -277,6 +292,9 @@ class DiskStore:
         self._resync_seconds = 0.0
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        # what every process sharing the directory changes, counted (see generations)
+        self.generations = Generations.open(self.dir)
+        self.recheck = RECHECK  # seconds a copy in memory goes without a stat at most
         self._seen_purge = self.purge_generation()
         for leftover in self.tmp_dir.iterdir():  # a crash mid-write leaves these
             if not _writer_alive(leftover.name):
@@ -469,14 +487,14 @@ class DiskStore:
         meta: dict[str, Any] | None = None
         path: Path | None = None
         if names is None:
-            mtime = _mtime(key)
+            checked = self._check(key)
             path = Path(key)
             meta = self._read_meta(path)
             if meta is None or meta.get("key") != primary.decode("latin-1"):
                 return None, "uri-miss"
             if meta.get("type") == "vary":
                 names = [str(n) for n in meta.get("vary", [])]
-                self._vary_remember(key, names, mtime)
+                self._vary_remember(key, names, checked)
         if names is not None:
             secondary = secondary_key(names, request_headers, self.normalize)
             vkey = self._meta_key_of(variant_name(primary, secondary))
@@ -597,39 +615,67 @@ class DiskStore:
         self._verified.add(name)
         return True
 
-    def _memory_get(self, key: str) -> Entry | None:
-        """A memory-tier entry, if its metadata file is still the one it was read from.
+    def _check(self, key: str) -> Checked:
+        """The metadata file at ``key`` as it is now: its slot's count, read first (a change
+        after it is counted later), then its mtime."""
+        slot = slot_of(key)
+        gens = self.generations
+        seen = gens.counts[slot] if gens is not None else 0
+        return Checked(slot, seen, _mtime(key), time.monotonic())
 
-        One ``stat`` per hit keeps the tier honest when another process (a second worker,
-        ``pibl cache purge``) removed or replaced the entry on disk.
+    def _still(self, key: str, checked: Checked) -> Checked | None:
+        """``checked`` if the file at ``key`` is still the one it describes, renewed when
+        that took a ``stat``; None if it changed.
+
+        No ``stat`` while no process counted a change in the file's slot and the last
+        check is recent: another worker, ``pibl cache purge`` or the admin API count every
+        file they replace or remove; a file changed by hand is seen within ``recheck``
+        seconds.
         """
+        gens = self.generations
+        if (
+            gens is not None
+            and gens.counts[checked.slot] == checked.seen
+            and time.monotonic() - checked.at < self.recheck
+        ):
+            return checked
+        now = self._check(key)
+        return now if now.mtime == checked.mtime else None
+
+    def _memory_get(self, key: str) -> Entry | None:
+        """A memory-tier entry, if its metadata file is still the one it was read from."""
         cached = self._memory.get(key)
         if cached is None:
             return None
-        entry, _, mtime = cached
-        if _mtime(key) != mtime:
+        entry, body, checked = cached
+        still = self._still(key, checked)
+        if still is None:
             self._forget(key)
             return None
+        if still is not checked:
+            self._memory[key] = (entry, body, still)
         self._memory.move_to_end(key)
         self._touch(key)  # a memory hit is a use for the LRU bound too
         return entry
 
     def _vary_get(self, key: str) -> list[str] | None:
-        """The Vary index at ``key`` as last read, if the file is still that one (a
-        ``stat``, as for a memory-tier entry)."""
+        """The Vary index at ``key`` as last read, if the file is still that one."""
         cached = self._varies.get(key)
         if cached is None:
             return None
-        names, mtime = cached
-        if _mtime(key) != mtime:
+        names, checked = cached
+        still = self._still(key, checked)
+        if still is None:
             del self._varies[key]
             return None
+        if still is not checked:
+            self._varies[key] = (names, still)
         return names
 
-    def _vary_remember(self, key: str, names: list[str], mtime: int) -> None:
-        if mtime < 0:
+    def _vary_remember(self, key: str, names: list[str], checked: Checked) -> None:
+        if checked.mtime < 0:
             return
-        self._varies[key] = (names, mtime)
+        self._varies[key] = (names, checked)
         self._varies.move_to_end(key)
         while len(self._varies) > VARY_INDEXES:
             self._varies.popitem(last=False)
@@ -639,12 +685,11 @@ class DiskStore:
         old = self._memory.pop(key, None)
         if old is not None:
             self._memory_bytes -= len(old[1])
-        try:
-            mtime = entry.meta_path.stat().st_mtime_ns
-        except OSError:
+        checked = self._check(key)
+        if checked.mtime < 0:
             return
         entry.body = body
-        self._memory[key] = (entry, body, mtime)
+        self._memory[key] = (entry, body, checked)
         self._memory_bytes += len(body)
         while self._memory_bytes > self.memory_max and self._memory:
             _, (_, dropped, _) = self._memory.popitem(last=False)
@@ -758,6 +803,13 @@ class DiskStore:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        if path.suffix == ".meta":
+            self._changed(str(path))
+
+    def _changed(self, key: str) -> None:
+        """Tell every process sharing the directory that the metadata at ``key`` changed."""
+        if self.generations is not None:
+            self.generations.bump(slot_of(key))
 
     # -- removing -----------------------------------------------------------------------
 
@@ -768,6 +820,7 @@ class DiskStore:
         with contextlib.suppress(OSError):
             path.unlink()
         self._forget(path)
+        self._changed(str(path))
         self._account(path, -1)
         if meta is None:
             return
@@ -820,6 +873,8 @@ class DiskStore:
             if sub.is_dir() and sub.name != "tmp":
                 count += sum(1 for p in sub.iterdir() if p.suffix == ".meta")
                 shutil.rmtree(sub, ignore_errors=True)
+        if self.generations is not None:
+            self.generations.bump_all()
         with self._lock:
             self._sizes.clear()
             self._memory.clear()

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pibl.cache import store as store_module
 from pibl.cache.key import digest, secondary_key, variant_digest
 from pibl.cache.store import MAGIC, BodyWriter, DiskStore, Entry
 from pibl.http.message import HeaderList
@@ -661,7 +662,7 @@ def test_purge_all(store: DiskStore, cache_dir: Path) -> None:
     assert store.purge_all() == 4  # three entries and one Vary pointer
     for primary, req in ((A, []), (B, []), (C, GZIP)):
         assert get(store, primary, req) is None
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["purged", "tmp"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["generations", "purged", "tmp"]
     assert (store.stats.entries, store.stats.bytes) == (0, 0)
     put(store, A, b"again")
     assert get(store, A) is not None
@@ -724,6 +725,94 @@ def test_memory_tier_does_not_outlive_removal_by_another_store(store: DiskStore)
     other = make_store(store.dir)
     assert other.invalidate(A) is True
     assert get(store, A) is None
+
+
+def _count_stats(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The metadata files the store checks with a ``stat`` from now on."""
+    seen: list[str] = []
+    real = store_module._mtime
+
+    def counted(path: str) -> int:
+        seen.append(path)
+        return real(path)
+
+    monkeypatch.setattr(store_module, "_mtime", counted)
+    return seen
+
+
+def in_memory(store: DiskStore, primary: bytes, req: HeaderList | None = None) -> Entry:
+    entry = get(store, primary, req)
+    assert entry is not None
+    assert store.read_body(entry) is not None  # now in the memory tier
+    return entry
+
+
+def test_memory_tier_hits_take_no_stat_while_nothing_changes(
+    store: DiskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(store, A, b"plain")
+    put(store, C, b"gzipped", vary=AE, req=GZIP)
+    in_memory(store, A)
+    in_memory(store, C, GZIP)
+    stats = _count_stats(monkeypatch)
+    for _ in range(50):
+        hit = get(store, A)
+        assert hit is not None and hit.body == b"plain"
+        variant = get(store, C, GZIP)  # the Vary index and the variant, both from memory
+        assert variant is not None and variant.body == b"gzipped"
+    assert stats == []
+
+
+def test_without_shared_counters_every_memory_tier_hit_takes_a_stat(
+    store: DiskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.generations = None  # (a directory where the counters cannot be mapped)
+    put(store, A, b"plain")
+    in_memory(store, A)
+    stats = _count_stats(monkeypatch)
+    for _ in range(3):
+        assert get(store, A) is not None
+    assert len(stats) == 3
+
+
+def test_memory_tier_sees_a_replacement_by_another_store_at_the_next_hit(
+    store: DiskStore,
+) -> None:
+    put(store, A, b"old")
+    put(store, C, b"old gzip", vary=AE, req=GZIP)
+    in_memory(store, A)
+    in_memory(store, C, GZIP)
+    other = make_store(store.dir)  # another worker, or pibl cache purge
+    put(other, A, b"new")
+    put(other, C, b"new gzip", vary=AE, req=GZIP)
+    for primary, req, body in ((A, None, b"new"), (C, GZIP, b"new gzip")):
+        entry = get(store, primary, req)
+        assert entry is not None
+        assert store.read_body(entry) == body
+
+
+def test_memory_tier_sees_a_purge_by_another_store_at_the_next_hit(store: DiskStore) -> None:
+    put(store, A, b"plain")
+    put(store, C, b"gzipped", vary=AE, req=GZIP)
+    in_memory(store, A)
+    in_memory(store, C, GZIP)
+    make_store(store.dir).purge_all()
+    assert get(store, A) is None
+    assert store.lookup(C, GZIP) == (None, "uri-miss")
+
+
+def test_memory_tier_sees_a_file_removed_by_hand_within_the_recheck_interval(
+    store: DiskStore,
+) -> None:
+    store.recheck = 0.2
+    entry = put(store, A, b"plain")
+    in_memory(store, A)
+    entry.meta_path.unlink()  # no process counted this change
+    deadline = time.monotonic() + 5
+    while get(store, A) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert time.monotonic() < deadline
 
 
 # -- LRU bound ------------------------------------------------------------------------------
@@ -931,7 +1020,9 @@ def test_files_are_0600_and_directories_0700(cache_dir: Path) -> None:
         os.umask(old_umask)
 
 
-NAME = re.compile(r"^(tmp|[0-9a-f]{2}|[0-9a-f]{64}\.meta|[0-9a-f]{64}\.[0-9a-f]{8}\.body)$")
+NAME = re.compile(
+    r"^(tmp|generations|[0-9a-f]{2}|[0-9a-f]{64}\.meta|[0-9a-f]{64}\.[0-9a-f]{8}\.body)$"
+)
 
 
 def test_file_names_contain_no_request_text(store: DiskStore, cache_dir: Path) -> None:
