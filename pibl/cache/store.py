@@ -222,6 +222,7 @@ class BodyWriter:
 RECHECK = 1.0  # seconds a memory-tier copy may go without a stat (files changed by hand)
 VARY_INDEXES = 4096  # Vary indexes kept in memory (a few hundred bytes each)
 KEYS_KEPT = 8192  # primary keys whose metadata path is remembered
+VERIFIED_KEPT = 65536  # body files whose CRC this process checked
 
 
 class Checked(NamedTuple):
@@ -547,16 +548,26 @@ class DiskStore:
         return entry
 
     def read_body(self, entry: Entry) -> bytes | None:
-        """The whole body, CRC-checked (for small entries); None if corrupt."""
+        """The whole body (for bodies below the ``sendfile`` size); None if corrupt.
+
+        Its CRC is checked the first time this process reads it, as a large body's is
+        before its first ``sendfile``: a committed body file is never rewritten (a new
+        version has a new name), and a body too large for the memory tier is read at every
+        hit, where a CRC of 100 KB cost more than the read.
+        """
         if entry.body is not None:
             return entry.body
         try:
             data = entry.body_path.read_bytes()
         except OSError:
             return None
-        if len(data) != entry.body_length or zlib.crc32(data) != entry.body_crc:
+        name = str(entry.body_path)
+        if len(data) != entry.body_length or (
+            name not in self._verified and zlib.crc32(data) != entry.body_crc
+        ):
             self._discard(entry.meta_path, entry.body_path.name)
             return None
+        self._checked(name)
         if len(data) <= self.memory_entry_max:
             self._remember(entry, data)
         return data
@@ -612,8 +623,16 @@ class DiskStore:
         if crc != entry.body_crc or length != entry.body_length:
             self._discard(entry.meta_path, entry.body_path.name)
             return False
-        self._verified.add(name)
+        self._checked(name)
         return True
+
+    def _checked(self, name: str) -> None:
+        """Remember a body file whose CRC matched (a bounded set of names)."""
+        verified = self._verified
+        if name not in verified:
+            if len(verified) >= VERIFIED_KEPT:
+                verified.clear()
+            verified.add(name)
 
     def _check(self, key: str) -> Checked:
         """The metadata file at ``key`` as it is now: its slot's count, read first (a change

@@ -360,6 +360,32 @@ def test_flipped_body_byte_is_detected_by_read_body(store: DiskStore, offset: in
     assert get(store, A) is None
 
 
+def test_a_body_is_crc_checked_at_its_first_read_only(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(cache_dir, memory_entry_max=100)  # read from disk at every hit
+    body = os.urandom(5000)
+    put(store, A, body)
+    checks: list[int] = []
+    real = zlib.crc32
+
+    def counted(data: bytes, value: int = 0) -> int:
+        if len(data) == len(body):  # (metadata files have a CRC of their own)
+            checks.append(len(data))
+        return real(data, value)
+
+    monkeypatch.setattr(zlib, "crc32", counted)
+    for _ in range(3):
+        entry = get(store, A)
+        assert entry is not None and entry.body is None
+        assert store.read_body(entry) == body
+    assert checks == [5000]
+    restarted = make_store(cache_dir, memory_entry_max=100)  # another process checks anew
+    entry = get(restarted, A)
+    assert entry is not None and restarted.read_body(entry) == body
+    assert checks == [5000, 5000]
+
+
 def test_flipped_body_byte_is_detected_by_verify_body(store: DiskStore) -> None:
     body = b"x" * 5000
     put(store, A, body)
