@@ -165,6 +165,29 @@ class Incoming:
 
 
 class ClientConnection(WriteFlow):
+    # (slots: a connection's attributes are set without a dict, once per connection)
+    __slots__ = (
+        "_client_eof",
+        "_fast",
+        "_h2c",
+        "_parser",
+        "_paused",
+        "_proxy_header",
+        "_queue",
+        "_reading",
+        "_stop_reading",
+        "_task",
+        "_timer",
+        "_timer_kind",
+        "client_ip",
+        "closed",
+        "loop",
+        "proxy",
+        "scheme",
+        "transport",
+        "tunnel_done",
+    )
+
     def __init__(self, proxy: Proxy, scheme: bytes) -> None:
         # connection
         self.proxy = proxy
