@@ -202,8 +202,9 @@ class CacheConfig(_Section):
     redis_timeout: PositiveFloat = 0.5
     max_size: int = 1024**3
     max_entry_size: int = 256 * 1024**2  # larger responses are passed through, not stored
-    memory_max: int = 32 * 1024**2  # memory tier for small hot entries
-    memory_entry_max: int = 64 * 1024
+    memory_max: int = 32 * 1024**2  # memory tier for hot entries
+    # a body read to be served (below the 1 MiB sent with sendfile) is kept in memory up to this
+    memory_entry_max: int = 1024**2
     fsync: bool = True  # fsync entries before making them visible
     max_stale_on_error: float = Field(default=3600.0, ge=0)  # serve stale when backends fail
     lock_timeout: float = Field(default=5.0, gt=0)  # how long concurrent misses wait (coalescing)

@@ -261,7 +261,7 @@ class DiskStore:
         max_size: int,
         fsync: bool = True,
         memory_max: int = 32 * 1024 * 1024,
-        memory_entry_max: int = 64 * 1024,
+        memory_entry_max: int = 1024 * 1024,
         normalize: Normalizer | None = None,
     ) -> None:
         self.dir = directory

@@ -19,6 +19,7 @@ from pibl.cache import store as store_module
 from pibl.cache.key import digest, secondary_key, variant_digest
 from pibl.cache.store import MAGIC, BodyWriter, DiskStore, Entry
 from pibl.http.message import HeaderList
+from pibl.proxy.cached import SENDFILE_MIN
 
 A = b"http://example.com/a"
 B = b"http://example.com/b"
@@ -741,6 +742,17 @@ def test_large_bodies_are_not_kept_in_memory(cache_dir: Path) -> None:
     again = get(store, A)
     assert again is not None
     assert again.body is None
+
+
+def test_by_default_a_body_below_the_sendfile_size_is_kept_in_memory(cache_dir: Path) -> None:
+    store = DiskStore(cache_dir, max_size=100_000_000, fsync=False)  # the default tier
+    body = os.urandom(900_000)  # (more than the 64 KiB the tier kept before)
+    assert len(body) < SENDFILE_MIN
+    put(store, A, body)
+    entry = get(store, A)
+    assert entry is not None and store.read_body(entry) == body
+    again = get(store, A)
+    assert again is not None and again.body == body  # not read from disk again
 
 
 def test_memory_tier_does_not_outlive_removal_by_another_store(store: DiskStore) -> None:
