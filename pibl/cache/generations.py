@@ -15,10 +15,12 @@ against the disk now and then, for files changed by hand.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
 import threading
+import weakref
 from pathlib import Path
 
 SLOTS = 4096
@@ -41,13 +43,21 @@ class Generations:
     def __init__(self, path: Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(fd).st_size != _SIZE:
-                os.ftruncate(fd, _SIZE)  # (new, or not ours: counters start again at 0)
+            size = os.fstat(fd).st_size
+            if size not in (0, _SIZE):
+                # another layout: resizing it under the processes that map it would kill
+                # them (SIGBUS), so this process goes without
+                raise ValueError(f"{path}: {size} bytes, not {_SIZE}")
+            # blocks allocated now, not at a first write into a hole (SIGBUS on a full disk)
+            os.posix_fallocate(fd, 0, _SIZE)
+            fcntl.lockf(fd, fcntl.LOCK_EX, 8, 0, os.SEEK_SET)  # (record locks work here)
+            fcntl.lockf(fd, fcntl.LOCK_UN, 8, 0, os.SEEK_SET)
             self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+        self._closed = weakref.finalize(self, os.close, fd)  # (the map closes itself)
         self.counts = memoryview(self._map).cast("Q")
         self._lock = threading.Lock()  # (record locks do not exclude this process's threads)
 
@@ -61,30 +71,46 @@ class Generations:
             return None
 
     def bump(self, slot: int) -> None:
-        """Count a change of a file in ``slot``; other processes' increments are not lost."""
+        """Count a change of a file in ``slot``; other processes' increments are not lost.
+
+        Should the record lock fail now (it worked when the file was opened), the count
+        is made without it: a lost increment only delays a ``stat`` by ``recheck``.
+        """
         offset = slot * 8
         with self._lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 8, offset, os.SEEK_SET)
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, 8, offset, os.SEEK_SET)
+            except OSError:
+                self.counts[slot] = (self.counts[slot] + 1) & _MASK
+                return
             try:
                 self.counts[slot] = (self.counts[slot] + 1) & _MASK
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 8, offset, os.SEEK_SET)
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 8, offset, os.SEEK_SET)
 
     def bump_all(self) -> None:
         """Count a change of every file (a purge of everything)."""
         counts = self.counts
         with self._lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 0, 0, os.SEEK_SET)
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, 0, 0, os.SEEK_SET)
+            except OSError:
+                locked = False
+            else:
+                locked = True
             try:
                 for slot in range(SLOTS):
                     counts[slot] = (counts[slot] + 1) & _MASK
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 0, 0, os.SEEK_SET)
+                if locked:
+                    with contextlib.suppress(OSError):
+                        fcntl.lockf(self._fd, fcntl.LOCK_UN, 0, 0, os.SEEK_SET)
 
     def close(self) -> None:
         self.counts.release()
         self._map.close()
-        os.close(self._fd)
+        self._closed()
 
 
 __all__ = ["SLOTS", "Generations", "slot_of"]

@@ -39,7 +39,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pibl.cache.generations import Generations, slot_of
 from pibl.cache.key import Normalizer, digest, secondary_key, variant_digest, variant_name
@@ -75,6 +75,8 @@ class Entry:
     # and of the head a hit sends (see ``CacheLayer.hit_response``): (headers, the bytes
     # that depend on the entry only, whether they hold a Date)
     head: tuple[HeaderList, bytes, bool] | None = field(default=None, compare=False, repr=False)
+    # its metadata file as checked before it was read (for the memory tier)
+    checked: Checked | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -222,17 +224,21 @@ class BodyWriter:
 RECHECK = 1.0  # seconds a memory-tier copy may go without a stat (files changed by hand)
 VARY_INDEXES = 4096  # Vary indexes kept in memory (a few hundred bytes each)
 KEYS_KEPT = 8192  # primary keys whose metadata path is remembered
-VERIFIED_KEPT = 65536  # body files whose CRC this process checked
+VERIFIED_KEPT = 8192  # body files whose CRC this process checked
 
 
-class Checked(NamedTuple):
+class Checked:
     """A metadata file as last checked: its generations slot and the count read there,
-    its mtime (-1: gone) and when (monotonic seconds)."""
+    its mtime (-1: gone) and when (monotonic seconds). Renewed in place, so a copy in
+    memory is never put back into its dict after another thread removed it."""
 
-    slot: int
-    seen: int
-    mtime: int
-    at: float
+    __slots__ = ("at", "mtime", "seen", "slot")
+
+    def __init__(self, slot: int, seen: int, mtime: int, at: float) -> None:
+        self.slot = slot
+        self.seen = seen
+        self.mtime = mtime
+        self.at = at
 
 
 def _mtime(path: str) -> int:
@@ -503,6 +509,7 @@ class DiskStore:
             if cached is not None:
                 return cached, "hit"
             vpath = Path(vkey)
+            checked = self._check(vkey)  # (before the read: a change after it is seen)
             vmeta = self._read_meta(vpath)
             if vmeta is None or vmeta.get("secondary") != secondary.decode("latin-1"):
                 return None, "vary-miss"
@@ -514,6 +521,7 @@ class DiskStore:
             entry = self._entry(meta, path)
         if entry is None:
             return None, "uri-miss"
+        entry.checked = checked
         self._touch(entry.meta_path)
         return entry, "hit"
 
@@ -567,9 +575,10 @@ class DiskStore:
         ):
             self._discard(entry.meta_path, entry.body_path.name)
             return None
-        self._checked(name)
         if len(data) <= self.memory_entry_max:
             self._remember(entry, data)
+        else:  # (read again at the next hit: checked once)
+            self._checked(name)
         return data
 
     def verified(self, entry: Entry) -> bool:
@@ -642,9 +651,9 @@ class DiskStore:
         seen = gens.counts[slot] if gens is not None else 0
         return Checked(slot, seen, _mtime(key), time.monotonic())
 
-    def _still(self, key: str, checked: Checked) -> Checked | None:
-        """``checked`` if the file at ``key`` is still the one it describes, renewed when
-        that took a ``stat``; None if it changed.
+    def _still(self, key: str, checked: Checked) -> bool:
+        """Whether the file at ``key`` is still the one ``checked`` describes (renewed in
+        place when that took a ``stat``).
 
         No ``stat`` while no process counted a change in the file's slot and the last
         check is recent: another worker, ``pibl cache purge`` or the admin API count every
@@ -657,23 +666,24 @@ class DiskStore:
             and gens.counts[checked.slot] == checked.seen
             and time.monotonic() - checked.at < self.recheck
         ):
-            return checked
+            return True
         now = self._check(key)
-        return now if now.mtime == checked.mtime else None
+        if now.mtime != checked.mtime:
+            return False
+        checked.seen, checked.at = now.seen, now.at
+        return True
 
     def _memory_get(self, key: str) -> Entry | None:
         """A memory-tier entry, if its metadata file is still the one it was read from."""
         cached = self._memory.get(key)
         if cached is None:
             return None
-        entry, body, checked = cached
-        still = self._still(key, checked)
-        if still is None:
+        entry, _, checked = cached
+        if not self._still(key, checked):
             self._forget(key)
             return None
-        if still is not checked:
-            self._memory[key] = (entry, body, still)
-        self._memory.move_to_end(key)
+        with contextlib.suppress(KeyError):  # (removed by another thread meanwhile)
+            self._memory.move_to_end(key)
         self._touch(key)  # a memory hit is a use for the LRU bound too
         return entry
 
@@ -683,12 +693,9 @@ class DiskStore:
         if cached is None:
             return None
         names, checked = cached
-        still = self._still(key, checked)
-        if still is None:
-            del self._varies[key]
+        if not self._still(key, checked):
+            self._varies.pop(key, None)
             return None
-        if still is not checked:
-            self._varies[key] = (names, still)
         return names
 
     def _vary_remember(self, key: str, names: list[str], checked: Checked) -> None:
@@ -704,7 +711,8 @@ class DiskStore:
         old = self._memory.pop(key, None)
         if old is not None:
             self._memory_bytes -= len(old[1])
-        checked = self._check(key)
+        # as checked before its metadata was read: a version replaced since then is seen
+        checked = entry.checked if entry.checked is not None else self._check(key)
         if checked.mtime < 0:
             return
         entry.body = body

@@ -829,6 +829,29 @@ def test_memory_tier_sees_a_replacement_by_another_store_at_the_next_hit(
         assert store.read_body(entry) == body
 
 
+def test_a_copy_read_while_another_store_replaced_it_is_not_kept(
+    store: DiskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(store, A, b"v1")
+    entry = get(store, A)  # its metadata read: version 1
+    assert entry is not None
+    other = make_store(store.dir)
+    real = Path.read_bytes
+
+    def replaced_meanwhile(path: Path) -> bytes:
+        data = real(path)
+        if path.suffix == ".body":  # between the metadata and the body, another worker
+            monkeypatch.setattr(Path, "read_bytes", real)
+            put(other, A, b"v2")
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", replaced_meanwhile)
+    assert store.read_body(entry) == b"v1"  # what this request gets, read before the change
+    again = get(store, A)
+    assert again is not None
+    assert store.read_body(again) == b"v2"  # not version 1 from memory, now or later
+
+
 def test_memory_tier_sees_a_purge_by_another_store_at_the_next_hit(store: DiskStore) -> None:
     put(store, A, b"plain")
     put(store, C, b"gzipped", vary=AE, req=GZIP)
