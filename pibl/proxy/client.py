@@ -204,7 +204,7 @@ class ClientConnection(WriteFlow):
             max_headers=limits.max_headers,
             max_head_bytes=limits.max_head_bytes,
         )
-        self._timer = Deadline(self.loop, self._on_timeout)
+        self._timer = Deadline(self.loop, self._on_timeout, proxy.sweep)
         self._timer_kind = ""
         self._paused: set[str] = set()
         self._write_paused = False

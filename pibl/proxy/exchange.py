@@ -62,6 +62,7 @@ from pibl.observe.metrics import Metrics, multiprocess_dir
 from pibl.observe.record import AccessRecord
 from pibl.observe.status import StatusTracker
 from pibl.proxy import fast
+from pibl.proxy.flow import Sweep
 from pibl.proxy.groups import PoolGroup, build_groups
 from pibl.proxy.shadow import Shadow, Tap
 from pibl.proxy.upstream import Pool, UpstreamConnection, upstream_tls
@@ -221,6 +222,8 @@ class Proxy:
         self.verbose = config.log.verbose
         self.status = StatusTracker(self, multiprocess_dir())
         self.loop = asyncio.get_running_loop()
+        # first timers of client connections, made only for those still open (flow.Sweep)
+        self.sweep = Sweep(self.loop)
         # The fast path (pibl.proxy.fast): exchanges it served, and why others left it.
         self.fast_path = config.upstream.fast_path and self.redirect_port is None
         self.fast_served = 0
@@ -1425,6 +1428,7 @@ class Proxy:
             pool.sweep()
 
     def close(self) -> None:
+        self.sweep.close()
         for pool in self.pools:
             pool.close_all()
         self.metrics.batch.flush()  # the last second's traffic counts too
