@@ -80,7 +80,12 @@ class Sweep:
         pending, self._pending = self._pending, []
         now = self._loop.time()
         for deadline in pending:
-            deadline.adopt(now)
+            try:
+                deadline.adopt(now)
+            except Exception as exc:  # (a callback's bug must not drop the others' timers)
+                self._loop.call_exception_handler(
+                    {"message": "error in a deadline's callback", "exception": exc}
+                )
 
     def close(self) -> None:
         """The loop is stopping: no more passes (pending deadlines never fire)."""

@@ -100,3 +100,24 @@ def test_a_deadline_due_before_the_sweep_fires_at_the_sweep() -> None:
     fired, _ = _swept([0.0, GRACE / 10], close_after=None, until=GRACE * 4)
     assert sorted(i for i, _ in fired) == [0, 1]
     assert all(GRACE - 0.005 <= at < GRACE + 0.5 for _, at in fired)
+
+
+def test_a_failing_callback_does_not_keep_the_others_from_firing() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        errors: list[str] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context["message"]))
+        sweep = Sweep(loop)
+        fired: list[str] = []
+
+        def boom() -> None:
+            raise RuntimeError("a bug")
+
+        first = Deadline(loop, boom, sweep)
+        second = Deadline(loop, lambda: fired.append("second"), sweep)
+        first.set(0.0)
+        second.set(0.0)
+        await asyncio.sleep(GRACE * 3)
+        return fired + errors
+
+    assert asyncio.run(main()) == ["second", "error in a deadline's callback"]
