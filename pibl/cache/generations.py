@@ -21,6 +21,7 @@ import mmap
 import os
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 SLOTS = 4096
@@ -71,41 +72,34 @@ class Generations:
             return None
 
     def bump(self, slot: int) -> None:
-        """Count a change of a file in ``slot``; other processes' increments are not lost.
-
-        Should the record lock fail now (it worked when the file was opened), the count
-        is made without it: a lost increment only delays a ``stat`` by ``recheck``.
-        """
-        offset = slot * 8
-        with self._lock:
-            try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX, 8, offset, os.SEEK_SET)
-            except OSError:
-                self.counts[slot] = (self.counts[slot] + 1) & _MASK
-                return
-            try:
-                self.counts[slot] = (self.counts[slot] + 1) & _MASK
-            finally:
-                with contextlib.suppress(OSError):
-                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 8, offset, os.SEEK_SET)
+        """Count a change of a file in ``slot``; other processes' increments are not lost."""
+        with self._held(slot * 8, 8):
+            self.counts[slot] = (self.counts[slot] + 1) & _MASK
 
     def bump_all(self) -> None:
         """Count a change of every file (a purge of everything)."""
         counts = self.counts
+        with self._held(0, 0):  # (0 bytes: to the end of the file)
+            for slot in range(SLOTS):
+                counts[slot] = (counts[slot] + 1) & _MASK
+
+    @contextlib.contextmanager
+    def _held(self, start: int, length: int) -> Iterator[None]:
+        """The counters from ``start`` locked against this process's other threads and other
+        processes. Should the record lock fail now (it worked when the file was opened),
+        the counting goes on without it: a lost increment only delays a ``stat`` by the
+        store's ``recheck``."""
         with self._lock:
             try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX, 0, 0, os.SEEK_SET)
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, length, start, os.SEEK_SET)
             except OSError:
-                locked = False
-            else:
-                locked = True
+                yield
+                return
             try:
-                for slot in range(SLOTS):
-                    counts[slot] = (counts[slot] + 1) & _MASK
+                yield
             finally:
-                if locked:
-                    with contextlib.suppress(OSError):
-                        fcntl.lockf(self._fd, fcntl.LOCK_UN, 0, 0, os.SEEK_SET)
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
 
     def close(self) -> None:
         self.counts.release()

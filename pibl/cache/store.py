@@ -578,7 +578,7 @@ class DiskStore:
         if len(data) <= self.memory_entry_max:
             self._remember(entry, data)
         else:  # (read again at the next hit: checked once)
-            self._checked(name)
+            self._note_verified(name)
         return data
 
     def verified(self, entry: Entry) -> bool:
@@ -632,10 +632,10 @@ class DiskStore:
         if crc != entry.body_crc or length != entry.body_length:
             self._discard(entry.meta_path, entry.body_path.name)
             return False
-        self._checked(name)
+        self._note_verified(name)
         return True
 
-    def _checked(self, name: str) -> None:
+    def _note_verified(self, name: str) -> None:
         """Remember a body file whose CRC matched (a bounded set of names)."""
         verified = self._verified
         if name not in verified:

@@ -149,15 +149,8 @@ class Deadline:
     def adopt(self, now: float) -> None:
         """The sweep's pass: a timer of its own if still set, the callback if already due."""
         self._queued = False
-        when = self._when
-        if when is None or self._handle is not None:
-            return
-        if now >= when:
-            self._when = None
-            self._callback()
-            return
-        self._handle = self._loop.call_at(when, self._fire)
-        self._due = when
+        if self._handle is None:
+            self._fire_or_wait(now)
 
     def clear(self) -> None:
         self._when = None
@@ -179,10 +172,14 @@ class Deadline:
 
     def _fire(self) -> None:
         self._handle = None
+        self._fire_or_wait(self._loop.time())
+
+    def _fire_or_wait(self, now: float) -> None:
+        """No timer is scheduled: call back if the deadline passed, else schedule one."""
         when = self._when
         if when is None:
             return
-        if self._loop.time() < when:
+        if now < when:
             self._handle = self._loop.call_at(when, self._fire)
             self._due = when
             return
