@@ -1,8 +1,9 @@
 """The access log and event log, written to stdout and a file without blocking the loop.
 
 Every exchange produces exactly one ``AccessRecord`` (``pibl.observe.record``); the event
-loop only puts it on a queue. A background thread formats the lines and writes them in
-batches to standard output and to the log file. Writing never raises into the proxy: a full
+loop only appends it to a list. Every ``BATCH_DELAY`` the loop formats the records of that
+list in one go and hands their lines, as one string, to a background thread that writes
+them to standard output and to the log file. Writing never raises into the proxy: a full
 disk or a removed directory counts dropped lines and retries opening the file later;
 ``reopen()`` (SIGUSR1) makes the thread close and reopen the file, for log rotation.
 """
@@ -21,10 +22,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    import asyncio
+
     # (made by the workers; the master, which logs events only, never loads it)
     from pibl.observe.record import AccessRecord
 
 BATCH_DELAY = 0.02  # seconds a line may wait to be written with others
+MAX_PENDING = 512  # records formatted at once, at most
 
 
 def _quote(text: str) -> str:
@@ -33,12 +37,15 @@ def _quote(text: str) -> str:
 
 
 class AccessLog:
-    """Queues records on the loop; a thread formats and writes them in batches.
+    """Collects records on the loop, formats them in batches; a thread writes them.
 
-    The loop's share of a request's log line is one ``SimpleQueue.put`` of its record (the
-    record is finished by then and never changed again); formatting and writing happen
-    on the writer thread, a few milliseconds later and many lines at a time. Event lines
-    (``info``, ``warning``...) are queued already formatted, in the same order.
+    A request's share of its log line is one ``list.append`` of its record (finished by
+    then and never changed again). The first record of a batch sets a timer; when it fires,
+    ``BATCH_DELAY`` later, the loop formats the batch and queues its lines as one string
+    for the writer thread, which only writes (the write releases the interpreter lock).
+    Formatting on the writer thread cost more: every batch, the thread and the loop handed
+    the interpreter lock to each other while it formatted. Event lines (``info``,
+    ``warning``...) are queued already formatted, after the access lines before them.
     """
 
     def __init__(
@@ -56,7 +63,12 @@ class AccessLog:
         # the access line's format, from pibl.observe.record (the writer thread imports it
         # at the first access record: the master writes event lines only)
         self._format: Callable[[AccessRecord], str] | None = None
-        self._queue: queue.SimpleQueue[str | AccessRecord | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        # records waiting on the loop for their batch to be formatted (see ``access``), and
+        # the thread of that loop
+        self._pending: list[AccessRecord] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._loop_thread = 0
         self._reopen = threading.Event()
         self._file: TextIO | None = None
         self._next_open = 0.0
@@ -77,15 +89,42 @@ class AccessLog:
     def access(self, record: AccessRecord) -> None:
         if self.silent:
             return
-        if self._threaded:
-            self._queue.put(record)  # formatted by the writer thread
-        else:
+        if not self._threaded:
             self._put(self._line(record))
+            return
+        pending = self._pending
+        pending.append(record)
+        if len(pending) == 1:
+            import asyncio  # (once per batch; the master, which has no loop, never needs it)
+
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # (no loop: formatted now)
+                self.flush()
+                return
+            self._flush_handle = loop.call_later(BATCH_DELAY, self.flush)
+            self._loop_thread = threading.get_ident()
+        elif len(pending) >= MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Format the waiting records, in one go, and hand their lines to the writer."""
+        handle, self._flush_handle = self._flush_handle, None
+        if handle is not None:
+            handle.cancel()
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        line = self._line
+        self._queue.put("\n".join([line(r) for r in pending]))
 
     def _put(self, line: str) -> None:
         if self.silent:
             return
         if self._threaded:
+            if self._pending and threading.get_ident() == self._loop_thread:
+                self.flush()  # (the access lines before it stay before it)
             self._queue.put(line)
         else:  # a process that must not have threads (the master) writes directly
             if self._reopen.is_set():
@@ -163,6 +202,7 @@ class AccessLog:
         if not self._threaded or self.silent:
             self._close_file()
             return
+        self.flush()
         self._queue.put(None)
         self._writer.join(timeout)
 
@@ -183,9 +223,7 @@ class AccessLog:
                 self._file.close()
             self._file = None
 
-    def _line(self, item: str | AccessRecord) -> str:
-        if isinstance(item, str):
-            return item
+    def _line(self, item: AccessRecord) -> str:
         if self._format is None:
             from pibl.observe.record import format_combined, format_json
 
@@ -197,20 +235,16 @@ class AccessLog:
 
     def _run(self) -> None:
         q = self._queue
-        line = self._line
         running = True
         while running:
             batch: list[str] = []
-            item = q.get()
-            # Let a few milliseconds of lines accumulate: one write and one flush for many
-            # records costs the event loop far fewer GIL hand-overs than one per request.
-            time.sleep(BATCH_DELAY)
+            item = q.get()  # (access lines come batched: see ``access``)
             while True:
                 if item is None:
                     running = False
                     break
-                batch.append(line(item))
-                if len(batch) >= 4096:
+                batch.append(item)
+                if len(batch) >= 64:
                     break
                 try:
                     item = q.get_nowait()
