@@ -43,17 +43,20 @@ class SmoothWeighted:
         """
         if weights is None:
             weights = self._weights
-        current = self._current
+        current = self._current  # (shared memory: each score read and written once)
         best = -1
+        best_score = 0
         total = 0
         for i, weight in enumerate(weights):
             if available is not None and not available[i]:
                 continue
-            current[i] += weight
+            score = current[i] + weight
+            current[i] = score
             total += weight
-            if best < 0 or current[i] > current[best]:
+            if best < 0 or score > best_score:
                 best = i
+                best_score = score
         if best < 0:
             return None
-        current[best] -= total
+        current[best] = best_score - total
         return best
