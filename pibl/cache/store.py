@@ -279,7 +279,8 @@ class DiskStore:
         self.max_size = max_size
         self.fsync = fsync
         self.memory_max = memory_max
-        self.memory_entry_max = memory_entry_max
+        # (a body larger than the whole tier would only push every other one out of it)
+        self.memory_entry_max = min(memory_entry_max, memory_max)
         self.stats = Stats()
         self._lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # meta path -> bytes, LRU order

@@ -744,6 +744,28 @@ def test_large_bodies_are_not_kept_in_memory(cache_dir: Path) -> None:
     assert again.body is None
 
 
+def test_a_body_larger_than_the_whole_memory_tier_leaves_the_others_in_it(
+    cache_dir: Path,
+) -> None:
+    # memory_max set below the default memory_entry_max: the large body is read from disk
+    # at every hit, and the small ones stay in memory
+    store = DiskStore(cache_dir, max_size=100_000_000, fsync=False, memory_max=10_000)
+    put(store, A, b"a" * 100)
+    put(store, B, b"b" * 100)
+    large = os.urandom(20_000)
+    put(store, C, large)
+    for key in (A, B):
+        entry = get(store, key)
+        assert entry is not None and store.read_body(entry) is not None
+    entry = get(store, C)
+    assert entry is not None and store.read_body(entry) == large
+    for key, body in ((A, b"a" * 100), (B, b"b" * 100)):
+        again = get(store, key)
+        assert again is not None and again.body == body  # still in memory
+    again = get(store, C)
+    assert again is not None and again.body is None
+
+
 def test_by_default_a_body_below_the_sendfile_size_is_kept_in_memory(cache_dir: Path) -> None:
     store = DiskStore(cache_dir, max_size=100_000_000, fsync=False)  # the default tier
     body = os.urandom(900_000)  # (more than the 64 KiB the tier kept before)
