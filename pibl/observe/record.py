@@ -10,37 +10,41 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Final
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+# an access record's attributes (its slots, and what its repr shows)
+_FIELDS: Final = (
+    "backend",
+    "bytes_in",
+    "bytes_out",
+    "cache",
+    "client",
+    "continued",
+    "detail",
+    "host",
+    "pool",
+    "request_head",
+    "request_id",
+    "request_line",
+    "response_head",
+    "response_started",
+    "retries",
+    "route",
+    "started",
+    "status",
+    "total",
+    "upstream",
+    "user_agent",
+    "when",
+)
 
 
 class AccessRecord:
     """One request and its answer, filled in as the exchange goes (then never changed)."""
 
-    __slots__ = (
-        "backend",
-        "bytes_in",
-        "bytes_out",
-        "cache",
-        "client",
-        "continued",
-        "detail",
-        "host",
-        "pool",
-        "request_head",
-        "request_id",
-        "request_line",
-        "response_head",
-        "response_started",
-        "retries",
-        "route",
-        "started",
-        "status",
-        "total",
-        "upstream",
-        "user_agent",
-        "when",
-    )
+    __slots__ = _FIELDS
 
     def __init__(
         self,
@@ -77,7 +81,8 @@ class AccessRecord:
         self.when = time.time()
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        # (from the module's tuple: a compiled class has no ``__slots__`` to read back)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELDS)
         return f"AccessRecord({fields})"
 
 
