@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 BATCH_DELAY = 0.02  # seconds a line may wait to be written with others
 MAX_PENDING = 512  # records formatted at once, at most
+# a batch whose timer has not fired this long after it began is formatted by the next record
+# (its loop was closed, or is blocked): records are never left waiting for ``close()``
+OVERDUE = 1.0
 
 
 def _quote(text: str) -> str:
@@ -69,6 +72,7 @@ class AccessLog:
         self._pending: list[AccessRecord] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._loop_thread = 0
+        self._batch_began = 0.0  # (monotonic)
         self._reopen = threading.Event()
         self._file: TextIO | None = None
         self._next_open = 0.0
@@ -104,8 +108,9 @@ class AccessLog:
                 return
             self._flush_handle = loop.call_later(BATCH_DELAY, self.flush)
             self._loop_thread = threading.get_ident()
-        elif len(pending) >= MAX_PENDING:
-            self.flush()
+            self._batch_began = time.monotonic()
+        elif len(pending) >= MAX_PENDING or record.started - self._batch_began > OVERDUE:
+            self.flush()  # (a record's start time is the clock read: no call per request)
 
     def flush(self) -> None:
         """Format the waiting records, in one go, and hand their lines to the writer."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def record(n: int) -> AccessRecord:
 
 
 def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines()
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def test_records_are_formatted_on_the_loop_in_one_batch(tmp_path: Path) -> None:
@@ -105,3 +106,40 @@ def test_a_full_batch_is_formatted_before_its_timer(
     assert asyncio.run(main()) == 5
     log.close()
     assert len(lines(path)) == 25
+
+
+def test_a_batch_whose_loop_ended_is_written_by_the_next_record(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(path=str(path), stdout=False)
+
+    async def first() -> None:
+        log.access(record(1))  # its loop ends before the batch's timer fires
+
+    async def second() -> None:
+        late = record(2)
+        late.started += accesslog.OVERDUE * 2  # a request that began after the batch was due
+        log.access(late)
+        assert log._pending == []
+
+    asyncio.run(first())
+    asyncio.run(second())
+    deadline = time.monotonic() + 5
+    while len(lines(path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ["GET /1 " in lines(path)[0], "GET /2 " in lines(path)[1]] == [True, True]
+    log.close()
+
+
+def test_a_record_no_format_expected_gets_a_line_saying_so(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(path=str(path), stdout=False)
+
+    def broken(r: AccessRecord) -> str:
+        raise ValueError("no")
+
+    log._format = broken
+    log.access(record(3))  # (no loop: formatted at once)
+    log.close()
+    (line,) = lines(path)
+    assert line.startswith("unformattable access record AccessRecord(")
+    assert "request_line='GET /3 HTTP/1.1'" in line and "status=200" in line
