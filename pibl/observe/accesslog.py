@@ -48,7 +48,8 @@ class AccessLog:
     for the writer thread, which only writes (the write releases the interpreter lock).
     Formatting on the writer thread cost more: every batch, the thread and the loop handed
     the interpreter lock to each other while it formatted. Event lines (``info``,
-    ``warning``...) are queued already formatted, after the access lines before them.
+    ``warning``...) are queued already formatted; one logged on the loop's thread goes after
+    the access lines before it.
     """
 
     def __init__(
@@ -63,8 +64,8 @@ class AccessLog:
         self.path = path
         self._stream = stream if stream is not None else (sys.stdout if stdout else None)
         self._json = fmt == "json"
-        # the access line's format, from pibl.observe.record (the writer thread imports it
-        # at the first access record: the master writes event lines only)
+        # the access line's format, from pibl.observe.record (imported at the first access
+        # record: the master writes event lines only)
         self._format: Callable[[AccessRecord], str] | None = None
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         # records waiting on the loop for their batch to be formatted (see ``access``), and
